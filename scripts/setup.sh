@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine of our kind (Debian, root, 2 cores, no GPU).
+#   .venv with the CPU torch wheel, the package in editable mode with its test extras,
+#   a running Docker engine, and the offline-built sandbox base image.
+# Every step checks before it acts, so running it twice costs seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# --- Python environment ---------------------------------------------------------------
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+PY=.venv/bin/python
+if ! $PY -c 'import torch' 2>/dev/null; then
+    # The pinned CPU wheel lies on this machine's disk; an unpinned torch would pull a CUDA build.
+    $PY -m pip install -q --upgrade pip
+    $PY -m pip install -q torch==2.13.0
+fi
+stamp=.venv/.dsv4-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    $PY -m pip install -q -e ".[test]"
+    touch "$stamp"
+fi
+
+# --- Docker engine (sandboxes) ----------------------------------------------------------
+if [ "${DSV4_SKIP_DOCKER:-0}" != "1" ]; then
+    if ! command -v dockerd >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null
+    fi
+    if ! docker info >/dev/null 2>&1; then
+        (setsid dockerd >/tmp/dockerd.log 2>&1 &)
+        for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+    fi
+    if docker info >/dev/null 2>&1 && $PY -c 'import sandboxes.image' 2>/dev/null; then
+        .venv/bin/dsv4-agent sandbox build --if-missing
+    fi
+fi
