@@ -11,14 +11,18 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
 PY=.venv/bin/python
+pip_install() {
+    # This machine's pip.conf names local find-links folders that may be absent; drop that noise.
+    $PY -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
 if ! $PY -c 'import torch' 2>/dev/null; then
     # The pinned CPU wheel lies on this machine's disk; an unpinned torch would pull a CUDA build.
-    $PY -m pip install -q --upgrade pip
-    $PY -m pip install -q torch==2.13.0
+    pip_install --upgrade pip
+    pip_install torch==2.13.0
 fi
 stamp=.venv/.dsv4-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    $PY -m pip install -q -e ".[test]"
+    pip_install -e ".[test]"
     touch "$stamp"
 fi
 
