@@ -74,7 +74,10 @@ class Indexer(nn.Module):
             scores = torch.einsum("thd,nd->thn", q[t0:t1].float(), keys[:n_vis].float()).relu_()
             scores = torch.einsum("thn,th->tn", scores, weights[t0:t1])       # [T, n_vis]
             hidden = torch.arange(n_vis, device=q.device) >= visible[t0:t1, None]
-            top = scores.masked_fill(hidden, float("-inf")).topk(kb, dim=-1).indices
+            # ReLU makes exact ties (all heads at 0) common: a stable sort breaks them towards the
+            # older entry, so the choice does not depend on how the tokens were chunked
+            order = scores.masked_fill(hidden, float("-inf")).sort(dim=-1, descending=True, stable=True)
+            top = order.indices[:, :kb]
             top = top.masked_fill(top >= visible[t0:t1, None], -1)
             out.append(nn.functional.pad(top, (0, k - kb), value=-1))
         return torch.cat(out)
