@@ -32,6 +32,7 @@ from torch import nn
 from dsv4 import quant
 from dsv4.config import ModelConfig
 from dsv4.linear import Linear
+from dsv4.model import Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -45,6 +46,9 @@ ST_DTYPES: dict[str, torch.dtype] = {
 ST_CODES = {v: k for k, v in ST_DTYPES.items()}
 _QUANTISED_WEIGHT = {"F8_E4M3": "fp8", "I8": "fp4", "U8": "fp4"}   # stored weight dtype -> format
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e8m0fnu)
+# Linears the network reads as raw weight slices rather than calling: loaded as float whatever
+# their stored format (the official convert.py likewise dequantises wo_a to bf16).
+_FLOAT_IN_MEMORY = ("attn.wo_a",)
 
 
 class CheckpointError(ValueError):
@@ -309,9 +313,10 @@ def _populate(model: nn.Module, batches: Iterable[Iterable[tuple[str, torch.Tens
     for batch in batches:
         for name, stored in batch:
             _place(model, name, _converted(stored, expected[name], dtype, device))
-            layer = linears.get(name.rpartition(".")[0])
-            if dequantize and layer is not None and layer.scale is not None \
-                    and not layer.weight.is_meta and not layer.scale.is_meta:
+            owner = name.rpartition(".")[0]
+            layer = linears.get(owner)
+            if layer is not None and layer.scale is not None and not layer.weight.is_meta \
+                    and not layer.scale.is_meta and (dequantize or owner.endswith(_FLOAT_IN_MEMORY)):
                 layer.dequantize_(dtype)
     left = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
     if left:
@@ -325,10 +330,11 @@ def build_model(cfg: ModelConfig, headers: dict[str, tuple[str, tuple[int, ...]]
     """A `dsv4.Transformer` for `cfg` filled from stored tensors: `headers` gives each one's
     (safetensors dtype, shape) up front so everything is checked before any data is read;
     `batches` then yields (name, tensor) pairs (one batch a shard). See `load_model`."""
-    from dsv4 import Transformer   # late: dsv4/__init__ imports this module
-
     device = torch.device(device)
-    with _parameters_on_meta(), device:
+    # buffers and attributes made in __init__ (RoPE frequencies) are created on `device`; the
+    # device context costs a one-off torch._dynamo import, so the CPU path goes without it
+    on_device = contextlib.nullcontext() if device.type == "cpu" else device
+    with _parameters_on_meta(), on_device:
         model = Transformer(cfg)
     _check_against_model(model, headers)
     _populate(model, batches, device=device, dtype=dtype, dequantize=dequantize)
