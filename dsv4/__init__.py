@@ -1,0 +1,1 @@
+from dsv4.config import LayerSpec, ModelConfig
