@@ -1,0 +1,121 @@
+"""A run's steps as the trajectory recorded them, and the messages each step appends to the session.
+
+The live loop and `resume` build the appended messages with the same functions from the same records,
+so a resumed session holds exactly the tokens the interrupted one held.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.status import ExitStatus, RunStopped
+from agent.tooling import ToolOutcome
+from agent.trajectory import EngineCall, ExitEvent, Notice, RunResumed, RunStarted, ToolResultEvent, Usage
+
+RESUMABLE_NOTICE_KINDS = ("tools_changed",)  # notices that are not derived from the turn itself
+
+
+@dataclass
+class StepRecord:
+    call: EngineCall
+    results: dict[str, ToolResultEvent] = field(default_factory=dict)
+
+    @classmethod
+    def live(cls, call: EngineCall, outcomes: list[ToolOutcome]) -> StepRecord:
+        results = {
+            o.call_id: ToolResultEvent(step=call.step, call_id=o.call_id, name=o.name, content=o.content, is_error=o.is_error, error_kind=o.error_kind, wall_s=o.wall_s)
+            for o in outcomes
+        }
+        return cls(call, results)
+
+    @property
+    def step(self) -> int:
+        return self.call.step
+
+    @property
+    def complete(self) -> bool:
+        """Every call of the turn has its result."""
+        return all(c.call_id in self.results for c in self.call.calls)
+
+    @property
+    def final_answer(self) -> str | None:
+        """The answer, when this turn ended the run: no call, a stop at EOS, some content."""
+        if not self.call.calls and self.call.stop_reason == "eos" and self.call.content.strip():
+            return self.call.content.strip()
+        return None
+
+    def call_tail(self, eos_id: int) -> list[int]:
+        """Ids that close the turn but were never decoded: the EOS after a turn cut off at the token cap."""
+        return [eos_id] if self.call.stop_reason == "max_tokens" else []
+
+    def completion_ids(self, eos_id: int) -> list[int]:
+        return self.call.token_ids + self.call_tail(eos_id)
+
+
+def turn_notices(call: EngineCall) -> list[tuple[str, str]]:
+    """What the model is told about a turn that went wrong without a tool result to carry it."""
+    if call.stop_reason == "max_tokens":
+        return [(
+            "truncated",
+            f"Your last turn was cut off after {len(call.token_ids)} tokens, the per-turn limit. "
+            "Think more briefly, then write the tool call or the final answer.",
+        )]  # fmt: skip
+    if not call.calls and not call.content.strip():
+        return [("empty_turn", "Your last turn had neither a tool call nor an answer. Call a tool, or write the final answer.")]
+    return []
+
+
+def followup_messages(record: StepRecord, extra_notices: list[str]) -> list[dict[str, Any]]:
+    """The messages appended after a step: its tool results in call order, then any notices as one user turn."""
+    messages: list[dict[str, Any]] = [
+        {"role": "tool", "tool_call_id": c.call_id, "content": record.results[c.call_id].content} for c in record.call.calls
+    ]
+    notices = [text for _, text in turn_notices(record.call)] + extra_notices
+    if notices:
+        messages.append({"role": "user", "content": "\n\n".join(notices)})
+    return messages
+
+
+@dataclass
+class History:
+    started: RunStarted
+    steps: list[StepRecord]
+    notices: list[Notice]
+    exit: ExitEvent | None  # the last exit event, if the previous process got to write one
+    reprefilled: int = 0  # history tokens prefilled by earlier resumes
+
+    @classmethod
+    def from_events(cls, events: list[Any]) -> History:
+        started = events[0]
+        steps: dict[int, StepRecord] = {}
+        results: list[ToolResultEvent] = []
+        notices: list[Notice] = []
+        exit_event = None
+        reprefilled = 0
+        for event in events[1:]:
+            if isinstance(event, EngineCall):
+                steps[event.step] = StepRecord(event)
+            elif isinstance(event, ToolResultEvent):
+                results.append(event)
+            elif isinstance(event, Notice) and event.kind in RESUMABLE_NOTICE_KINDS:
+                notices.append(event)
+            elif isinstance(event, RunResumed):
+                reprefilled += event.reprefill_tokens
+            elif isinstance(event, ExitEvent):
+                exit_event = event
+        for result in results:
+            if result.step in steps:  # results of a step whose engine call was never recorded are dropped
+                steps[result.step].results[result.call_id] = result
+        history = cls(started, [steps[s] for s in sorted(steps)], notices, exit_event, reprefilled)
+        if exit_event is not None and exit_event.status == ExitStatus.completed.value:
+            raise RunStopped(ExitStatus.usage, f"run {started.run_id} already completed; nothing to resume")
+        return history
+
+    def extra_notices(self, step: int) -> list[str]:
+        return [n.text for n in self.notices if n.step == step]
+
+    def usage(self) -> Usage:
+        total = Usage(prefill_new=self.reprefilled)
+        for record in self.steps:
+            total.add(record.call.usage)
+        return total
