@@ -1,0 +1,6 @@
+"""Where tools run: the `Sandbox` protocol, `LocalSandbox` (host, trusted) and `DockerSandbox` (hardened)."""
+from sandboxes.base import CommandResult, Sandbox
+from sandboxes.local import LocalSandbox
+from sandboxes.paths import WorkspaceEscapeError
+
+__all__ = ["CommandResult", "Sandbox", "LocalSandbox", "WorkspaceEscapeError"]
