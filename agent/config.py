@@ -32,7 +32,6 @@ class AgentConfig(BaseModel):
     stuck_repeats: int = Field(3, ge=2, description="identical consecutive tool-call turns that count as stuck")
     tool_timeout_s: float = Field(120.0, gt=0, description="default per-call timeout for tools that set none")
     max_parallel_tools: int = Field(8, ge=1, description="parallel-safe calls that may run at once")
-    max_result_chars: int = Field(10_000, ge=200, description="longer tool results keep their head and tail, with a note")
     approval: Approval = Field("auto", description="auto runs tool calls freely; confirm asks before each call")
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="rendered once, before the tool schemas")
 

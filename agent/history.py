@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.status import ExitStatus, RunStopped
+from agent.status import ExitStatus
 from agent.tooling import ToolOutcome
-from agent.trajectory import EngineCall, ExitEvent, Notice, RunResumed, RunStarted, ToolResultEvent, Usage
+from agent.trajectory import EngineCall, ExitEvent, Notice, RunResumed, RunStarted, ToolResultEvent, TrajectoryError, Usage
 
 RESUMABLE_NOTICE_KINDS = ("tools_changed",)  # notices that are not derived from the turn itself
 
@@ -108,7 +108,7 @@ class History:
                 steps[result.step].results[result.call_id] = result
         history = cls(started, [steps[s] for s in sorted(steps)], notices, exit_event, reprefilled)
         if exit_event is not None and exit_event.status == ExitStatus.completed.value:
-            raise RunStopped(ExitStatus.usage, f"run {started.run_id} already completed; nothing to resume")
+            raise TrajectoryError(f"run {started.run_id} already completed; nothing to resume")
         return history
 
     def extra_notices(self, step: int) -> list[str]:

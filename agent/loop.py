@@ -143,7 +143,7 @@ class Agent:
                         reasoning_effort="max" if self.config.effort == "max" else None,
                     )
                     tools = await self._open(resources, writer)
-                    runner = self._runner(tools)
+                    runner = self._runner(tools, run_id)
                     with anyio.CancelScope(deadline=budget.deadline or float("inf")) as wall:
                         state.pending = await self._begin(writer, run_id, task, encoder, runner, tools, history, state)
                         if state.pending is not None:
@@ -204,15 +204,14 @@ class Agent:
             self._tokenizer = Tokenizer.default()
         return self._tokenizer
 
-    def _runner(self, tools: dict[str, Any]) -> ToolRunner:
+    def _runner(self, tools: dict[str, Any], run_id: str) -> ToolRunner:
         from tools import ToolContext
 
         approver = self.observer.confirm if self.config.approval == "confirm" else None
         return ToolRunner(
             tools,
-            ToolContext(sandbox=self.sandbox),
+            lambda call: ToolContext(sandbox=self.sandbox, run_id=run_id, step=call.step, call_id=call.call_id),
             default_timeout_s=self.config.tool_timeout_s,
-            max_result_chars=self.config.max_result_chars,
             approver=approver,
             max_parallel=self.config.max_parallel_tools,
         )

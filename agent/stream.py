@@ -101,6 +101,7 @@ async def decode_turn(
             elif isinstance(event, ToolCallComplete):
                 call = ParsedCall(
                     call_id=f"call_{step}_{len(turn.calls)}",
+                    step=step,
                     name=event.name,
                     arguments=event.arguments,
                     error=event.error,

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import anyio
-from pydantic import ValidationError
+from tools import Tool, ToolContext, ToolResult
 
 from agent.trajectory import ParsedCall
-
-if TYPE_CHECKING:
-    from tools import Tool
 
 Approver = Callable[[ParsedCall], Awaitable[bool]]
 
@@ -34,44 +31,37 @@ class ToolOutcome:
     wall_s: float = 0.0
 
 
-def elide(text: str, limit: int) -> str:
-    """Keep the head and tail of an over-long tool result and say what was cut (mini-swe-agent style)."""
-    if len(text) <= limit:
-        return text
-    half = limit // 2
-    cut = len(text) - 2 * half
-    return f"{text[:half]}\n[... {cut} characters elided; re-run with a narrower command to see them ...]\n{text[-half:]}"
-
-
-def _error_kind(exc: BaseException) -> str:
-    """Classify an exception raised by a tool by where it came from."""
-    module = type(exc).__module__
-    if module.startswith("mcp") or module.startswith("tools.mcp"):
-        return "mcp"
-    if module.startswith("sandboxes") or module.startswith("docker"):
-        return "sandbox"
-    if isinstance(exc, (ValidationError, TypeError)) and module.startswith("pydantic"):
+def error_kind(result: ToolResult) -> str:
+    """Name the kind of a failed `ToolResult` for the trajectory (the model reads the text itself)."""
+    if "error_kind" in result.metadata:  # set by tools that know (MCP, sandboxes)
+        return str(result.metadata["error_kind"])
+    if result.metadata.get("timed_out"):
+        return "timeout"
+    if result.content.startswith("invalid arguments"):  # `Tool.invoke`'s wording for an ArgumentError
         return "bad_arguments"
     return "exception"
 
 
 class ToolRunner:
-    """Runs calls against a fixed name -> tool table, with per-call timeouts and approval."""
+    """Runs calls against a fixed name -> tool table, with per-call timeouts and approval.
+
+    `Tool.invoke` already turns bad arguments, the tool's exceptions and its own timeout into error
+    results (and caps the output); this adds what only the loop knows: malformed calls, unknown names,
+    approval, and the default timeout for tools that set none.
+    """
 
     def __init__(
         self,
         tools: dict[str, Tool],
-        context: Any,
+        context: Callable[[ParsedCall], ToolContext],
         *,
         default_timeout_s: float,
-        max_result_chars: int,
         approver: Approver | None = None,
         max_parallel: int = 8,
     ) -> None:
         self.tools = tools
-        self.context = context
+        self.context = context  # builds the ToolContext of one call
         self.default_timeout_s = default_timeout_s
-        self.max_result_chars = max_result_chars
         self.approver = approver
         self.limiter = anyio.CapacityLimiter(max_parallel)
 
@@ -84,7 +74,6 @@ class ToolRunner:
         started = time.monotonic()
         outcome = await self._run(call)
         outcome.wall_s = time.monotonic() - started
-        outcome.content = elide(outcome.content, self.max_result_chars)
         return outcome
 
     async def _run(self, call: ParsedCall) -> ToolOutcome:
@@ -102,14 +91,14 @@ class ToolRunner:
         try:
             async with self.limiter:
                 with anyio.fail_after(timeout):
-                    result = await tool.invoke(call.arguments or {}, self.context)
+                    result = await tool.invoke(call.arguments or {}, self.context(call))
         except TimeoutError:
             return error("timeout", f"{call.name} did not finish within {timeout:g} s and was cancelled")
-        except ValidationError as e:
-            return error("bad_arguments", f"arguments of {call.name} do not match its schema: {e}")
-        except Exception as e:  # noqa: BLE001 - every tool failure goes back to the model
-            return error(_error_kind(e), f"{type(e).__name__}: {e}")
-        return ToolOutcome(call.call_id, call.name, result.content, bool(result.is_error), result.error_kind if result.is_error else None)
+        except Exception as e:  # noqa: BLE001 - a tool outside the @tool SDK may raise; the model still hears of it
+            return error("exception", f"{type(e).__name__}: {e}")
+        kind = error_kind(result) if result.is_error else None
+        content = f"Error ({kind}): {result.content}" if kind else result.content
+        return ToolOutcome(call.call_id, call.name, content, result.is_error, kind)
 
 
 class TurnCalls:

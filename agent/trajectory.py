@@ -51,7 +51,8 @@ class Usage(BaseModel):
 class ParsedCall(BaseModel):
     """One tool call as the stream parser saw it; `error` set when it was malformed."""
 
-    call_id: str
+    call_id: str = Field(description="call_<step>_<index>: DSML has no call ids, the loop assigns them")
+    step: int
     name: str
     arguments: dict[str, Any] | None = None
     error: str | None = None
