@@ -103,11 +103,11 @@ class Agent:
         self._cancelled = False
 
     # --- public entry points ---------------------------------------------------------------------------
-    async def run(self, task: str) -> RunResult:
+    async def run(self, task: str, *, run_id: str | None = None) -> RunResult:
         """Run `task` to an exit status; the trajectory goes to `<output_dir>/<run_id>/trajectory.jsonl`."""
         if not task.strip():
             raise ValueError("the task is empty")
-        run_id = new_run_id()
+        run_id = run_id or new_run_id()
         return await self._execute(self.output_dir / run_id, run_id, task, history=None)
 
     async def resume(self, run: str | Path) -> RunResult:
