@@ -216,22 +216,23 @@ def function_tool(
 def json_schema(model: type[BaseModel]) -> dict[str, Any]:
     """The arguments model as the JSON schema the model sees, without pydantic's generated titles
     (they repeat the names and cost prompt tokens in every request)."""
-    return _strip_titles(model.model_json_schema())
+    return strip_titles(model.model_json_schema())
 
 
 _NAME_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
 
 
-def _strip_titles(node: Any, names_level: bool = False) -> Any:
+def strip_titles(node: Any, names_level: bool = False) -> Any:
+    """A JSON schema without its generated "title" strings (properties named "title" stay)."""
     if isinstance(node, dict):
         return {
-            key: _strip_titles(value, names_level=not names_level and key in _NAME_MAPS)
+            key: strip_titles(value, names_level=not names_level and key in _NAME_MAPS)
             for key, value in node.items()
             # in a name map, "title" is a property called title, not a generated title
             if names_level or not (key == "title" and isinstance(value, str))
         }
     if isinstance(node, list):
-        return [_strip_titles(item) for item in node]
+        return [strip_titles(item) for item in node]
     return node
 
 
