@@ -57,9 +57,12 @@ def turn_notices(call: EngineCall) -> list[tuple[str, str]]:
     if call.stop_reason == "max_tokens":
         return [(
             "truncated",
-            f"Your last turn was cut off after {len(call.token_ids)} tokens, the per-turn limit. "
-            "Think more briefly, then write the tool call or the final answer.",
+            f"Your last turn was cut off after {len(call.token_ids)} tokens, the per-turn limit"
+            + (f", inside the call of {call.incomplete_call!r}, which did not run" if call.incomplete_call else "")
+            + ". Think more briefly, then write the tool call or the final answer.",
         )]  # fmt: skip
+    if call.incomplete_call:
+        return [("format_error", f"Your call of {call.incomplete_call!r} was not closed before the end of your turn, so it did not run. Write it again, complete.")]
     if not call.calls and not call.content.strip():
         return [("empty_turn", "Your last turn had neither a tool call nor an answer. Call a tool, or write the final answer.")]
     return []

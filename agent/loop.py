@@ -374,6 +374,8 @@ def _engine_call_event(step: int, turn: DecodedTurn, prefill_s: float) -> Engine
         calls=turn.calls,
         reasoning=turn.reasoning,
         content=turn.content,
+        incomplete_call=turn.incomplete_call,
+        parse_warnings=turn.parse_warnings,
     )
 
 

@@ -5,6 +5,7 @@ while the engine is still decoding the rest of the turn.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Literal
@@ -50,6 +51,16 @@ class DecodedTurn:
     usage: Usage = field(default_factory=Usage)
     stop_reason: Literal["eos", "max_tokens"] = "max_tokens"
     decode_s: float = 0.0
+    incomplete_call: str | None = None  # a call the output cut off: it never runs
+    parse_warnings: list[str] = field(default_factory=list)  # what tolerant parsing recovered from
+
+
+def _arguments(text: str) -> dict | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class TokenClassifier:
@@ -83,7 +94,7 @@ async def decode_turn(
     on_call: Callable[[ParsedCall], None],
 ) -> DecodedTurn:
     """Decode until EOS or `max_tokens`; `running_total` is updated live for the progress display."""
-    from encoding import ContentDelta, ReasoningDelta, ToolCallComplete
+    from encoding import ContentDelta, End, ReasoningDelta, ToolCallComplete
 
     turn = DecodedTurn()
     detok = IncrementalDetokenizer(tokenizer)
@@ -99,16 +110,16 @@ async def decode_turn(
                 turn.content += event.text
                 observer.content(event.text)
             elif isinstance(event, ToolCallComplete):
-                call = ParsedCall(
-                    call_id=f"call_{step}_{len(turn.calls)}",
-                    step=step,
-                    name=event.name,
-                    arguments=event.arguments,
-                    error=event.error,
-                )
+                arguments, error = _arguments(event.arguments), event.error
+                if arguments is None and error is None:
+                    error = f"tool call {event.name!r}: the parameters do not form a JSON object"
+                call = ParsedCall(call_id=f"call_{step}_{event.index}", step=step, name=event.name, arguments=arguments, error=error)
                 turn.calls.append(call)
                 observer.tool_call(call)
                 on_call(call)
+            elif isinstance(event, End):
+                turn.incomplete_call = event.incomplete_call
+                turn.parse_warnings = list(event.warnings)
 
     async for token in backend.decode(max_tokens):
         turn.ids.append(token)
@@ -116,12 +127,12 @@ async def decode_turn(
         for usage in (turn.usage, running_total):
             setattr(usage, section, getattr(usage, section) + 1)
         observer.token(running_total)
-        if token == tokenizer.eos_id:
-            turn.stop_reason = "eos"
-            break
         text = detok.push(token)
         turn.text += text
         handle(parser.feed(text))
+        if token == tokenizer.eos_id:
+            turn.stop_reason = "eos"
+            break
     handle(parser.close())
     turn.usage.engine_calls = 1
     turn.decode_s = time.monotonic() - started

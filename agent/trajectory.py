@@ -86,6 +86,8 @@ class EngineCall(_Event):
     calls: list[ParsedCall]
     reasoning: str
     content: str
+    incomplete_call: str | None = Field(None, description="a call the output cut off; it did not run")
+    parse_warnings: list[str] = Field(default_factory=list, description="what the tolerant parser recovered from")
 
 
 class ToolCall(_Event):
