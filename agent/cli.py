@@ -17,7 +17,7 @@ from rich.console import Console
 
 from agent.config import AgentConfig
 from agent.display import RichDisplay
-from agent.spec import BackendSpec, RunSpec, SandboxSpec, build_agent, load_mcp_config, parse_mcp_option
+from agent.spec import BackendSpec, RunSpec, SandboxSpec, build_agent, build_mcp_servers
 from agent.status import ExitStatus
 from agent.trajectory import TRAJECTORY_FILE, RunStarted, TrajectoryError, new_run_id, read_events, resolve_run
 
@@ -111,14 +111,15 @@ def run(
     try:
         agent_config = AgentConfig.from_yaml(config, **overrides) if config else spec.config.model_copy(update=overrides)
         AgentConfig.model_validate(agent_config.model_dump())
-        servers = spec.mcp + [parse_mcp_option(m) for m in mcp] + (load_mcp_config(mcp_config) if mcp_config else [])
+        spec = spec.model_copy(update={"mcp": spec.mcp + list(mcp), "mcp_config": str(mcp_config.absolute()) if mcp_config else None})
+        build_mcp_servers(spec)  # reject a bad flag or file now, with its message
     except ValueError as e:
         raise _usage_error(str(e)) from None
     run_id = new_run_id()
     if not demo:
         local_dir = str((workspace or output_dir / run_id / "workspace").absolute()) if sandbox == "local" else None
         spec.sandbox = SandboxSpec(kind=sandbox, image=image, network=network, workspace=local_dir)
-    spec = spec.model_copy(update={"mcp": servers, "config": agent_config})
+    spec = spec.model_copy(update={"config": agent_config})
     if agent_config.approval == "confirm" and not os.isatty(0):
         raise _usage_error("tool calls need confirmation but stdin is not a terminal: use --sandbox docker or --yolo")
     _finish(_run_agent(spec, output_dir, lambda agent: agent.run(task, run_id=run_id)))

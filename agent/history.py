@@ -19,6 +19,7 @@ RESUMABLE_NOTICE_KINDS = ("tools_changed",)  # notices that are not derived from
 class StepRecord:
     call: EngineCall
     results: dict[str, ToolResultEvent] = field(default_factory=dict)
+    encoder_call_ids: list[str] = field(default_factory=list)  # the ids AppendOnlyEncoder gave the calls
 
     @classmethod
     def live(cls, call: EngineCall, outcomes: list[ToolOutcome]) -> StepRecord:
@@ -44,12 +45,26 @@ class StepRecord:
             return self.call.content.strip()
         return None
 
-    def call_tail(self, eos_id: int) -> list[int]:
-        """Ids that close the turn but were never decoded: the EOS after a turn cut off at the token cap."""
-        return [eos_id] if self.call.stop_reason == "max_tokens" else []
+    def record_into(self, encoder: Any) -> None:
+        """Add this turn's generated ids to the encoder's conversation (no EOS is added: after a cut-off
+        turn, `AppendOnlyEncoder.append` puts it in front of the next ids itself)."""
+        message = encoder.record_completion(self.call.token_ids)
+        self.encoder_call_ids = [call["id"] for call in message["tool_calls"]]
+        if len(self.encoder_call_ids) != len(self.call.calls):
+            raise RuntimeError(
+                f"step {self.step}: the encoder parsed {len(self.encoder_call_ids)} tool calls, the stream parser {len(self.call.calls)}"
+            )
 
-    def completion_ids(self, eos_id: int) -> list[int]:
-        return self.call.token_ids + self.call_tail(eos_id)
+    def followup_ids(self, encoder: Any, extra_notices: list[str]) -> list[int]:
+        """The ids appended after this turn: tool results in call order, then notices as one user turn."""
+        messages: list[dict[str, Any]] = [
+            {"role": "tool", "tool_call_id": encoder_id, "content": self.results[c.call_id].content}
+            for encoder_id, c in zip(self.encoder_call_ids, self.call.calls)
+        ]
+        notices = [text for _, text in turn_notices(self.call)] + extra_notices
+        if notices:
+            messages.append({"role": "user", "content": "\n\n".join(notices)})
+        return encoder.append(messages)
 
 
 def turn_notices(call: EngineCall) -> list[tuple[str, str]]:
@@ -66,17 +81,6 @@ def turn_notices(call: EngineCall) -> list[tuple[str, str]]:
     if not call.calls and not call.content.strip():
         return [("empty_turn", "Your last turn had neither a tool call nor an answer. Call a tool, or write the final answer.")]
     return []
-
-
-def followup_messages(record: StepRecord, extra_notices: list[str]) -> list[dict[str, Any]]:
-    """The messages appended after a step: its tool results in call order, then any notices as one user turn."""
-    messages: list[dict[str, Any]] = [
-        {"role": "tool", "tool_call_id": c.call_id, "content": record.results[c.call_id].content} for c in record.call.calls
-    ]
-    notices = [text for _, text in turn_notices(record.call)] + extra_notices
-    if notices:
-        messages.append({"role": "user", "content": "\n\n".join(notices)})
-    return messages
 
 
 @dataclass
@@ -112,6 +116,9 @@ class History:
         history = cls(started, [steps[s] for s in sorted(steps)], notices, exit_event, reprefilled)
         if exit_event is not None and exit_event.status == ExitStatus.completed.value:
             raise TrajectoryError(f"run {started.run_id} already completed; nothing to resume")
+        if started.prompt_tokens == 0:
+            reason = f" ({exit_event.message})" if exit_event else ""
+            raise TrajectoryError(f"run {started.run_id} failed before its first prompt{reason}; start it again with `run`")
         return history
 
     def extra_notices(self, step: int) -> list[str]:

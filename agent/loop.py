@@ -25,7 +25,7 @@ from agent.backends.base import Backend
 from agent.config import AgentConfig
 from agent.display import Observer
 from agent.guards import Budget, FormatErrors, StuckDetector
-from agent.history import History, StepRecord, followup_messages, turn_notices
+from agent.history import History, StepRecord, turn_notices
 from agent.status import ExitStatus, RunStopped
 from agent.stream import DecodedTurn, decode_turn
 from agent.tooling import ToolOutcome, ToolRunner, TurnCalls
@@ -129,7 +129,7 @@ class Agent:
         writer = TrajectoryWriter(run_dir / TRAJECTORY_FILE)
         started = time.monotonic()
         self._cancelled = False
-        state = _State(usage=history.usage() if history else Usage(), final_answer=None)
+        state = _State(usage=history.usage() if history else Usage(), run_started_written=history is not None)
         status, message = ExitStatus.error, ""
         budget = Budget(self.config, started)
         try:
@@ -155,10 +155,18 @@ class Agent:
             status, message = stop.status, stop.message
         except Exception as e:  # noqa: BLE001 - recorded in the trajectory and returned as status error
             status, message = ExitStatus.error, f"{type(e).__name__}: {e}"
+        except BaseException:  # KeyboardInterrupt, or the caller cancelled us: record it, then let it go on
+            self._finish(writer, state, run_id, task, ExitStatus.interrupted, "interrupted from outside", started)
+            raise
         finally:
             self._scope = None
         if self._cancelled:
             status, message = ExitStatus.interrupted, "interrupted (Ctrl-C); continue with `dsv4-agent resume`"
+        return self._finish(writer, state, run_id, task, status, message, started)
+
+    def _finish(self, writer, state, run_id, task, status: ExitStatus, message: str, started: float) -> RunResult:
+        if not state.run_started_written:  # failed before the prompt: keep "the log starts with run_started"
+            writer.write(RunStarted(run_id=run_id, task=task, spec=self.spec, backend=self.backend.label, tools=[], system_prompt="", prompt_tokens=0))
         wall_s = time.monotonic() - started
         writer.write(
             ExitEvent(
@@ -188,8 +196,8 @@ class Agent:
             resources.push_callback(lambda: writer.write(SandboxEvent(kind="stopped", detail=f"{type(self.sandbox).__name__} closed")))
         tools = list(self.tools) if self.tools is not None else _default_tools(self.sandbox)
         for server in self.mcp_servers:
-            await _enter(resources, server)
-            tools.extend(await server.list_tools())
+            await _enter(resources, server)  # connects and lists the server's tools once
+            tools.extend(server.as_tools())
         table: dict[str, Any] = {}
         for tool in tools:
             if tool.name in table:
@@ -233,6 +241,7 @@ class Agent:
                     prompt_tokens=len(ids),
                 )
             )
+            state.run_started_written = True
             self.observer.run_started(run_id, self.backend.label, task, list(tools), None)
             state.step = 1
             return ids
@@ -255,13 +264,12 @@ class Agent:
             await self.backend.restore([], turns_done=0)
             writer.write(RunResumed(from_step=1, reprefill_tokens=0))
             return prompt
-        eos = self._tokenizer.eos_id
         session = list(prompt)  # every id the interrupted session held
         for record in records:
-            encoder.record_completion(record.completion_ids(eos))
+            record.record_into(encoder)
             session += record.call.token_ids
             if record is not records[-1]:
-                session += record.call_tail(eos) + encoder.append(followup_messages(record, history.extra_notices(record.step)))
+                session += record.followup_ids(encoder, history.extra_notices(record.step))
         last = records[-1]
         if last.final_answer is not None:
             state.final_answer = last.final_answer
@@ -280,7 +288,7 @@ class Agent:
             writer.write(Notice(step=last.step, kind="tools_changed", text=text))
             self.observer.notice("tools_changed", text)
             notices.append(text)
-        return last.call_tail(eos) + encoder.append(followup_messages(last, notices))
+        return last.followup_ids(encoder, notices)
 
     async def _steps(self, writer, tokenizer, encoder, runner, budget, thinking, state) -> str:
         """Steps 2-4 of the module docstring, until the model answers or a stop rule fires."""
@@ -324,8 +332,7 @@ class Agent:
                     raise RunStopped(ExitStatus.max_tokens, f"token budget spent ({state.usage.processed} tokens computed)")
                 outcomes = await calls.finish()
             record = StepRecord.live(_engine_call_event(step, turn, prefill_s), outcomes)
-            completion = record.completion_ids(tokenizer.eos_id)
-            encoder.record_completion(completion)
+            record.record_into(encoder)
             if not turn.calls and turn.stop_reason == "eos" and turn.content.strip():
                 return turn.content.strip()
             notices = turn_notices(record.call)
@@ -335,7 +342,7 @@ class Agent:
             format_errors.record(bool(notices) or any(c.error for c in turn.calls))
             if turn.calls:
                 stuck.record(turn.calls)
-            state.pending = record.call_tail(tokenizer.eos_id) + encoder.append(followup_messages(record, []))
+            state.pending = record.followup_ids(encoder, [])
             state.step += 1
 
     def _record_call(self, writer: TrajectoryWriter, step: int, runner: ToolRunner, call: ParsedCall) -> None:
@@ -356,6 +363,7 @@ class _State:
     steps_done: int = 0
     pending: list[int] | None = None  # ids to prefill before the next decode
     final_answer: str | None = None
+    run_started_written: bool = False
 
 
 def _prompt_messages(system: str, schemas: list[dict], task: str) -> list[dict]:

@@ -5,12 +5,10 @@
 """
 from __future__ import annotations
 
-import json
-import shlex
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from agent.config import AgentConfig
 
@@ -35,55 +33,14 @@ class SandboxSpec(BaseModel):
     network: bool = Field(False, description="docker: allow network access")
 
 
-class MCPSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    command: str | None = None
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    url: str | None = None
-
-
 class RunSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backend: BackendSpec
     sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
-    mcp: list[MCPSpec] = Field(default_factory=list)
+    mcp: list[str] = Field(default_factory=list, description="--mcp flags, NAME=COMMAND ARGS or NAME=URL")
+    mcp_config: str | None = Field(None, description="an mcpServers JSON/YAML file; read again on resume")
     config: AgentConfig = Field(default_factory=AgentConfig)
-
-
-def parse_mcp_option(value: str) -> MCPSpec:
-    """`name=command args...` (stdio) or `name=http(s)://...` (streamable HTTP)."""
-    name, sep, target = value.partition("=")
-    if not sep or not name.strip() or not target.strip():
-        raise ValueError(f"--mcp wants NAME=COMMAND or NAME=URL, got {value!r}")
-    if target.startswith(("http://", "https://")):
-        return MCPSpec(name=name.strip(), url=target.strip())
-    command, *args = shlex.split(target)
-    return MCPSpec(name=name.strip(), command=command, args=args)
-
-
-def load_mcp_config(path: Path) -> list[MCPSpec]:
-    """A Claude-Desktop style file: `{"mcpServers": {"name": {"command", "args", "env"} | {"url"}}}`."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read MCP config {path}: {e}") from e
-    servers = data.get("mcpServers") if isinstance(data, dict) else None
-    if not isinstance(servers, dict):
-        raise ValueError(f"MCP config {path} must hold an object under \"mcpServers\"")
-    specs = []
-    for name, entry in servers.items():
-        try:
-            spec = MCPSpec(name=name, **entry)
-        except (TypeError, ValidationError) as e:
-            raise ValueError(f"MCP config {path}: server {name!r}: {e}") from e
-        if (spec.command is None) == (spec.url is None):
-            raise ValueError(f"MCP config {path}: server {name!r} needs exactly one of \"command\" or \"url\"")
-        specs.append(spec)
-    return specs
 
 
 def build_backend(spec: BackendSpec) -> Any:
@@ -119,15 +76,14 @@ def build_sandbox(spec: SandboxSpec) -> Any:
     return DockerSandbox(**kwargs)
 
 
-def build_mcp_servers(specs: list[MCPSpec]) -> list[Any]:
-    from tools.mcp import MCPServer
+def build_mcp_servers(spec: RunSpec) -> list[Any]:
+    """The spec's MCP servers, not connected. Flags and files are parsed again each time, so secrets
+    written as ${VAR} come from the environment and never reach the trajectory."""
+    from tools.mcp import load_mcp_config, parse_mcp_flag
 
-    servers = []
-    for spec in specs:
-        if spec.url is not None:
-            servers.append(MCPServer.http(spec.url, name=spec.name))
-        else:
-            servers.append(MCPServer.stdio(spec.command, args=spec.args, env=spec.env or None, name=spec.name))
+    servers = [parse_mcp_flag(flag) for flag in spec.mcp]
+    if spec.mcp_config is not None:
+        servers += load_mcp_config(spec.mcp_config)
     return servers
 
 
@@ -138,7 +94,7 @@ def build_agent(spec: RunSpec, *, output_dir: Path, observer: Any = None) -> Any
     return Agent(
         build_backend(spec.backend),
         sandbox=build_sandbox(spec.sandbox),
-        mcp_servers=build_mcp_servers(spec.mcp),
+        mcp_servers=build_mcp_servers(spec),
         config=spec.config,
         output_dir=output_dir,
         observer=observer,

@@ -33,10 +33,10 @@ class ToolOutcome:
 
 def error_kind(result: ToolResult) -> str:
     """Name the kind of a failed `ToolResult` for the trajectory (the model reads the text itself)."""
-    if "error_kind" in result.metadata:  # set by tools that know (MCP, sandboxes)
-        return str(result.metadata["error_kind"])
     if result.metadata.get("timed_out"):
         return "timeout"
+    if "mcp_server" in result.metadata:  # tools.mcp marks its results with the server's name
+        return "mcp"
     if result.content.startswith("invalid arguments"):  # `Tool.invoke`'s wording for an ArgumentError
         return "bad_arguments"
     return "exception"
