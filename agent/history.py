@@ -113,13 +113,15 @@ class History:
         for result in results:
             if result.step in steps:  # results of a step whose engine call was never recorded are dropped
                 steps[result.step].results[result.call_id] = result
-        history = cls(started, [steps[s] for s in sorted(steps)], notices, exit_event, reprefilled)
+        return cls(started, [steps[s] for s in sorted(steps)], notices, exit_event, reprefilled)
+
+    def check_resumable(self) -> None:
+        run_id, exit_event = self.started.run_id, self.exit
         if exit_event is not None and exit_event.status == ExitStatus.completed.value:
-            raise TrajectoryError(f"run {started.run_id} already completed; nothing to resume")
-        if started.prompt_tokens == 0:
+            raise TrajectoryError(f"run {run_id} already completed; nothing to resume")
+        if self.started.prompt_tokens == 0:
             reason = f" ({exit_event.message})" if exit_event else ""
-            raise TrajectoryError(f"run {started.run_id} failed before its first prompt{reason}; start it again with `run`")
-        return history
+            raise TrajectoryError(f"run {run_id} failed before its first prompt{reason}; start it again with `run`")
 
     def extra_notices(self, step: int) -> list[str]:
         return [n.text for n in self.notices if n.step == step]

@@ -114,6 +114,7 @@ class Agent:
         """Continue an interrupted run (Ctrl-C, SIGKILL, a spent budget) from its trajectory, in place."""
         run_dir = resolve_run(str(run), self.output_dir)
         history = History.from_events(read_events(run_dir / TRAJECTORY_FILE))
+        history.check_resumable()
         return await self._execute(run_dir, history.started.run_id, history.started.task, history=history)
 
     def cancel(self) -> None:

@@ -45,10 +45,9 @@ class RunSummary(BaseModel):
 
 
 def summarise(events: list[Any]) -> RunSummary:
-    # History rejects completed runs for resuming; a summary wants them, so build it without that check.
     started = events[0]
     exits = [e for e in events if isinstance(e, ExitEvent)]
-    history = History.from_events([e for e in events if not isinstance(e, ExitEvent)])
+    history = History.from_events(events)
     results: dict[str, ToolResultEvent] = {e.call_id: e for e in events if isinstance(e, ToolResultEvent)}
     steps = []
     for record in history.steps:

@@ -80,11 +80,11 @@ class ToolRunner:
         def error(kind: str, text: str) -> ToolOutcome:
             return ToolOutcome(call.call_id, call.name, f"Error ({kind}): {text}", True, kind)
 
-        if call.error is not None:
-            return error("malformed", f"{call.error}. Write the call again in the exact DSML format of the system prompt.")
         tool = self.tools.get(call.name)
         if tool is None:
             return error("unknown_tool", f"there is no tool named {call.name!r}; the tools are: {', '.join(sorted(self.tools))}")
+        if call.error is not None:
+            return error("malformed", f"{call.error}. Write the call again in the exact DSML format of the system prompt.")
         if self.approver is not None and not await self.approver(call):
             return error("denied", "the user did not approve this call; do not repeat it, choose another way")
         timeout = tool.timeout_s or self.default_timeout_s

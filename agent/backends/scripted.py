@@ -72,3 +72,15 @@ class ScriptedBackend:
 
     async def close(self) -> None:
         return None
+
+
+def completion(reasoning: str = "", *, content: str = "", calls: Sequence[tuple[str, dict]] = (), thinking: bool = True) -> str:
+    """A completion text in the DSV4 format: `reasoning</think>content` plus a DSML tool-call block.
+
+    `calls` are (tool name, arguments) pairs, rendered by the encoding package exactly as the model
+    writes them. With `thinking=False` (chat mode, effort "none") there is no reasoning part.
+    """
+    from encoding.dsml import render_tool_calls
+
+    head = f"{reasoning}</think>" if thinking else ""
+    return head + content + (render_tool_calls(list(calls)) if calls else "")
