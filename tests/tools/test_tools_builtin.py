@@ -21,7 +21,7 @@ async def ctx(request, tmp_path):
         from sandboxes import LocalSandbox
 
         async with LocalSandbox(tmp_path / "ws") as sandbox:
-            yield ToolContext(sandbox=sandbox, workspace=str(sandbox.workspace), run_id="t")
+            yield ToolContext(sandbox=sandbox, run_id="t")  # workspace: taken from LocalSandbox.workspace
     else:
         from sandboxes import DockerSandbox
         from sandboxes.container import WORKSPACE
