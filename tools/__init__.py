@@ -2,7 +2,7 @@
 from tools.builtin import builtin_tools
 from tools.context import ToolContext
 from tools.result import DEFAULT_OUTPUT_CAP_BYTES, ToolResult, cap_output
-from tools.tool import Tool, function_tool, tool
+from tools.tool import Tool, tool
 from tools.toolset import Toolset
 
 __all__ = [
@@ -13,6 +13,5 @@ __all__ = [
     "Toolset",
     "builtin_tools",
     "cap_output",
-    "function_tool",
     "tool",
 ]
