@@ -309,7 +309,7 @@ class DockerSandbox:
         if self.container_id is None:
             return
         self.client.api.exec_start(self.client.api.exec_create(
-            self.container_id, ["bash", "-c", f'read -r g < {SHELL_STATE}/current && kill -KILL -- -"$g"'],
+            self.container_id, ["bash", "-c", f'read -r g < {SHELL_STATE}/current; kill -KILL -- -"$g"'],
             user=self.user))
 
     async def run(self, command: str, timeout: float | None = None) -> CommandResult:

@@ -21,18 +21,18 @@ async def ctx(request, tmp_path):
         from sandboxes import LocalSandbox
 
         async with LocalSandbox(tmp_path / "ws") as sandbox:
-            yield ToolContext(sandbox=sandbox, workspace=str(sandbox.workspace), run_id="t")
+            yield ToolContext(sandbox=sandbox, run_id="t")  # workspace: taken from LocalSandbox.workspace
     else:
-        sandboxes = pytest.importorskip("sandboxes")
-        if not hasattr(sandboxes, "DockerSandbox"):
-            pytest.skip("sandboxes.DockerSandbox is not available on this branch")
+        from sandboxes import DockerSandbox
+        from sandboxes.container import WORKSPACE
+
         try:
-            sandbox = sandboxes.DockerSandbox(workspace=str(tmp_path / "ws"))
+            sandbox = DockerSandbox()  # workspace: the container's own tmpfs
             await sandbox.__aenter__()
-        except Exception as exc:  # no engine, no image
+        except Exception as exc:  # no engine here, or no sandbox image built
             pytest.skip(f"no Docker sandbox here: {exc}")
         try:
-            yield ToolContext(sandbox=sandbox, workspace=getattr(sandbox, "container_workspace", None), run_id="t")
+            yield ToolContext(sandbox=sandbox, workspace=WORKSPACE, run_id="t")
         finally:
             await sandbox.__aexit__(None, None, None)
 
@@ -183,3 +183,17 @@ async def test_builtins_refuse_to_run_without_a_sandbox(tools):
     host_marker = "/tmp/dsv4_tools_must_not_exist"
     await tools.invoke("write_file", {"path": host_marker, "content": "x"}, ToolContext())
     assert not os.path.exists(host_marker)
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("ctx", ["docker"], indirect=True)
+async def test_docker_builtins_run_inside_the_container(tools, ctx):
+    import socket
+
+    where = await tools.invoke("python", {"code": "import os, socket; print(socket.gethostname(), os.getuid(), os.getcwd())"}, ctx)
+    hostname, uid, cwd = where.content.split("\n")[0].split()
+    assert hostname != socket.gethostname() and uid != "0" and cwd == "/workspace"
+    await tools.invoke("write_file", {"path": "only_in_container.txt", "content": "x"}, ctx)
+    found = await tools.invoke("find", {"pattern": "only_in_container.txt"}, ctx)
+    assert found.content == "./only_in_container.txt"
+    assert not os.path.exists("/workspace/only_in_container.txt")
