@@ -40,13 +40,13 @@ from sandboxes.shell import SHELL_ARGV, ShellSession
 
 WORKSPACE = "/workspace"
 SHELL_STATE = "/tmp/.dsv4-shell"
-LIVE_DIR = "/tmp/.dsv4-live"  # one non-empty file per live session shell, watched by the deadline process
+LIVE_DIR = "/tmp/.dsv4-live"  # a file per session shell holding its pid, watched by the deadline process
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_TTL_S = 4 * 3600.0
 _EXEC_ENV = {"HOME": "/tmp", "LANG": "C.UTF-8", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
 # PID 1's child, as root without capabilities; only bash builtins in the loop, so a fork bomb cannot stall it.
-# Ends the container at the hard expiry ($1), when session shells existed and none is live for 3 s, or when
+# Ends the container at the hard expiry ($1), when session shells existed and none is alive for 3 s, or when
 # no shell ever started within 120 s.
 _DEADLINE = r"""
 end=$1
@@ -59,7 +59,7 @@ while :; do
     printf -v now '%(%s)T' -1
     (( now >= end )) && exit 0
     alive=0
-    for f in /tmp/.dsv4-live/*; do [ -s "$f" ] && alive=1; done
+    for f in /tmp/.dsv4-live/*; do pid=; read -r pid < "$f"; [ -n "$pid" ] && [ -e "/proc/$pid" ] && alive=1; done
     if (( alive )); then seen=1 idle=0
     elif (( seen )); then (( ++idle >= 3 )) && exit 0
     elif (( now - born > 120 )); then exit 0
@@ -316,6 +316,23 @@ class DockerSandbox:
         """Run `command` in the persistent shell; `timeout` defaults to the sandbox's `timeout`."""
         self._require_started()
         return await self._driver.run(command, self.timeout if timeout is None else timeout)
+
+    async def reset(self) -> None:
+        """Kill every process of the sandbox user (background jobs, a fork bomb) and forget the shell state;
+        the next command starts a fresh shell. Files stay."""
+        self._require_started()
+        await self._driver.reset(self._kill_everything)
+
+    def _kill_everything(self) -> None:
+        argv = ["bash", "-c", f"rm -f {SHELL_STATE}/state; kill -KILL -1"]  # -1: all we may signal but ourselves
+        for attempt in range(20):  # under a pids-limit siege the exec itself may fail to fork; retry
+            try:
+                self.client.api.exec_start(self.client.api.exec_create(self.container_id, argv, user=self.user))
+                return
+            except docker.errors.APIError as exc:
+                failure = exc
+                time.sleep(0.05 * (attempt + 1))
+        raise SandboxError(f"could not reset the sandbox ({failure}); close it and start a new one")
 
     # --- files -------------------------------------------------------------------------------------
 

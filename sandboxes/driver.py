@@ -67,6 +67,14 @@ class ShellDriver:
                 raise result
             return result
 
+    async def reset(self, kill_everything: Callable[[], None]) -> None:
+        """Close the shell, run `kill_everything` (blocking), and let the next command open a fresh shell."""
+        async with self._lock:
+            with anyio.CancelScope(shield=True):
+                if self._session is not None:
+                    await self._replace(self._session)
+                await anyio.to_thread.run_sync(kill_everything)
+
     async def _replace(self, session: ShellSession) -> None:
         await anyio.to_thread.run_sync(session.close)
         self._session = None

@@ -112,6 +112,14 @@ class LocalSandbox:
         """Run `command` in the persistent shell; `timeout` defaults to the sandbox's `timeout`."""
         return await self._driver.run(command, self.timeout if timeout is None else timeout)
 
+    async def reset(self) -> None:
+        """End the shell and the background jobs it left, forget the shell state; the next command starts fresh."""
+        await self._driver.reset(self._forget_state)
+
+    def _forget_state(self) -> None:
+        if self._state_dir is not None:
+            Path(self._state_dir, "state").unlink(missing_ok=True)
+
     async def write_file(self, path: str, data: bytes | str) -> None:
         target = host_path_in_workspace(self.workspace, path)
         payload = data.encode() if isinstance(data, str) else bytes(data)

@@ -11,7 +11,7 @@ Why this shape:
   fork bomb that exhausts the pids limit cannot stop the timeout from firing.
 - Commands read /dev/null as stdin: an interactive program gets EOF instead of eating the protocol.
 - When the session shell reads EOF (the owner closed it or died), its EXIT trap kills the process group
-  of every command that outlived its run and empties `alive_file` (the Docker deadline process watches it).
+  of every command that outlived its run. `alive_file` holds the shell's pid for the Docker deadline process.
 
 Protocol: Python writes `__dsv4_run TOKEN TIMEOUT 'COMMAND'` (COMMAND shell-quoted, TIMEOUT 0 = none); the
 shell answers `TOKEN EXIT_CODE TIMED_OUT` on stdout and `TOKEN` on stderr after the command's output.
@@ -62,7 +62,7 @@ __dsv4_exit() {{
     if [ -n "$__dsv4_alive" ]; then : > "$__dsv4_alive"; fi
 }}
 trap __dsv4_exit EXIT
-if [ -n "$__dsv4_alive" ]; then printf '%s' "$$" > "$__dsv4_alive"; fi
+if [ -n "$__dsv4_alive" ]; then printf '%s\\n' "$$" > "$__dsv4_alive"; fi
 __dsv4_run() {{
     local tok=$1 limit=$2 pid wd= rc mark= timed_out=0 i live=() g
     bash --noprofile --norc -c "$__dsv4_runner" bash "$__dsv4_dir" "$3" </dev/null >&3 2>&4 3>&- 4>&- 5>&- &
