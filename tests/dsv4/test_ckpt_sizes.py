@@ -2,13 +2,13 @@
 §1.3, §4), and the byte model of a shard file against real files."""
 from __future__ import annotations
 
-import runpy
 
 import pytest
 import torch
 
 from dsv4.checkpoint import checkpoint_layout, n_shards, shard_file_name
 from dsv4.config import ModelConfig
+from dsv4.sizes import main as sizes_main
 from dsv4.sizes import model_sizes, shard_file_bytes
 from dsv4.testing import write_random_checkpoint
 
@@ -94,7 +94,7 @@ def test_shard_byte_model_matches_written_files(tmp_path):
 
 
 def test_cli_prints_both_models(capsys):
-    runpy.run_module("dsv4.sizes", run_name="__main__")      # python -m dsv4.sizes
+    sizes_main()                                   # what `python -m dsv4.sizes` runs
     out = capsys.readouterr().out
     assert "DeepSeek-V4-Flash: 284.33B total / 13.27B active" in out
     assert "69,187 tensors in 46 shards, 148.66 GiB" in out
