@@ -1,1 +1,6 @@
 from dsv4.config import LayerSpec, ModelConfig
+from dsv4.engine import Engine, EngineMemory
+from dsv4.errors import (ContextLengthExceeded, EngineError, KVBudgetExceeded, SessionFormatError,
+                         SessionMismatch, SessionStateError)
+from dsv4.sampling import SamplingParams
+from dsv4.session import Session, SessionMemory
