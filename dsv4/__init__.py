@@ -1,4 +1,5 @@
 from dsv4.config import LayerSpec, ModelConfig
+from dsv4.checkpoint import CheckpointError, load_model, save_checkpoint
 from dsv4.engine import Engine, EngineMemory
 from dsv4.errors import (ContextLengthExceeded, EngineError, KVBudgetExceeded, SessionFormatError,
                          SessionMismatch, SessionStateError)
