@@ -53,8 +53,8 @@ class Engine:
                     tokenizer when the vocabulary is DSV4's
     kv_budget_bytes cap on resident KV + snapshots over all sessions (None = no cap)
     max_context     cap on a session's length (default and upper bound: the model's max_seq_len)
-    prefill_chunk   tokens per prefill forward (a multiple of 128); smaller at long context so the
-                    indexer's [chunk x context/4] scores stay under `prefill_score_elems`
+    prefill_chunk   tokens per prefill forward (chunk ends fall on multiples of 128); with the
+                    model's blocked attention and indexer, memory stays bounded at any length
     snapshot_every  take a roll-back snapshot whenever a session's cache length hits a multiple
     max_snapshots   snapshots kept per session (the newest)
     kv_fp8          store the main KV in the 584-byte FP8 layout (needs cache support)
@@ -63,7 +63,7 @@ class Engine:
     def __init__(self, model_or_path: Any, *, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, tokenizer: Any = None,
                  kv_budget_bytes: int | None = None, max_context: int | None = None,
-                 prefill_chunk: int = 2048, prefill_score_elems: int = 1 << 28,
+                 prefill_chunk: int = 2048,
                  snapshot_every: int = 4096, max_snapshots: int = 4, kv_fp8: bool = False,
                  eos_token_ids: Iterable[int] | None = None):
         if isinstance(model_or_path, (str, os.PathLike)):
@@ -87,7 +87,6 @@ class Engine:
         self.max_context = max_context or model_max
         self.kv_budget_bytes = kv_budget_bytes
         self.prefill_chunk = prefill_chunk
-        self.prefill_score_elems = prefill_score_elems
         self.snapshot_every = snapshot_every
         self.max_snapshots = max_snapshots
         self._tokenizer = tokenizer
@@ -167,17 +166,11 @@ class Engine:
             logits = self.model(ids, caches=caches, last_only=True)
         return logits.reshape(len(rows), -1, logits.shape[-1])[:, -1].float()
 
-    def chunk_len(self, position: int) -> int:
-        """Prefill chunk at this position: prefill_chunk, shrunk (in steps of 128) so that
-        chunk x (context / 4) indexer scores stay under prefill_score_elems."""
-        by_scores = self.prefill_score_elems // max(1, (position + self.prefill_chunk) // 4)
-        return max(ALIGN, min(self.prefill_chunk, by_scores // ALIGN * ALIGN))
-
     def chunk_bounds(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         """Prefill chunks covering [start, end): ends fall on multiples of 128 where the chunk is
         longer than that, and on every snapshot point, so snapshots sit on compression boundaries."""
         while start < end:
-            stop = min(end, start + self.chunk_len(start))
+            stop = min(end, start + self.prefill_chunk)
             if stop - start > ALIGN and stop % ALIGN:
                 stop = stop // ALIGN * ALIGN
             stop = min(stop, (start // self.snapshot_every + 1) * self.snapshot_every)
