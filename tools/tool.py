@@ -159,7 +159,12 @@ def function_tool(
     """The non-decorator form of `@tool`."""
     tool_name = name or fn.__name__
     doc = docstring_parser.parse(inspect.getdoc(fn) or "")
-    hints = typing.get_type_hints(fn, include_extras=True)
+    try:
+        hints = typing.get_type_hints(fn, include_extras=True)
+    except NameError as exc:  # string annotations naming a class local to a function
+        raise TypeError(
+            f"tool {tool_name!r}: cannot resolve its type hints ({exc}); define the types they name at module level"
+        ) from exc
     context_param: str | None = None
     value_params: list[inspect.Parameter] = []
     for param in inspect.signature(fn).parameters.values():

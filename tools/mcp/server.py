@@ -138,7 +138,7 @@ class MCPServer:
     async def __aenter__(self) -> MCPServer:
         if self._task_group is not None:
             raise RuntimeError(f"{self!r} is already connected")
-        self._down = None
+        self._down, self.restarts, self.crash_reports = None, 0, []
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         try:
