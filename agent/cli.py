@@ -106,8 +106,10 @@ def run(
     for key, value in (("max_steps", max_steps), ("max_tokens", max_tokens), ("max_wall_s", max_wall)):
         if value is not None:
             overrides[key] = value
-    # Tools run freely in a docker sandbox; outside one, each call is confirmed unless --yolo says otherwise.
-    overrides["approval"] = "confirm" if approve or (sandbox != "docker" and not yolo and not demo) else "auto"
+    # Tools run freely in a docker sandbox; on the host (a local sandbox, MCP servers without a sandbox)
+    # each call is confirmed unless --yolo says otherwise.
+    on_host = sandbox == "local" or (sandbox == "none" and bool(mcp or mcp_config or spec.mcp))
+    overrides["approval"] = "confirm" if approve or (on_host and not yolo and not demo) else "auto"
     try:
         agent_config = AgentConfig.from_yaml(config, **overrides) if config else spec.config.model_copy(update=overrides)
         AgentConfig.model_validate(agent_config.model_dump())

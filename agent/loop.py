@@ -13,6 +13,7 @@ A run, step by step:
 """
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import anyio
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 from agent.backends.base import Backend
 from agent.config import AgentConfig
@@ -152,10 +156,12 @@ class Agent:
                         status = ExitStatus.completed
                     if wall.cancelled_caught:
                         status, message = ExitStatus.timeout, f"wall-clock budget spent ({self.config.max_wall_s:g} s)"
-        except RunStopped as stop:
-            status, message = stop.status, stop.message
         except Exception as e:  # noqa: BLE001 - recorded in the trajectory and returned as status error
-            status, message = ExitStatus.error, f"{type(e).__name__}: {e}"
+            leaf = _single_leaf(e)  # a stop raised inside a turn's task group arrives wrapped in a group
+            if isinstance(leaf, RunStopped):
+                status, message = leaf.status, leaf.message
+            else:
+                status, message = ExitStatus.error, f"{type(leaf).__name__}: {leaf}"
         except BaseException:  # KeyboardInterrupt, or the caller cancelled us: record it, then let it go on
             self._finish(writer, state, run_id, task, ExitStatus.interrupted, "interrupted from outside", started)
             raise
@@ -194,7 +200,7 @@ class Agent:
             detail = f"{type(self.sandbox).__name__} started"
             writer.write(SandboxEvent(kind="started", detail=detail))
             self.observer.sandbox("started", detail)
-            resources.push_callback(lambda: writer.write(SandboxEvent(kind="stopped", detail=f"{type(self.sandbox).__name__} closed")))
+            resources.callback(lambda: writer.write(SandboxEvent(kind="stopped", detail=f"{type(self.sandbox).__name__} closed")))
         tools = list(self.tools) if self.tools is not None else _default_tools(self.sandbox)
         for server in self.mcp_servers:
             await _enter(resources, server)  # connects and lists the server's tools once
@@ -420,6 +426,13 @@ def _default_tools(sandbox: Any | None) -> list[Any]:
     from tools import builtin_tools
 
     return list(builtin_tools())
+
+
+def _single_leaf(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) exception groups, or the group itself when it holds several."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _enter(resources: AsyncExitStack, manager: Any) -> Any:

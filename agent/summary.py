@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -92,15 +93,14 @@ def render(summary: RunSummary, console: Console) -> None:
         console.print(f"[bold]reason[/]   {escape(summary.message)}")
     if summary.resumes:
         console.print(f"[bold]resumed[/]  {summary.resumes} time(s)")
-    table = Table("step", "prefill new", "reused", "reasoning", "content", "tool-call", "stop", "decode s", "calls")
-    for s in summary.steps:
-        u = s.usage
-        if s.calls:
-            calls = "\n".join(f"{c.name} → {c.outcome}" for c in s.calls)
-        else:
-            calls = "(no call)" if s.stop_reason == "eos" else "(cut off)"
-        table.add_row(str(s.step), f"{u.prefill_new:,}", f"{u.prefill_reused:,}", f"{u.reasoning:,}", f"{u.content:,}", f"{u.tool_call:,}", s.stop_reason, f"{s.decode_s:.2f}", escape(calls))
+    table = Table("step", "prefill new", "reused", "reasoning", "content", "tool-call", "stop", "decode s", box=box.SIMPLE)
+    for st in summary.steps:
+        u = st.usage
+        table.add_row(str(st.step), f"{u.prefill_new:,}", f"{u.prefill_reused:,}", f"{u.reasoning:,}", f"{u.content:,}", f"{u.tool_call:,}", st.stop_reason, f"{st.decode_s:.2f}")
     console.print(table)
+    for st in summary.steps:
+        calls = ", ".join(f"{c.name} → {c.outcome}" for c in st.calls) or ("(no call)" if st.stop_reason == "eos" else "(cut off)")
+        console.print(f"  step {st.step}: {escape(calls)}")
     u = summary.usage
     console.print(
         f"totals: {u.engine_calls} engine calls · prefill {u.prefill_new:,} new / {u.prefill_reused:,} reused · "

@@ -159,6 +159,8 @@ class TrajectoryWriter:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._cut_partial_tail()
+        self._started = path.exists() and path.stat().st_size > 0
+        self._held: list[BaseModel] = []  # events that came before run_started (a sandbox starting)
         self._file = path.open("a", encoding="utf-8")
 
     def _cut_partial_tail(self) -> None:
@@ -171,7 +173,17 @@ class TrajectoryWriter:
                 f.truncate(data.rfind(b"\n") + 1)
 
     def write(self, event: BaseModel) -> None:
-        self._file.write(event.model_dump_json() + "\n")
+        """Append one event durably. A log always starts with run_started: earlier events wait for it."""
+        if not self._started:
+            if not isinstance(event, RunStarted):
+                self._held.append(event)
+                return
+            self._started = True
+            events = [event, *self._held]
+            self._held.clear()
+        else:
+            events = [event]
+        self._file.write("".join(e.model_dump_json() + "\n" for e in events))
         self._file.flush()
         os.fsync(self._file.fileno())
 

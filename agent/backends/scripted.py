@@ -24,10 +24,12 @@ class ScriptedBackend:
     """`ScriptedBackend(["reasoning</think>answer", ...])`: turn i decodes completion i (EOS added if missing).
 
     A completion is what the model writes after the prompt's `<think>`: reasoning, `</think>`, content,
-    then optionally a `<｜DSML｜tool_calls>` block. `token_delay_s` paces the stream for demos.
+    then optionally a `<｜DSML｜tool_calls>` block (see `completion()`). A completion may also be a list
+    of token ids, decoded exactly as given: `replay` feeds a run's recorded ids back this way.
+    `token_delay_s` paces the stream for demos.
     """
 
-    def __init__(self, completions: Sequence[str], *, token_delay_s: float = 0.0) -> None:
+    def __init__(self, completions: Sequence[str | list[int]], *, token_delay_s: float = 0.0) -> None:
         if isinstance(completions, str):
             raise TypeError("ScriptedBackend takes a list of completion texts, not one string")
         self.completions = list(completions)
@@ -53,9 +55,9 @@ class ScriptedBackend:
             raise ScriptExhausted(
                 f"the script holds {len(self.completions)} completions; turn {self.turn + 1} asked for another"
             )
-        text = self.completions[self.turn]
+        script = self.completions[self.turn]
         self.turn += 1
-        ids = self._tokenizer.encode(text)
+        ids = list(script) if isinstance(script, list) else self._tokenizer.encode(script)
         if not ids or ids[-1] != self._tokenizer.eos_id:
             ids.append(self._tokenizer.eos_id)
         for token in ids[:max_tokens]:
