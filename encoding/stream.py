@@ -134,6 +134,7 @@ _STOPS = {
     "after_block": ((EOS,), (EOS,)),
 }
 _MAX_STOP = max(len(s) for pair in _STOPS.values() for stops in pair for s in stops)
+_SPILL_CHARS = 4096
 _FIRST_CHARS = frozenset(s[0] for pair in _STOPS.values() for stops in pair for s in stops)
 
 LENIENT_HEADER = re.compile(r'\s*name\s*=\s*"(.*?)"\s*>?\s*$', re.DOTALL)
@@ -181,7 +182,11 @@ class StreamParser:
         self.tool_names = frozenset(tool_names) if tool_names is not None else None
         self._phase = "reasoning" if thinking_mode == "thinking" else "content"
         self._buf = ""
-        self._base = 0  # offset in the completion of self._buf[0]
+        self._base = 0  # offset in the completion of the unresolved text (self._spill, then self._buf)
+        # A long header or parameter body moves to _spill as it arrives, so that feeding it in
+        # small chunks stays linear; no marker can begin there (see _find).
+        self._spill: list[str] = []
+        self._spilled = 0
         self._scan_from = 0  # no stop can begin before this offset of self._buf
         self._events: list[Event] = []
         self._reasoning: list[str] = []
@@ -225,9 +230,14 @@ class StreamParser:
         self._warnings.append(f"{problem} (at character {self._base + offset})")
 
     def _consume(self, n: int) -> None:
+        """Drop the spilled text and the first `n` characters of the buffer."""
         self._buf = self._buf[n:]
-        self._base += n
+        self._base += self._spilled + n
+        self._spill, self._spilled = [], 0
         self._scan_from = 0
+
+    def _unresolved(self, end: int) -> str:
+        return "".join(self._spill) + self._buf[:end] if self._spill else self._buf[:end]
 
     def _emit_text(self, text: str) -> None:
         if not text:
@@ -243,6 +253,12 @@ class StreamParser:
         stops = _STOPS[self._phase][0 if self.strict else 1]
         pos, stop, hold = find_stop(self._buf, self._scan_from, stops, final)
         if stop is None and not final:
+            safe = len(self._buf) - _MAX_STOP + 1  # a marker can only begin after this
+            if self._phase in ("header", "param") and safe >= _SPILL_CHARS:
+                self._spill.append(self._buf[:safe])
+                self._spilled += safe
+                self._buf = self._buf[safe:]
+                hold -= safe
             self._scan_from = max(0, len(self._buf) - _MAX_STOP + 1)
         return pos, stop, hold
 
@@ -348,7 +364,7 @@ class StreamParser:
         pos, stop, _ = self._find(final)
         if stop is None and not final:
             return False
-        header = self._buf if stop is None else self._buf[:pos]
+        header = self._unresolved(len(self._buf) if stop is None else pos)
         if self.strict:
             match = INVOKE_HEADER.match(header)
             if match is None:
@@ -379,7 +395,7 @@ class StreamParser:
         pos, stop, _ = self._find(final)
         if stop is None:
             return False  # at the end of the text, settled by _end
-        body = self._buf[:pos]
+        body = self._unresolved(pos)
         call = self._call
         pattern = PARAMETER_BODY if self.strict else LENIENT_PARAMETER
         match = pattern.match(body) if stop in (PARAMETER_END, PARAMETER_CLOSE) else None

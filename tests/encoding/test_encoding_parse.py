@@ -221,11 +221,14 @@ def test_feed_after_close_is_a_usage_error():
         parser.feed("x")
 
 
-def test_long_parameter_fed_token_by_token_is_linear():
-    value = "x" * 200_000
-    text = "</think>" + TC + invoke("write", p("data", value)) + "\n" + END_TC + EOS
-    parser = StreamParser("thinking")
-    for i in range(0, len(text), 4):
-        parser.feed(text[i:i + 4])
-    end = parser.close()[-1]
-    assert json.loads(end.message["tool_calls"][0]["function"]["arguments"]) == {"data": value}
+@pytest.mark.parametrize("strict", [True, False])
+def test_long_parameter_fed_token_by_token(strict):
+    value = "x<y\n" * 50_000
+    text = "</think>" + TC + invoke("write", p("data", value), p("n", "[" + "1," * 5000 + "}", False)) + "\n" + END_TC + EOS
+    events = stream(text, strict=strict, chunk=4)
+    assert events[-1].message == parse_message_from_completion_text(text, "thinking")
+    params = [e for e in events if isinstance(e, ToolCallParameter)]
+    assert params[0] == ToolCallParameter(0, "data", value, True)
+    (complete,) = [e for e in events if isinstance(e, ToolCallComplete)]
+    position = int(complete.error.rsplit("at character ", 1)[1].split(")")[0])
+    assert text[position] == "}" and text[position - 1] == ","
