@@ -93,7 +93,7 @@ def bench_stream(repeat: int) -> None:
             "</｜DSML｜invoke>\n</｜DSML｜tool_calls>" + EOS)
     mb = len(text.encode()) / 1e6
     t_whole, expected = best_of(repeat, lambda: parse_message_from_completion_text(text, "thinking"))
-    print(f"completion: {len(text):,} chars ({mb:.2f} MB); whole-text official parser: {t_whole * 1e3:.1f} ms "
+    print(f"completion: {len(text):,} chars ({mb:.2f} MB); whole-text parser (official semantics): {t_whole * 1e3:.1f} ms "
           f"({mb / t_whole:.1f} MB/s)")
     for strict in (True, False):
         for size in (4, 65536):

@@ -108,7 +108,6 @@ Event = Union[ReasoningDelta, ContentDelta, ToolCallStarted, ToolCallParameter, 
 
 TOOL_CALLS_BARE = f"<{DSML}tool_calls"  # a block start without the blank line before it
 # Stop markers per phase: (strict, tolerant). The first found in the text wins (list order on ties).
-_TEXT_FORBIDDEN = (BOS, EOS, THINK_START, THINK_END, DSML)
 _STOPS = {
     "reasoning": (
         (THINK_END, TOOL_CALLS_START, BOS, EOS, THINK_START, DSML),

@@ -5,8 +5,6 @@ Expected results of the strict cases follow the official parser's reading, step 
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from encoding import (
