@@ -31,7 +31,7 @@ from typing import Any
 from .encode import check_modes, encode_messages
 from .errors import MessageError
 from .messages import _ToolCallLedger, as_message_dicts
-from .stream import End, StreamParser
+from .stream import End, StreamParser, ToolCallComplete
 from .tokenizer import Tokenizer
 
 
@@ -48,6 +48,7 @@ class AppendOnlyEncoder:
         self._awaiting = "prompt"  # which call comes next: prompt | completion | append
         self.num_tokens = 0
         self.last_end: End | None = None  # End event of the last recorded completion
+        self.last_call_errors: dict[str, str] = {}  # call id -> why that call of the last completion must not run
 
     @property
     def messages(self) -> list[dict]:
@@ -75,18 +76,21 @@ class AppendOnlyEncoder:
 
         Returns the assistant message; its tool calls get ids `call_<turn>_<i>` (turn = 0-based
         count of completions, i = 0-based call index). `last_end` keeps the parser's `End`
-        (truncation, incomplete call, warnings); the errors of individual calls (unknown tool,
-        invalid JSON) come from `StreamParser` events when the caller streams.
+        (truncation, incomplete call, warnings) and `last_call_errors` the calls that must not run
+        (unknown tool, invalid JSON value, malformed invoke), by id, with the reason.
         """
         self._expect("completion")
         token_ids = list(token_ids)
-        parser = StreamParser(self.thinking_mode, strict=False, tool_names=self._tool_names or None)
-        parser.feed(self.tokenizer.decode(token_ids))
-        end = parser.close()[-1]
+        parser = StreamParser(self.thinking_mode, strict=False, tool_names=self._tool_names)
+        events = parser.feed(self.tokenizer.decode(token_ids)) + parser.close()
+        end = events[-1]
         message = dict(end.message)
         message["tool_calls"] = [
             {"id": f"call_{self._turns}_{i}", **call} for i, call in enumerate(message["tool_calls"])
         ]
+        self.last_call_errors = {
+            f"call_{self._turns}_{e.index}": e.error for e in events if isinstance(e, ToolCallComplete) and e.error
+        }
         self._messages.append(_history_form(message))
         self._turns += 1
         self._missing_eos = not token_ids or token_ids[-1] != self.tokenizer.eos_id
