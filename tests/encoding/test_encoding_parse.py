@@ -230,3 +230,21 @@ def test_long_parameter_fed_token_by_token(strict):
     (complete,) = [e for e in events if isinstance(e, ToolCallComplete)]
     position = int(complete.error.rsplit("at character ", 1)[1].split(")")[0])
     assert text[position] == "}" and text[position - 1] == ","
+
+
+def test_tolerant_eos_inside_an_invoke_is_an_incomplete_call():
+    end = stream("</think>" + TC + '<｜DSML｜invoke name="rm">\n' + p("path", "/") + EOS, tool_names={"rm"})[-1]
+    assert end.reason == "eos" and end.incomplete_call == "rm" and end.message["tool_calls"] == []
+
+
+def test_empty_completion():
+    assert stream("", mode="chat")[-1].reason == "no_eos"
+    assert stream("")[-1].reason == "truncated"
+    for mode in ("chat", "thinking"):
+        with pytest.raises(DSMLParseError):
+            stream("", mode=mode, strict=True)
+
+
+def test_no_declared_tools_means_every_call_is_unknown():
+    events = stream("</think>" + TC + invoke("f") + "\n" + END_TC + EOS, tool_names=[])
+    assert "unknown tool 'f'" in next(e for e in events if isinstance(e, ToolCallComplete)).error
