@@ -137,7 +137,7 @@ def _history_form(message: dict) -> dict:
     for call in message["tool_calls"]:
         try:
             valid = isinstance(json.loads(call["function"]["arguments"]), dict)
-        except ValueError:
+        except (ValueError, RecursionError):
             valid = False
         if not valid:
             raw = call["function"]["arguments"]

@@ -109,6 +109,8 @@ def decode_arguments(arguments: Any, where: str) -> dict[str, Any]:
         decoded = json.loads(arguments)
     except json.JSONDecodeError as err:
         raise MessageError(where, f"is not valid JSON ({err.msg} at character {err.pos}): {arguments[:80]!r}") from None
+    except (ValueError, RecursionError) as err:  # integer too long, nesting too deep
+        raise MessageError(where, f"is not usable JSON ({err})") from None
     if not isinstance(decoded, dict):
         raise MessageError(where, f"must be a JSON object, got {type(decoded).__name__}")
     return decoded

@@ -174,6 +174,8 @@ class _OpenCall:
 
 
 class StreamParser:
+    """Incremental parser of one completion; see the module docstring for events and modes."""
+
     def __init__(self, thinking_mode: str, strict: bool = False, tool_names: set[str] | list[str] | None = None):
         if thinking_mode not in ("chat", "thinking"):
             raise ValueError(f"thinking_mode must be 'chat' or 'thinking', got {thinking_mode!r}")
@@ -339,7 +341,7 @@ class StreamParser:
         if stop == EOS:
             if self._call is not None:
                 self._warn(f"EOS inside the call of {self._call.name!r}; it will not run")
-            elif self._phase in ("block",):
+            elif self._phase == "block":
                 self._warn("EOS before the tool block was closed")
             self._eos = True
             self._phase = "done"
@@ -428,7 +430,7 @@ class StreamParser:
             if not is_string:
                 try:
                     json.loads(value)
-                except ValueError as err:
+                except (ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting
                     at = position + getattr(err, "pos", 0)
                     problems.append(f"parameter {key!r}: string=\"false\" value is not valid JSON ({getattr(err, 'msg', err)} at character {at})")
         arguments = arguments_json([(k, v, s) for k, v, s, _ in call.params])
@@ -439,6 +441,7 @@ class StreamParser:
     def _end(self) -> End:
         """Settle the end of the text in the current phase; build the final message."""
         phase, buf, incomplete = self._phase, self._buf, None
+        at_end = self._spilled + len(buf)  # offset of the end of the text from self._base
         if self.strict:
             self._settle_strict_end(phase, buf)
             reason = "eos" if self._eos else "no_eos"
@@ -449,10 +452,10 @@ class StreamParser:
                 reason = "no_eos"
             else:
                 reason = "truncated"
-                self._warn(f"text ended inside the {'reasoning' if phase == 'reasoning' else 'tool block'}", len(buf))
+                self._warn(f"text ended inside the {'reasoning' if phase == 'reasoning' else 'tool block'}", at_end)
             if self._call is not None:
                 incomplete = self._call.name
-                self._warn(f"the call of {incomplete!r} is incomplete; it must not run", len(buf))
+                self._warn(f"the call of {incomplete!r} is incomplete; it must not run", at_end)
         message = {
             "role": "assistant",
             "content": "".join(self._content),

@@ -77,6 +77,9 @@ BAD = {
         {"role": "tool", "content": "r"}, {"role": "tool", "content": "r"}], "messages[2]"),
     "non_json_arguments": ([{"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "{cmd: ls}"}}]}], "messages[0].tool_calls[0].function.arguments"),
+    "arguments_nested_too_deep": ([{"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": '{"a": ' + "[" * 100_000 + "}"}}]}],
+        "messages[0].tool_calls[0].function.arguments"),
     "arguments_not_an_object": ([{"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "[1]"}}]}], "messages[0].tool_calls[0].function.arguments"),
     "call_without_name": ([{"role": "assistant", "tool_calls": [

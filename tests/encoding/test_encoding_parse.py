@@ -248,3 +248,10 @@ def test_empty_completion():
 def test_no_declared_tools_means_every_call_is_unknown():
     events = stream("</think>" + TC + invoke("f") + "\n" + END_TC + EOS, tool_names=[])
     assert "unknown tool 'f'" in next(e for e in events if isinstance(e, ToolCallComplete)).error
+
+
+def test_absurdly_nested_json_value_is_a_call_error_not_a_crash():
+    text = "</think>" + TC + invoke("f", p("v", "[" * 100_000, False)) + "\n" + END_TC + EOS
+    for strict in (True, False):
+        (complete,) = [e for e in stream(text, strict=strict, chunk=4096) if isinstance(e, ToolCallComplete)]
+        assert "'v'" in complete.error
