@@ -163,6 +163,15 @@ def _check_tools(tools: Any, where: str) -> None:
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise MessageError(f"{where}.tools[{i}]", 'must be {"type": "function", "function": {"name": ..., ...}}')
+        _check_json(fn, f"{where}.tools[{i}].function")
+
+
+def _check_json(value: Any, where: str) -> None:
+    """Values rendered with json.dumps (tool schemas, response formats) must be JSON data."""
+    try:
+        json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise MessageError(where, f"is not JSON-serialisable ({err})") from None
 
 
 def _check_tool_calls(calls: Any, where: str) -> None:
@@ -209,10 +218,12 @@ def as_message_dicts(messages: Any, name: str = "messages", ledger: _ToolCallLed
         if role not in ROLES:
             raise MessageError(f"{where}.role", f"unknown role {role!r}; expected one of {list(ROLES)}")
         task = msg.get("task")
-        if task is not None and task not in TASK_TOKENS:
+        if task is not None and (not isinstance(task, str) or task not in TASK_TOKENS):
             raise MessageError(f"{where}.task", f"unknown task {task!r}; expected one of {list(TASK_TOKENS)}")
         if msg.get("tools"):
             _check_tools(msg["tools"], where)
+        if msg.get("response_format"):
+            _check_json(msg["response_format"], f"{where}.response_format")
         if role == "tool":
             _check_tool_content(msg.get("content"), where)
             call_id = msg.get("tool_call_id")
