@@ -30,7 +30,7 @@ from typing import Any
 
 from .encode import check_modes, encode_messages
 from .errors import MessageError
-from .messages import _ToolCallLedger, as_message_dicts
+from .messages import ToolCallLedger, as_message_dicts
 from .stream import End, StreamParser, ToolCallComplete
 from .tokenizer import Tokenizer
 
@@ -52,7 +52,8 @@ class AppendOnlyEncoder:
 
     @property
     def messages(self) -> list[dict]:
-        """The conversation so far (the recorded completions as parsed messages)."""
+        """The conversation so far; completions as parsed (a call whose arguments are not a JSON
+        object keeps its raw text as {"arguments": raw}, the way upstream renders such calls)."""
         return list(self._messages)
 
     def _expect(self, call: str) -> None:
@@ -104,7 +105,7 @@ class AppendOnlyEncoder:
         self._expect("append")
         completion = self._messages[-1]
         # The completion is the only context that shapes the new turns (tool-result order, ids).
-        ledger = _ToolCallLedger()
+        ledger = ToolCallLedger()
         as_message_dicts([completion], "completion", ledger)
         msgs = as_message_dicts(new_messages, "new_messages", ledger)  # tool results answer its calls
         _check_asks_for_answer(msgs, "new_messages")

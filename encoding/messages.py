@@ -116,7 +116,7 @@ def decode_arguments(arguments: Any, where: str) -> dict[str, Any]:
     return decoded
 
 
-class _ToolCallLedger:
+class ToolCallLedger:
     """Which tool calls of the latest assistant turn are still waiting for a result."""
 
     def __init__(self) -> None:
@@ -202,14 +202,14 @@ def _as_dict(message: Any, where: str) -> dict:
     raise MessageError(where, f"must be a dict or a pydantic message, got {type(message).__name__}")
 
 
-def as_message_dicts(messages: Any, name: str = "messages", ledger: _ToolCallLedger | None = None) -> list[dict]:
+def as_message_dicts(messages: Any, name: str = "messages", ledger: ToolCallLedger | None = None) -> list[dict]:
     """Check `messages` and return them as dicts (dicts are passed through, not copied).
 
     `ledger` carries the pending tool calls from an earlier list (the `context` before `messages`).
     """
     if not isinstance(messages, (list, tuple)):
         raise MessageError(name, f"must be a list of messages, got {type(messages).__name__}")
-    ledger = ledger if ledger is not None else _ToolCallLedger()
+    ledger = ledger if ledger is not None else ToolCallLedger()
     out = []
     for index, message in enumerate(messages):
         where = f"{name}[{index}]"
