@@ -35,9 +35,9 @@ strict=True accepts and rejects exactly what the official `parse_message_from_co
 does (raising `DSMLParseError` at the first point where the text can no longer be valid), and
 `End.message` equals its result. strict=False (the agent's mode) never raises on model output;
 it recovers what the model plainly meant: a tool block opened inside the reasoning (no
-`</think>`), a block without its leading blank line, a missing EOS, special tokens or junk where
-they do not belong (dropped, with a warning); a call cut off by the end of the text is reported
-as `incomplete_call`, never completed.
+`</think>`), a block without its leading blank line, an invoke without its block, a second block,
+a missing EOS, special tokens or junk where they do not belong (dropped, with a warning); a call
+cut off by the end of the text is reported as `incomplete_call`, never completed.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ _STOPS = {
     ),
     "content": (
         (EOS, TOOL_CALLS_START, BOS, THINK_START, THINK_END, DSML),
-        (EOS, TOOL_CALLS_START, TOOL_CALLS_BARE, BOS, THINK_START, THINK_END, DSML),
+        (EOS, TOOL_CALLS_START, TOOL_CALLS_BARE, INVOKE_OPEN, BOS, THINK_START, THINK_END, DSML),
     ),
     "block": ((INVOKE_OPEN, TOOL_CALLS_CLOSE), (INVOKE_OPEN, TOOL_CALLS_CLOSE, EOS)),
     "header": (
@@ -130,7 +130,7 @@ _STOPS = {
         (PARAMETER_OPEN, INVOKE_CLOSE),
         (PARAMETER_OPEN, INVOKE_CLOSE, INVOKE_OPEN, TOOL_CALLS_CLOSE, EOS),
     ),
-    "after_block": ((EOS,), (EOS,)),
+    "after_block": ((EOS,), (EOS, TOOL_CALLS_BARE)),
 }
 _MAX_STOP = max(len(s) for pair in _STOPS.values() for stops in pair for s in stops)
 _SPILL_CHARS = 4096
@@ -304,6 +304,9 @@ class StreamParser:
             elif stop == TOOL_CALLS_BARE:
                 self._warn("tool block without the blank line before it", -len(stop))
             self._phase = "block"
+        elif stop == INVOKE_OPEN:  # tolerant content only: a call written without its block
+            self._warn("invoke without a tool_calls block around it", -len(stop))
+            self._phase = "header"
         elif stop == EOS and (not reasoning or not self.strict):
             if reasoning:
                 self._warn("EOS before </think>", -len(stop))
@@ -360,6 +363,9 @@ class StreamParser:
             self._phase = "block"
         elif stop == PARAMETER_OPEN:
             self._phase = "param"
+        elif stop == TOOL_CALLS_BARE:  # tolerant, after a closed block: a second block
+            self._warn("a second tool block")
+            self._phase = "block"
 
     def _header_step(self, final: bool) -> bool:
         pos, stop, _ = self._find(final)

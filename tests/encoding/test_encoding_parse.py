@@ -255,3 +255,15 @@ def test_absurdly_nested_json_value_is_a_call_error_not_a_crash():
     for strict in (True, False):
         (complete,) = [e for e in stream(text, strict=strict, chunk=4096) if isinstance(e, ToolCallComplete)]
         assert "'v'" in complete.error
+
+
+def test_tolerant_invoke_without_block_and_second_block():
+    text = "r</think>ok\n" + invoke("f", p("a", "1")) + "\n" + EOS
+    end = stream(text, chunk=3)[-1]
+    assert end.message == msg("ok\n", "r", [("f", '{"a": "1"}')]) and end.reason == "eos"
+    text = "</think>" + TC + invoke("f") + "\n" + END_TC + TC + invoke("g") + "\n" + END_TC + EOS
+    end = stream(text, chunk=2)[-1]
+    assert [c["function"]["name"] for c in end.message["tool_calls"]] == ["f", "g"]
+    assert any("second tool block" in w for w in end.warnings)
+    with pytest.raises(DSMLParseError):
+        stream(text, strict=True)
