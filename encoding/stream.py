@@ -169,6 +169,7 @@ def find_stop(buf: str, start: int, stops: tuple[str, ...], final: bool) -> tupl
 class _OpenCall:
     index: int
     name: str
+    position: int  # of its invoke header in the completion
     params: list[tuple[str, str, bool, int]] = field(default_factory=list)  # (name, value, is_string, position)
     problems: list[str] = field(default_factory=list)
 
@@ -381,7 +382,7 @@ class StreamParser:
             match = LENIENT_HEADER.match(header)
             name = match.group(1) if match else header.strip()[:60]
             problem = None if match else f"malformed invoke header {header[:60]!r}"
-        self._call = _OpenCall(self._n_calls, name)
+        self._call = _OpenCall(self._n_calls, name, self._base)
         self._n_calls += 1
         if problem:
             self._call.problems.append(problem)
@@ -431,7 +432,8 @@ class StreamParser:
         call, self._call = self._call, None
         problems = list(call.problems)
         if self.tool_names is not None and call.name not in self.tool_names:
-            problems.insert(0, f"unknown tool {call.name!r} (known: {', '.join(sorted(self.tool_names)) or 'none'})")
+            known = ", ".join(sorted(self.tool_names)) or "none"
+            problems.insert(0, f"unknown tool {call.name!r} (invoke at character {call.position}; known: {known})")
         for key, value, is_string, position in call.params:
             if not is_string:
                 try:

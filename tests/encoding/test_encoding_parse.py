@@ -172,9 +172,11 @@ def test_tolerant_missing_eos():
 
 
 def test_tolerant_unknown_tool_is_an_error_naming_it():
-    events = stream("</think>" + TC + invoke("nope", p("a", "1")) + "\n" + END_TC + EOS, tool_names={"bash"})
-    (complete,) = [e for e in events if isinstance(e, ToolCallComplete)]
+    text = "</think>" + TC + invoke("nope", p("a", "1")) + "\n" + END_TC + EOS
+    (complete,) = [e for e in stream(text, tool_names={"bash"}) if isinstance(e, ToolCallComplete)]
     assert "unknown tool 'nope'" in complete.error and "bash" in complete.error
+    position = int(complete.error.split("at character ")[1].split(";")[0])
+    assert text[position:].startswith(' name="nope"')
 
 
 def test_invalid_json_parameter_is_an_error_naming_tool_parameter_and_position():
