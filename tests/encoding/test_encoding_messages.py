@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from encoding import (
     AssistantMessage,
@@ -77,11 +79,17 @@ BAD = {
         {"role": "tool", "content": "r"}, {"role": "tool", "content": "r"}], "messages[2]"),
     "non_json_arguments": ([{"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "{cmd: ls}"}}]}], "messages[0].tool_calls[0].function.arguments"),
+    "arguments_nested_too_deep": ([{"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": '{"a": ' + "[" * 100_000 + "}"}}]}],
+        "messages[0].tool_calls[0].function.arguments"),
     "arguments_not_an_object": ([{"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "[1]"}}]}], "messages[0].tool_calls[0].function.arguments"),
     "call_without_name": ([{"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"arguments": "{}"}}]}], "messages[0].tool_calls[0].function.name"),
     "tools_not_openai_shape": ([{"role": "system", "content": "S", "tools": [{"name": "f"}]}], "messages[0].tools[0]"),
+    "response_format_not_json": ([{"role": "system", "content": "S", "response_format": {"s": {1, 2}}}], "messages[0].response_format"),
+    "tool_schema_not_json": ([{"role": "system", "tools": [{"type": "function", "function": {"name": "f", "x": object()}}]}],
+                             "messages[0].tools[0].function"),
     "tool_content_none": ([{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
                            {"role": "tool", "content": None}], "messages[1].content"),
 }
@@ -114,3 +122,28 @@ def test_bad_modes_are_value_errors():
         encode_messages([UserMessage(content="a")], "thinking", reasoning_effort="low")
     with pytest.raises(MessageError, match="^messages:"):
         encode_messages("hello", "chat")
+
+
+_JUNK = st.one_of(st.none(), st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=2),
+                  st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+_CALL = st.fixed_dictionaries({"id": st.one_of(st.none(), st.sampled_from(["a", "b"])), "type": st.just("function"),
+                               "function": st.fixed_dictionaries({"name": st.one_of(st.sampled_from(["f", ""]), _JUNK),
+                                                                  "arguments": st.one_of(st.sampled_from(['{"x": 1}', "{}", "[1]", "{x"]), _JUNK)})})
+_MESSAGE = st.one_of(_JUNK, st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool", "developer", "latest_reminder", "bot"])},
+    optional={"content": st.one_of(st.text(max_size=8), _JUNK), "reasoning_content": st.one_of(st.text(max_size=4), _JUNK),
+              "tool_calls": st.one_of(st.lists(_CALL, max_size=2), _JUNK), "tool_call_id": st.one_of(st.sampled_from(["a", "b"]), _JUNK),
+              "task": st.one_of(st.sampled_from(["query", "action", "title", "nope"]), _JUNK),
+              "tools": st.one_of(st.just([{"type": "function", "function": {"name": "f"}}]), _JUNK),
+              "response_format": st.one_of(st.just({"type": "json_object"}), st.just({1, 2}), _JUNK)}))
+
+
+@settings(max_examples=800, deadline=None, database=None, derandomize=True)
+@given(messages=st.lists(_MESSAGE, max_size=6), mode=st.sampled_from(["chat", "thinking"]), drop=st.booleans())
+def test_any_input_renders_or_raises_message_error(messages, mode, drop):
+    try:
+        text = encode_messages(messages, mode, drop_thinking=drop)
+    except MessageError as err:
+        assert err.where.startswith("messages")
+    else:
+        assert isinstance(text, str)

@@ -6,6 +6,8 @@ import json
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import WordLevel
 
@@ -72,3 +74,19 @@ def test_from_file_and_directory(tmp_path, tok):
     with pytest.raises(ValueError, match="not a DSV4 tokenizer"):
         Tokenizer.from_file(tmp_path)
     assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["type"] == "WordLevel"
+
+
+_TEXTS = st.lists(st.sampled_from(list("ab 1\n\t中é😀<>｜/") + ["</think>", "<｜User｜>", "\n\n", "  "]), max_size=20).map("".join)
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@given(before=_TEXTS, after=_TEXTS, marker=st.sampled_from(["<｜end▁of▁sentence｜>", "<think>", "<｜Assistant｜>", "</think>"]))
+def test_ids_after_a_special_token_do_not_depend_on_the_text_before(before, after, marker):
+    """The invariant AppendOnlyEncoder rests on: text is cut at added tokens before tokenizing."""
+    tok = Tokenizer.default()
+    assert tok.encode(before + marker) + tok.encode(after) == tok.encode(before + marker + after)
+
+
+def test_plain_text_boundaries_do_change_ids(tok):
+    """Why appends must start at a special token: a split inside plain text is not additive."""
+    assert tok.encode("hel") + tok.encode("lo world") != tok.encode("hello world")
