@@ -6,11 +6,12 @@ filesystem with tmpfs /tmp, and only the workspace mounted. The workspace is a s
 host folder is given; a file-size ulimit bounds any single file either way (a host folder has no total
 quota: Docker's `storage_opt` needs xfs project quotas, which ordinary hosts lack).
 
-Leaks: PID 1's child is a deadline process (root without capabilities, so commands can neither signal it
-nor stop it). It ends the container - which is auto-removed - at the hard expiry (`ttl`) and a few seconds
-after the last session shell exits; a shell exits when its owner closes it or dies (the daemon closes the
-exec's stdin). A paused pool container cannot run that check, so every container also carries owner labels
-that the reaper (owner.py) checks at the next start.
+Leaks: PID 1's child is a deadline process (root without capabilities, so commands can neither signal nor
+stop it). It ends the container - which is auto-removed - at the hard expiry (`ttl`) or as soon as the owner
+process dies, however it dies: it reads a fifo that only the owner holds open for writing (owner.py), and
+the kernel closes that end when the owner exits, SIGKILL included. A paused pool container cannot read, and
+a remote engine cannot mount the fifo, so every container also carries owner labels that the reaper checks
+at the next start and in `dsv4-agent sandbox gc`.
 
 Every docker-py call blocks, so each runs in a worker thread; the event loop never waits on Docker.
 """
@@ -34,37 +35,33 @@ from sandboxes.base import CommandResult
 from sandboxes.driver import ShellDriver
 from sandboxes.image import DEFAULT_IMAGE, SANDBOX_UID, require_image
 from sandboxes.output import DEFAULT_OUTPUT_CAP
-from sandboxes.owner import owner_labels, reap, remove_container
+from sandboxes.owner import owner_fifo, owner_labels, reap, remove_container
 from sandboxes.paths import WorkspaceEscapeError, container_path_in_workspace
 from sandboxes.shell import SHELL_ARGV, ShellSession
 
 WORKSPACE = "/workspace"
 SHELL_STATE = "/tmp/.dsv4-shell"
-LIVE_DIR = "/tmp/.dsv4-live"  # a file per session shell holding its pid, watched by the deadline process
+OWNER_FIFO = "/run/dsv4-owner"  # the owner process's fifo, read by the deadline process
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_TTL_S = 4 * 3600.0
 _EXEC_ENV = {"HOME": "/tmp", "LANG": "C.UTF-8", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
 # PID 1's child, as root without capabilities; only bash builtins in the loop, so a fork bomb cannot stall it.
-# Ends the container at the hard expiry ($1), when session shells existed and none is alive for 3 s, or when
-# no shell ever started within 120 s.
+# Ends the container (then auto-removed) at the hard expiry ($1), or when the owner fifo reads EOF: the
+# kernel closed the owner's end, so the owner process is gone, however it died.
 _DEADLINE = r"""
-end=$1
-printf -v born '%(%s)T' -1
-mkdir -m 700 /tmp/.dsv4-pid1 && mkfifo /tmp/.dsv4-pid1/tick && exec 3<>/tmp/.dsv4-pid1/tick || exit 1
-mkdir -m 1777 /tmp/.dsv4-live || exit 1
-shopt -s nullglob
-seen=0 idle=0
+end=$1 watch=0
+if [ -p /run/dsv4-owner ]; then
+    exec 3< /run/dsv4-owner || exit 1
+    watch=1
+else  # a remote engine: no owner fifo; a private one serves as a sleep that needs no process
+    mkdir -m 700 /tmp/.dsv4-pid1 && mkfifo /tmp/.dsv4-pid1/tick && exec 3<>/tmp/.dsv4-pid1/tick || exit 1
+fi
 while :; do
     printf -v now '%(%s)T' -1
     (( now >= end )) && exit 0
-    alive=0
-    for f in /tmp/.dsv4-live/*; do pid=; read -r pid < "$f"; [ -n "$pid" ] && [ -e "/proc/$pid" ] && alive=1; done
-    if (( alive )); then seen=1 idle=0
-    elif (( seen )); then (( ++idle >= 3 )) && exit 0
-    elif (( now - born > 120 )); then exit 0
-    fi
     read -t 1 -u 3
+    (( $? <= 128 && watch )) && exit 0
 done
 """
 
@@ -187,7 +184,6 @@ class DockerSandbox:
         self._client = client
         self._pooled = _pooled
         self.container_id: str | None = None
-        self._sessions = 0
         self._driver = ShellDriver(self._open_session, self._interrupt)
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -231,6 +227,8 @@ class DockerSandbox:
         else:
             self._check_host_workspace()
             volumes[str(self.host_workspace)] = {"bind": WORKSPACE, "mode": "rw"}
+        if self.client.api.base_url.startswith("http+docker://localhost"):  # the engine shares our filesystem
+            volumes[owner_fifo()] = {"bind": OWNER_FIFO, "mode": "ro"}
         file_limit = _bytes(self.disk)
         try:
             container = self.client.containers.run(
@@ -300,10 +298,8 @@ class DockerSandbox:
     # --- commands ----------------------------------------------------------------------------------
 
     def _open_session(self) -> ShellSession:
-        self._sessions += 1
         transport = ExecTransport(self.client.api, self._require_started(), SHELL_ARGV, self.user, self.env)
-        live = f"{LIVE_DIR}/session-{self._sessions}"
-        return ShellSession(transport, SHELL_STATE, alive_file=live, output_cap=self.output_cap)
+        return ShellSession(transport, SHELL_STATE, output_cap=self.output_cap)
 
     def _interrupt(self) -> None:
         if self.container_id is None:

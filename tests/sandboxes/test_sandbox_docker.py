@@ -102,7 +102,10 @@ async def test_hardening_is_in_place(sandbox, docker_client):
     assert host_config["Memory"] == 256 * 2**20 and host_config["PidsLimit"] == 128
     assert host_config["NanoCpus"] == 10**9 and host_config["NetworkMode"] == "none"
     mounts = docker_client.api.inspect_container(sandbox.container_id)["Mounts"]
-    assert mounts == [], "nothing of the host is mounted (workspace and /tmp are tmpfs)"
+    # Workspace and /tmp are tmpfs; of the host only the owner fifo is mounted, read-only, not writable to commands.
+    assert [(m["Destination"], m["RW"]) for m in mounts] == [("/run/dsv4-owner", False)]
+    r = await sandbox.run("echo keep-alive > /run/dsv4-owner")
+    assert r.exit_code != 0 and "Permission denied" in r.stderr
 
 
 async def test_the_deadline_process_cannot_be_signalled_by_commands(sandbox):
