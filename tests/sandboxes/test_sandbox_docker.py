@@ -143,3 +143,25 @@ async def test_absent_image_says_how_to_build_the_default(docker_client):
     with pytest.raises(ImageError, match="dsv4-agent sandbox build"):
         async with DockerSandbox("dsv4-agent/no-such-image:0"):
             pass
+
+
+async def test_commands_never_block_the_event_loop(sandbox_image):
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await anyio.sleep(0.01)
+            ticks += 1
+
+    async with DockerSandbox(sandbox_image) as a, DockerSandbox(sandbox_image) as b:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            started = time.monotonic()
+            async with anyio.create_task_group() as both:
+                both.start_soon(a.run, "sleep 1")
+                both.start_soon(b.run, "sleep 1")
+            elapsed = time.monotonic() - started
+            tg.cancel_scope.cancel()
+    assert elapsed < 1.8, "two sandboxes should run their commands concurrently"
+    assert ticks > 40, f"the event loop stalled while commands ran ({ticks} ticks in {elapsed:.2f}s)"
