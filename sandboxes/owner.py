@@ -8,6 +8,7 @@ owner fifo lets a running container notice its owner's death by itself (see `own
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import tempfile
@@ -98,7 +99,12 @@ def owner_fifo() -> str:
         if not path.exists():
             os.mkfifo(path, 0o644)
         _held_fifo = (str(path), os.open(path, os.O_RDWR | os.O_CLOEXEC))  # RDWR: opening never blocks
+        atexit.register(_unlink_quietly, path)  # after SIGKILL the reaper removes it instead
     return _held_fifo[0]
+
+
+def _unlink_quietly(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
 
 def _fifo_path(pid: int, start: str) -> Path:
