@@ -109,14 +109,15 @@ def main() -> None:
             "cpus": os.cpu_count(), "kernel": platform.release(), "docker": engine["Version"],
             "docker_py": docker.__version__, "image": DEFAULT_IMAGE}
     print(json.dumps(meta))
-    print(f"| operation | n | p50 ms | p95 ms |\n|---|---|---|---|")
+    print("| operation | n | p50 ms | p95 ms |\n|---|---|---|---|")
     for name, s in results.items():
         print(f"| {name} | {s['n']} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} |")
     shell = results["command `true`, DockerSandbox.run (persistent shell)"]["p50_ms"]
     bare = results["command `true`, bare docker-py exec_run (peer)"]["p50_ms"]
     cold = results["cold start (create+start+shell+first command)"]["p50_ms"]
     warm = results["warm start (pool: unpause+first command)"]["p50_ms"]
-    print(f"\nper command: bare exec_run / persistent shell = {bare / shell:.1f}x;  start: cold / warm = {cold / warm:.1f}x")
+    print(f"\nper command: bare exec_run / persistent shell = {bare / shell:.1f}x;  "
+          f"start: cold / warm = {cold / warm:.1f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)

@@ -36,7 +36,8 @@ from sandboxes.driver import ShellDriver
 from sandboxes.image import DEFAULT_IMAGE, SANDBOX_UID, require_image
 from sandboxes.output import DEFAULT_OUTPUT_CAP
 from sandboxes.owner import owner_fifo, owner_labels, reap, remove_container
-from sandboxes.paths import WorkspaceEscapeError, container_path_in_workspace
+from sandboxes.paths import (MAX_READ_BYTES, WorkspaceEscapeError, container_path_in_workspace,
+                             file_too_big)
 from sandboxes.shell import SHELL_ARGV, ShellSession
 
 WORKSPACE = "/workspace"
@@ -73,7 +74,8 @@ p=$(realpath -m -- "$1") || exit 91
 case $p in {WORKSPACE}|{WORKSPACE}/*) ;; *) echo "$p" >&2; exit 92;; esac
 """
 _WRITE = _CONFINE + 'mkdir -p -- "$(dirname -- "$p")" && exec cat > "$p"'
-_READ = _CONFINE + '[ -d "$p" ] && { echo "is a directory" >&2; exit 93; }; exec cat -- "$p"'
+_READ = _CONFINE + (f'[ -d "$p" ] && {{ echo "is a directory" >&2; exit 93; }}; '
+                    f'exec head -c {MAX_READ_BYTES + 1} -- "$p"')
 
 
 class SandboxError(RuntimeError):
@@ -160,6 +162,7 @@ class DockerSandbox:
         tmp_size: str = "256m",
         ttl: float = DEFAULT_TTL_S,
         output_cap: int = DEFAULT_OUTPUT_CAP,
+        read_only: bool = True,
         user: str | None = None,
         env: dict[str, str] | None = None,
         client: docker.DockerClient | None = None,
@@ -178,6 +181,7 @@ class DockerSandbox:
         self.tmp_size = tmp_size
         self.ttl = ttl  # hard lifetime of the container
         self.output_cap = output_cap
+        self.read_only = read_only  # False only for images that must write outside /tmp and /workspace
         self.user = user or self._default_user()
         self.env = {**_EXEC_ENV, **(env or {})}
         self.name = f"dsv4-sbx-{secrets.token_hex(4)}"
@@ -241,7 +245,7 @@ class DockerSandbox:
                 mem_limit=self.memory, memswap_limit=self.memory, pids_limit=self.pids,
                 nano_cpus=int(self.cpus * 1e9),
                 cap_drop=["ALL"], security_opt=["no-new-privileges"],
-                read_only=True, tmpfs=tmpfs, volumes=volumes,
+                read_only=self.read_only, tmpfs=tmpfs, volumes=volumes,
                 ulimits=[docker.types.Ulimit(name="fsize", soft=file_limit, hard=file_limit),
                          docker.types.Ulimit(name="nofile", soft=4096, hard=4096)],
                 labels=owner_labels(self.name, self.ttl, pooled=self._pooled),
@@ -298,15 +302,23 @@ class DockerSandbox:
     # --- commands ----------------------------------------------------------------------------------
 
     def _open_session(self) -> ShellSession:
-        transport = ExecTransport(self.client.api, self._require_started(), SHELL_ARGV, self.user, self.env)
+        try:
+            transport = ExecTransport(self.client.api, self._require_started(), SHELL_ARGV, self.user, self.env)
+        except docker.errors.APIError as exc:
+            raise SandboxError(
+                f"sandbox {self.name} cannot run commands ({exc.explanation or exc}); it may have passed its "
+                f"ttl of {self.ttl:.0f}s or been removed (`dsv4-agent sandbox gc`): start a new one") from exc
         return ShellSession(transport, SHELL_STATE, output_cap=self.output_cap)
 
     def _interrupt(self) -> None:
         if self.container_id is None:
             return
-        self.client.api.exec_start(self.client.api.exec_create(
-            self.container_id, ["bash", "-c", f'read -r g < {SHELL_STATE}/current; kill -KILL -- -"$g"'],
-            user=self.user))
+        try:
+            self.client.api.exec_start(self.client.api.exec_create(
+                self.container_id, ["bash", "-c", f'read -r g < {SHELL_STATE}/current; kill -KILL -- -"$g"'],
+                user=self.user))
+        except docker.errors.APIError:
+            pass  # container gone or out of pids: the driver replaces the shell if it does not come back
 
     async def run(self, command: str, timeout: float | None = None) -> CommandResult:
         """Run `command` in the persistent shell; `timeout` defaults to the sandbox's `timeout`."""
@@ -342,6 +354,8 @@ class DockerSandbox:
         target = container_path_in_workspace(WORKSPACE, path)
         code, out, err = await anyio.to_thread.run_sync(self._file_exec, _READ, target, b"")
         self._raise_file_error(path, code, err, "read")
+        if len(out) > MAX_READ_BYTES:
+            raise file_too_big(path)
         return out
 
     def _file_exec(self, script: str, target: str, stdin: bytes) -> tuple[int, bytes, str]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import anyio
+import docker.errors
 import pytest
 
 from sandboxes.pool import SandboxPool
@@ -34,7 +35,7 @@ async def test_pool_hands_out_ready_sandboxes_and_refills(sandbox_image, docker_
             await second.close()
         leftover = [s.container_id for _, s in pool._ready]
     for container_id in leftover:
-        with pytest.raises(Exception):
+        with pytest.raises(docker.errors.NotFound):
             _state(docker_client, container_id)
 
 
