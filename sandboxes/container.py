@@ -182,7 +182,8 @@ class DockerSandbox:
         self.ttl = ttl  # hard lifetime of the container
         self.output_cap = output_cap
         self.read_only = read_only  # False only for images that must write outside /tmp and /workspace
-        self.user = user or self._default_user()
+        self.uid, self.gid = _parse_user(user) if user else self._default_owner()
+        self.user = f"{self.uid}:{self.gid}"
         self.env = {**_EXEC_ENV, **(env or {})}
         self.name = f"dsv4-sbx-{secrets.token_hex(4)}"
         self._client = client
@@ -226,8 +227,7 @@ class DockerSandbox:
         tmpfs = {"/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777"}
         volumes = {}
         if self.host_workspace is None:
-            uid, gid = self.user.split(":") if ":" in self.user else (self.user, self.user)
-            tmpfs[WORKSPACE] = f"rw,nosuid,nodev,size={self.disk},uid={uid},gid={gid},mode=0755"
+            tmpfs[WORKSPACE] = f"rw,nosuid,nodev,size={self.disk},uid={self.uid},gid={self.gid},mode=0755"
         else:
             self._check_host_workspace()
             volumes[str(self.host_workspace)] = {"bind": WORKSPACE, "mode": "rw"}
@@ -254,30 +254,28 @@ class DockerSandbox:
             raise SandboxError(f"could not start a sandbox from {self.image!r}: {exc.explanation or exc}") from exc
         self.container_id = container.id
 
-    def _default_user(self) -> str:
+    def _default_owner(self) -> tuple[int, int]:
         """Commands run as uid 1000, or as the owner of a host workspace when that is not root."""
         if self.host_workspace is not None and self.host_workspace.exists():
             info = self.host_workspace.stat()
             if info.st_uid != 0:
-                return f"{info.st_uid}:{info.st_gid}"
-        return f"{SANDBOX_UID}:{SANDBOX_UID}"
+                return info.st_uid, info.st_gid
+        return SANDBOX_UID, SANDBOX_UID
 
     def _check_host_workspace(self) -> None:
         ws = self.host_workspace
-        uid = int(self.user.split(":")[0])
         if not ws.exists():
             ws.mkdir(parents=True)
             if os.geteuid() == 0:
-                os.chown(ws, uid, int(self.user.split(":")[-1]))
+                os.chown(ws, self.uid, self.gid)
             return
         if not ws.is_dir():
             raise SandboxError(f"workspace {ws} is not a folder")
         info = ws.stat()
-        writable = info.st_uid == uid or info.st_mode & stat.S_IWOTH
-        if not writable:
+        if info.st_uid != self.uid and not info.st_mode & stat.S_IWOTH:
             raise SandboxError(
-                f"workspace {ws} is owned by uid {info.st_uid}, but sandbox commands run as uid {uid} "
-                f"(never as root): `chown -R {uid}:{uid} {ws}`, or pass user='<uid>:<gid>' of its owner"
+                f"workspace {ws} is owned by uid {info.st_uid}, but sandbox commands run as uid {self.uid} "
+                f"(never as root): `chown -R {self.uid}:{self.gid} {ws}`, or pass user='<uid>:<gid>' of its owner"
             )
 
     async def close(self) -> None:
@@ -401,6 +399,18 @@ def _reap_once(client: docker.DockerClient) -> None:
     if not _reaped_in_this_process:
         reap(client)
         _reaped_in_this_process = True
+
+
+def _parse_user(user: str) -> tuple[int, int]:
+    """'1000' or '1000:1000' -> (uid, gid); root is refused: commands never run as root."""
+    uid_text, _, gid_text = user.partition(":")
+    try:
+        uid, gid = int(uid_text), int(gid_text or uid_text)
+    except ValueError:
+        raise ValueError(f"user must be numeric 'uid' or 'uid:gid', got {user!r}") from None
+    if uid == 0:
+        raise ValueError("sandbox commands never run as root (uid 0): pass a non-root user='uid:gid'")
+    return uid, gid
 
 
 def _bytes(size: str) -> int:

@@ -1,7 +1,7 @@
 """The persistent shell both sandboxes speak: one bash process, one line per command, a sentinel per result.
 
 Why this shape:
-- A persistent shell costs a fraction of a millisecond per command where a fresh `docker exec` costs ~60 ms.
+- A persistent shell costs a few milliseconds per command where a fresh `docker exec` costs ~60 ms.
 - Each command runs in a child bash in its own process group, so a timeout can kill the command and
   everything it started (`kill -KILL -- -pgid`) while the session shell lives on. The child restores the
   session state (cwd, exported variables, functions, aliases, shell options) saved by the previous command

@@ -166,3 +166,12 @@ async def test_commands_never_block_the_event_loop(sandbox_image):
             tg.cancel_scope.cancel()
     assert elapsed < 1.8, "two sandboxes should run their commands concurrently"
     assert ticks > 40, f"the event loop stalled while commands ran ({ticks} ticks in {elapsed:.2f}s)"
+
+
+def test_bad_options_are_refused_before_anything_starts():
+    with pytest.raises(ValueError, match="never run as root"):
+        DockerSandbox(user="0:0")
+    with pytest.raises(ValueError, match="numeric"):
+        DockerSandbox(user="sandbox")
+    with pytest.raises(ValueError, match="pids >= 16"):
+        DockerSandbox(pids=2)
