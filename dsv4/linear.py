@@ -1,25 +1,135 @@
 """The one linear layer every projection of the model uses.
 
 The model code only ever builds `Linear(in_features, out_features)` and calls it; how the weight is
-stored (float, FP8 e4m3 with 128x128 block scales, packed FP4 experts with 1x32 scales) is the
-loader's business (dsv4/checkpoint.py, dsv4/quant.py), so the layers stay readable.
-Parameter names follow the official checkpoint: `<name>.weight` and, when quantised, `<name>.scale`.
+stored is the loader's business (dsv4/checkpoint.py), so the layers stay readable. Three storage
+formats, named as in the official checkpoint (`<name>.weight`, `<name>.scale`):
+
+    "float"  weight float [out, in]                     scale: none
+    "fp8"    weight float8_e4m3fn [out, in]             scale float8_e8m0fnu [ceil(out/128), ceil(in/128)]
+    "fp4"    weight int8 [out, in/2] (two e2m1 a byte)  scale float8_e8m0fnu [out, in/32]
+
+A quantised layer computes by dequantising its weight on the fly at the activation dtype, a block
+of rows at a time, so a big FP8 / FP4 weight never exists in float all at once (dsv4/quant.py says
+why the dequantised values are exact). `dequantize_` turns it into a float layer for good.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4 import quant
+
+WeightFormat = Literal["float", "fp8", "fp4"]
+
+# Rows dequantised per step of the on-the-fly forward: a multiple of the FP8 block, sized so one
+# step's float weight stays near 2^24 elements (64 MiB in float32).
+_CHUNK_ELEMENTS = 1 << 24
+
 
 class Linear(nn.Module):
-    """y = x @ W^T (no bias anywhere in DSV4). weight: [out_features, in_features]."""
+    """y = x @ W^T (no bias anywhere in DSV4). W: [out_features, in_features]."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
+        self.register_parameter("scale", None)
         nn.init.normal_(self.weight, std=in_features**-0.5)
 
+    # ---- storage format -------------------------------------------------------------------------
+    @property
+    def format(self) -> WeightFormat:
+        if self.scale is None:
+            return "float"
+        return "fp8" if self.weight.dtype == torch.float8_e4m3fn else "fp4"
+
+    def storage_shapes(self, fmt: WeightFormat) -> dict[str, tuple[int, ...]]:
+        """Shapes of `weight` (and `scale`) in the given format, as in the checkpoint."""
+        out_f, in_f = self.out_features, self.in_features
+        if fmt == "float":
+            return {"weight": (out_f, in_f)}
+        if fmt == "fp8":
+            return {"weight": (out_f, in_f), "scale": quant.fp8_scale_shape(out_f, in_f)}
+        if fmt == "fp4":
+            if in_f % quant.FP4_BLOCK:
+                raise ValueError(f"FP4 needs in_features % {quant.FP4_BLOCK} == 0, got {in_f}")
+            return {"weight": (out_f, in_f // 2), "scale": quant.fp4_scale_shape(out_f, in_f)}
+        raise ValueError(f"unknown weight format {fmt!r}; expected 'float', 'fp8' or 'fp4'")
+
+    def quantize_(self, fmt: Literal["fp8", "fp4"]) -> Linear:
+        """Store the weight as `fmt` (round to nearest, power-of-two block scales). On the meta
+        device this only switches dtypes and shapes, for the loader to fill."""
+        shapes = self.storage_shapes(fmt)
+        if fmt == "float":
+            raise ValueError("quantize_ needs 'fp8' or 'fp4'; use dequantize_ for a float weight")
+        if self.weight.is_meta:
+            wdtype = torch.float8_e4m3fn if fmt == "fp8" else torch.int8
+            weight = torch.empty(shapes["weight"], dtype=wdtype, device="meta")
+            scale = torch.empty(shapes["scale"], dtype=torch.float8_e8m0fnu, device="meta")
+        else:
+            w = self.dequantized_weight(torch.float32)
+            weight, scale = quant.quantize_fp8(w) if fmt == "fp8" else quant.quantize_fp4(w)
+        self._set_storage(weight, scale)
+        return self
+
+    def dequantize_(self, dtype: torch.dtype = torch.float32) -> Linear:
+        """Replace a quantised weight by its exact float value at `dtype`; drop the scale."""
+        if self.weight.is_meta:
+            weight = torch.empty(self.out_features, self.in_features, dtype=dtype, device="meta")
+        else:
+            weight = self.dequantized_weight(dtype)
+        self._set_storage(weight, None)
+        return self
+
+    def dequantized_weight(self, dtype: torch.dtype, rows: slice = slice(None)) -> torch.Tensor:
+        """W[rows] as a float tensor of `dtype` ([n_rows, in_features]). For FP8 the row slice
+        must start on a multiple of 128."""
+        fmt = self.format
+        if fmt == "float":
+            return self.weight[rows].to(dtype)
+        start, stop, _ = rows.indices(self.out_features)
+        if fmt == "fp8":
+            if start % quant.FP8_BLOCK:
+                raise ValueError(f"FP8 row slices must start on a multiple of {quant.FP8_BLOCK}")
+            first, last = start // quant.FP8_BLOCK, -(-stop // quant.FP8_BLOCK)
+            return quant.dequantize_fp8(self.weight[start:stop], self.scale[first:last], dtype)
+        return quant.dequantize_fp4(self.weight[start:stop], self.scale[start:stop], dtype)
+
+    def _set_storage(self, weight: torch.Tensor, scale: torch.Tensor | None) -> None:
+        floating = weight.dtype.is_floating_point and weight.dtype != torch.float8_e4m3fn
+        # quantised codes and scales are not trainable values: keep autograd away from them
+        self.weight = nn.Parameter(weight, requires_grad=floating and self.weight.requires_grad)
+        self.scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)`, `.float()`, `.half()` cast every floating tensor, which would
+        # turn FP8 codes and e8m0 scales into meaningless floats; a dtype cast of a quantised layer
+        # therefore dequantises it to that dtype instead. Device moves keep the format.
+        if self.scale is None:
+            return super()._apply(fn, recurse)
+        weight, scale = self.weight.detach(), self.scale.detach()
+        super()._apply(fn, recurse)
+        if self.weight.dtype == weight.dtype and self.scale.dtype == scale.dtype:
+            return self
+        target = self.weight.dtype if self.weight.dtype != weight.dtype else self.scale.dtype
+        device = self.weight.device
+        self._set_storage(weight.to(device), scale.to(device))
+        return self.dequantize_(target)
+
+    # ---- compute ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        if self.scale is None:
+            return F.linear(x, self.weight.to(x.dtype))
+        rows = max(quant.FP8_BLOCK, _CHUNK_ELEMENTS // self.in_features
+                   // quant.FP8_BLOCK * quant.FP8_BLOCK)
+        if rows >= self.out_features:
+            return F.linear(x, self.dequantized_weight(x.dtype))
+        parts = [F.linear(x, self.dequantized_weight(x.dtype, slice(r, r + rows)))
+                 for r in range(0, self.out_features, rows)]
+        return torch.cat(parts, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"

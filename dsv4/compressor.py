@@ -1,0 +1,95 @@
+"""KV compressor: gated softmax pooling of m consecutive tokens into one K=V entry (reference §2.4).
+
+Per token t: kv_t = wkv(x_t), s_t = wgate(x_t) + ape[t mod m] (fp32). Entry j pools, per channel,
+  HCA (m = 128): the m tokens of block j,            softmax over those m scores;
+  CSA (m = 4, "overlap", projections of width 2d): the "a" halves (channels :d) of the m tokens
+      of block j-1 and the "b" halves (d:) of the m tokens of block j, softmax over the 2m.
+Then RMSNorm, RoPE on the last rope dims at position m*j (the block's first token), and the
+quantisation simulation (main entries: FP8 NoPE dims; indexer entries: Hadamard + FP4).
+Entry j exists once token m*j + m - 1 is processed; a query at position i may use entries
+j < (i + 1) // m.
+
+The compressor is incremental: tokens of an incomplete block wait in the sequence's
+`CompressorState` (the same [c*m, c*d] slots as the official decode buffers), so feeding the
+tokens in any chunking produces the same entries.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4.cache import CompressorState
+from dsv4.config import ModelConfig
+from dsv4.fakequant import fp4_fake_quant, fp8_fake_quant, hadamard_rotate
+from dsv4.linear import Linear
+from dsv4.norm import RMSNorm
+from dsv4.rope import apply_rope, rope_angles
+
+
+class Compressor(nn.Module):
+    def __init__(self, cfg: ModelConfig, ratio: int, head_dim: int, rotate: bool):
+        super().__init__()
+        self.ratio, self.head_dim = ratio, head_dim
+        self.overlap = ratio == 4                  # CSA pools two half-width series
+        self.rotate = rotate                       # indexer keys: Hadamard + FP4 simulation
+        self.rope_head_dim = cfg.rope_head_dim
+        width = (2 if self.overlap else 1) * head_dim
+        self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))
+        self.wkv = Linear(cfg.dim, width)
+        self.wgate = Linear(cfg.dim, width)
+        self.norm = RMSNorm(head_dim, cfg.norm_eps)
+        self.quant_sim = False
+
+    def forward(self, x: torch.Tensor, starts: list[int], states: list[CompressorState],
+                inv_freq: torch.Tensor) -> list[torch.Tensor]:
+        """x [B,S,D] tokens at positions starts[b] + 0..S-1 -> per row the new entries
+        [n_b, head_dim] (x's dtype), numbered from starts[b] // m on; updates `states`."""
+        xf = x.float()                                            # the compressor runs in fp32
+        kv, score = self.wkv(xf).float(), self.wgate(xf).float()  # [B,S,c*d]
+        seq = torch.arange(x.shape[1], device=x.device)
+        out = []
+        for b, (start, state) in enumerate(zip(starts, states)):
+            pooled, first_block = self._pool(kv[b], score[b] + self.ape[(start + seq) % self.ratio],
+                                             start, state)
+            out.append(self._finish(pooled.to(x.dtype), first_block, inv_freq))
+        return out
+
+    def _pool(self, kv: torch.Tensor, score: torch.Tensor, start: int,
+              state: CompressorState) -> tuple[torch.Tensor, int]:
+        """kv, score [S, c*d] (score incl. ape) of one row -> pooled entries [n, d] fp32 and the
+        index of the first one. Updates the state with the leftover tokens."""
+        m, d = self.ratio, self.head_dim
+        cur = m if self.overlap else 0                 # first slot of the current block
+        done = start % m                               # tokens of the current block already seen
+        kv = torch.cat((state.kv[cur: cur + done], kv))            # starts at a block boundary
+        score = torch.cat((state.score[cur: cur + done], score))
+        n = kv.shape[0] // m                                        # blocks completed now
+        blocks_kv = kv[: n * m].view(n, m, kv.shape[-1])            # [n, m, c*d]
+        blocks_score = score[: n * m].view(n, m, kv.shape[-1])
+        if self.overlap:
+            # entry j: "a" halves of block j-1 (the state's previous block for the first one)
+            # next to "b" halves of block j; softmax over the 2m candidates of each channel
+            prev_kv = torch.cat((state.kv[None, :m], blocks_kv))[:n, :, :d]
+            prev_score = torch.cat((state.score[None, :m], blocks_score))[:n, :, :d]
+            blocks_kv = torch.cat((prev_kv, blocks_kv[..., d:]), dim=1)           # [n, 2m, d]
+            blocks_score = torch.cat((prev_score, blocks_score[..., d:]), dim=1)
+            if n:
+                state.kv[:m], state.score[:m] = kv[n * m - m: n * m], score[n * m - m: n * m]
+        pooled = (blocks_kv * blocks_score.softmax(dim=1)).sum(dim=1)            # [n, d]
+        rest = kv.shape[0] - n * m
+        state.kv[cur: cur + rest], state.score[cur: cur + rest] = kv[n * m:], score[n * m:]
+        state.kv[cur + rest: cur + m], state.score[cur + rest: cur + m] = 0.0, float("-inf")
+        return pooled, start // m
+
+    def _finish(self, entries: torch.Tensor, first_block: int, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Norm, RoPE at each block's first position, quantisation simulation. [n, d] -> [n, d]."""
+        entries = self.norm(entries)
+        positions = (first_block + torch.arange(entries.shape[0], device=entries.device)) * self.ratio
+        entries = apply_rope(entries, *rope_angles(positions, inv_freq))
+        if self.quant_sim:
+            if self.rotate:
+                entries = fp4_fake_quant(hadamard_rotate(entries), 32)
+            else:
+                nope = self.head_dim - self.rope_head_dim
+                entries = torch.cat((fp8_fake_quant(entries[:, :nope], 64), entries[:, nope:]), -1)
+        return entries

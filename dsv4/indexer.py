@@ -1,0 +1,84 @@
+"""Lightning Indexer: picks, for every query of a CSA layer, the top-k compressed entries it
+attends to (reference §2.5).
+
+Own compressor (m = 4, overlap, head dim 128) builds index keys K_j; queries come from the
+attention's low-rank q (`qr`): q_I = wq_b(qr) [.., 64 heads, 128], RoPE on the last rope dims.
+  I[t, j] = sum_h w[t, h] * ReLU(q_I[t, h] . K_j),   w = weights_proj(x) * (128 * 64)^-1/2
+over the visible entries j < (pos_t + 1) // 4; the top min(index_topk, visible) are kept, the
+other slots are -1. With `quant_sim`, q_I and K_j are Hadamard-rotated and FP4-rounded, as in
+training; the rotation alone would not change q . k.
+Scores are computed one block of queries at a time, so the workspace stays bounded by
+`SCORE_BUDGET` elements whatever the context length.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4.cache import LayerCache
+from dsv4.compressor import Compressor
+from dsv4.config import ModelConfig
+from dsv4.fakequant import fp4_fake_quant, hadamard_rotate
+from dsv4.linear import Linear
+from dsv4.rope import apply_rope
+
+SCORE_BUDGET = 1 << 24          # fp32 elements of one query block's [queries, heads, entries] scores
+
+
+class Indexer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.ratio = 4
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim)
+        self.weights_proj = Linear(cfg.dim, self.n_heads)
+        self.compressor = Compressor(cfg, self.ratio, self.head_dim, rotate=True)
+        self.weight_scale = (self.head_dim * self.n_heads) ** -0.5
+        self.quant_sim = False
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, starts: list[int], caches: list[LayerCache],
+                rope: tuple[torch.Tensor, torch.Tensor], inv_freq: torch.Tensor) -> list[torch.Tensor]:
+        """x [B,S,D], qr [B,S,q_lora_rank], rope = (cos, sin) [B,S,rd/2] of the query positions
+        -> per row the chosen entry indices [S, k_b] (int64, -1 = unused slot)."""
+        B, S, _ = x.shape
+        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))        # [B,S,Hi,di]
+        q = apply_rope(q, *rope)
+        if self.quant_sim:
+            q = fp4_fake_quant(hadamard_rotate(q), 32)
+        weights = self.weights_proj(x).float() * self.weight_scale            # [B,S,Hi]
+        new_keys = self.compressor(x, starts, [c.indexer_compressor for c in caches], inv_freq)
+        picks = []
+        for b in range(B):
+            caches[b].indexer_keys.append(new_keys[b])
+            keys = caches[b].indexer_keys.view()                               # [N, di]
+            picks.append(self._top_entries(q[b], weights[b], keys, starts[b]))
+        return picks
+
+    def _top_entries(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
+                     start: int) -> torch.Tensor:
+        """q [S,Hi,di], weights [S,Hi], keys [N,di] of one row -> indices [S, k] (-1 = none)."""
+        S = q.shape[0]
+        visible = (start + torch.arange(1, S + 1, device=q.device)) // self.ratio   # [S]
+        k = min(self.topk, keys.shape[0])
+        if k == 0:
+            return torch.empty(S, 0, dtype=torch.long, device=q.device)
+        block = max(1, SCORE_BUDGET // (self.n_heads * keys.shape[0]))
+        keys = keys.float()
+        out = []
+        for t0 in range(0, S, block):
+            t1 = min(S, t0 + block)
+            n_vis = int(visible[t1 - 1])                      # entries visible to the block's last query
+            kb = min(k, n_vis)
+            if kb == 0:
+                out.append(torch.full((t1 - t0, k), -1, dtype=torch.long, device=q.device))
+                continue
+            scores = torch.einsum("thd,nd->thn", q[t0:t1].float(), keys[:n_vis]).relu_()
+            scores = torch.einsum("thn,th->tn", scores, weights[t0:t1])       # [T, n_vis]
+            hidden = torch.arange(n_vis, device=q.device) >= visible[t0:t1, None]
+            # ReLU makes exact ties (all heads at 0) common: a stable sort breaks them towards the
+            # older entry, so the choice does not depend on how the tokens were chunked
+            order = scores.masked_fill(hidden, float("-inf")).sort(dim=-1, descending=True, stable=True)
+            top = order.indices[:, :kb]
+            top = top.masked_fill(top >= visible[t0:t1, None], -1)
+            out.append(nn.functional.pad(top, (0, k - kb), value=-1))
+        return torch.cat(out)

@@ -1,0 +1,63 @@
+"""Manifold-constrained hyper-connections (mHC).
+
+The residual is `hc_mult` (4) parallel streams h [B, S, hc, D]. Around each sub-layer (attention,
+FFN) a block:
+  hc_pre : reads the streams and computes, from one linear map `fn` of the RMS-normalised
+           concatenated streams, three sets of weights: `pre` [hc] (collapse the streams to the
+           sub-layer input), `post` [hc] (spread the output back) and `comb` [hc, hc] (mix the
+           residual streams), projected onto doubly-stochastic matrices by Sinkhorn-Knopp;
+  hc_post: h_new[k] = post[k] * out + sum_j comb[j, k] * h[j].
+The final collapse before the head (`hc_head`) uses only sigmoid `pre` weights.
+All weight math in fp32; the streams stay in the activation dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _mixes(h: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """h [B,S,hc,D] -> fn(rms-normalised flattened streams) [B,S,fn.shape[0]] fp32."""
+    flat = h.flatten(2).float()                                            # [B,S,hc*D]
+    rsqrt = torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
+    return F.linear(flat, fn.float()) * rsqrt
+
+
+def sinkhorn_split(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int,
+                   iters: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mixes [..., (2+hc)*hc] -> pre [..., hc], post [..., hc], comb [..., hc, hc].
+
+    comb = softmax over k of the logits, + eps, then `iters` column normalisations with
+    row normalisations in between (the last operation is a column normalisation, so the
+    columns sum to ~1; comb[j, k] weighs input stream j into output stream k)."""
+    scale, base = scale.float(), base.float()
+    pre = torch.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
+    post = 2 * torch.sigmoid(mixes[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
+    logits = mixes[..., 2 * hc:].unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc:].view(hc, hc)
+    comb = logits.softmax(-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return pre, post, comb
+
+
+def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
+           iters: int, norm_eps: float, hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h [B,S,hc,D] -> sub-layer input x [B,S,D] (h's dtype), post [B,S,hc], comb [B,S,hc,hc]."""
+    pre, post, comb = sinkhorn_split(_mixes(h, fn, norm_eps), scale, base, h.shape[2], iters, hc_eps)
+    x = (pre.unsqueeze(-1) * h.float()).sum(2)
+    return x.to(h.dtype), post, comb
+
+
+def hc_post(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """out [B,S,D], residual streams h [B,S,hc,D] -> new streams [B,S,hc,D] in h's dtype."""
+    mixed = torch.einsum("bsjk,bsjd->bskd", comb, h.float())
+    return (post.unsqueeze(-1) * out.float().unsqueeze(-2) + mixed).to(h.dtype)
+
+
+def hc_head(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
+            norm_eps: float, hc_eps: float) -> torch.Tensor:
+    """Final collapse of the streams: h [B,S,hc,D] -> [B,S,D] (h's dtype), sigmoid weights only."""
+    pre = torch.sigmoid(_mixes(h, fn, norm_eps) * scale.float() + base.float()) + hc_eps
+    return (pre.unsqueeze(-1) * h.float()).sum(2).to(h.dtype)
