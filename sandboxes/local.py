@@ -20,7 +20,7 @@ import anyio.to_thread
 from sandboxes.base import CommandResult
 from sandboxes.driver import ShellDriver
 from sandboxes.output import DEFAULT_OUTPUT_CAP
-from sandboxes.paths import host_path_in_workspace
+from sandboxes.paths import MAX_READ_BYTES, file_too_big, host_path_in_workspace
 from sandboxes.shell import SHELL_ARGV, ShellSession
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -134,6 +134,8 @@ class LocalSandbox:
         target = host_path_in_workspace(self.workspace, path)
         if not target.exists():
             raise FileNotFoundError(f"no file {path!r} in the workspace {self.workspace}")
+        if target.is_file() and target.stat().st_size > MAX_READ_BYTES:
+            raise file_too_big(path)
         return await anyio.to_thread.run_sync(target.read_bytes)
 
     async def close(self) -> None:

@@ -72,7 +72,8 @@ async def test_infinite_loop_is_killed_and_cpu_is_capped(sandbox_image):
     async with DockerSandbox(sandbox_image, cpus=0.5) as sb:
         r = await sb.run("while :; do :; done", timeout=1)
         assert r.timed_out and r.exit_code == -1
-        quota = (await sb.run("cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cut -d' ' -f1 /sys/fs/cgroup/cpu.max")).stdout
+        quota = (await sb.run("cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null "
+                              "|| cut -d' ' -f1 /sys/fs/cgroup/cpu.max")).stdout
         assert int(quota) == 50000  # half of the default 100 ms period
         assert (await sb.run("echo ok")).stdout == "ok\n"
 
@@ -88,8 +89,8 @@ async def test_no_network_without_opt_in(sandbox_image):
 async def test_writes_outside_the_workspace_fail_and_the_host_is_untouched(sandbox_image, tmp_path):
     ws = tmp_path / "ws"
     async with DockerSandbox(sandbox_image, workspace=ws) as sb:
-        r = await sb.run("{ for p in /etc/passwd /usr/bin/evil /root/x /evil ../escape.txt; do echo x > $p; done; } 2>&1;"
-                         " ls / | grep -c evil")
+        r = await sb.run("{ for p in /etc/passwd /usr/bin/evil /root/x /evil ../escape.txt; do echo x > $p; done; }"
+                         " 2>&1; ls / | grep -c evil")
         assert r.stdout.count("Read-only file system") + r.stdout.count("Permission denied") == 5
         assert r.stdout.rstrip().endswith("0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ws"], "something was written next to the workspace"
