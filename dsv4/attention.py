@@ -46,7 +46,7 @@ class Attention(nn.Module):
         self.o_lora_rank = cfg.o_lora_rank
         self.scale = self.head_dim ** -0.5
         # a plain attribute, not a buffer: model.to(bf16) must not round the frequencies
-        self.inv_freq = inv_frequencies(cfg, compressed=self.ratio > 0)
+        self.inv_freq = inv_frequencies(cfg, compressed=self.ratio > 0)         # [rd/2] fp32
         self.quant_sim = False
 
         self.wq_a = Linear(cfg.dim, cfg.q_lora_rank)
@@ -68,6 +68,8 @@ class Attention(nn.Module):
         """x [B,S,D] (attn_norm output), row b at positions starts[b] + 0..S-1 -> [B,S,D].
         Appends the S tokens to each row's layer cache."""
         B, S, _ = x.shape
+        if self.inv_freq.device != x.device:      # follow the model to its device, once
+            self.inv_freq = self.inv_freq.to(x.device)
         positions = torch.tensor(starts, device=x.device)[:, None] + torch.arange(S, device=x.device)
         cos, sin = rope_angles(positions, self.inv_freq)                     # [B,S,rd/2]
 
@@ -142,7 +144,7 @@ class Attention(nn.Module):
         if not self.ratio:
             return torch.zeros(T, 0, self.head_dim, device=device), torch.zeros(T, 0, dtype=torch.bool, device=device)
         visible = (start + torch.arange(t0 + 1, t1 + 1, device=device)) // self.ratio      # [T]
-        comp = entries[: int(visible[-1])]                                      # [N,d]
+        comp = entries[: (start + t1) // self.ratio]                            # [N,d]
         ok = torch.arange(comp.shape[0], device=device) < visible[:, None]
         return comp.expand(T, -1, -1), ok
 
