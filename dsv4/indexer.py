@@ -67,7 +67,7 @@ class Indexer(nn.Module):
         out = []
         for t0 in range(0, S, block):
             t1 = min(S, t0 + block)
-            n_vis = int(visible[t1 - 1])                      # entries visible to the block's last query
+            n_vis = (start + t1) // self.ratio                # entries visible to the block's last query
             kb = min(k, n_vis)
             if kb == 0:
                 out.append(torch.full((t1 - t0, k), -1, dtype=torch.long, device=q.device))
