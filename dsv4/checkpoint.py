@@ -379,8 +379,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         by_file.setdefault(file, []).append(name)
 
     def shard_batches() -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
+        # opened on the CPU: get_tensor is then a view of the mapped file, and the one copy
+        # per tensor goes straight to `device`
         for file, names in sorted(by_file.items()):
-            with safe_open(path / file, "pt", device=str(torch.device(device))) as f:
+            with safe_open(path / file, "pt") as f:
                 yield ((name, f.get_tensor(name)) for name in names)
 
     return build_model(cfg, headers, shard_batches(), device=device, dtype=dtype,
@@ -411,15 +413,19 @@ def _check_model_matches_layout(model: nn.Module, specs: list[TensorSpec]) -> No
     problems += [f"model has {n}, which the checkpoint layout does not" for n in sorted(have - set(want))]
     for name in sorted(set(want) & have):
         spec, owner = want[name], name.rpartition(".")[0]
-        if owner in linears and name.endswith(".weight"):
-            layer = linears[owner]
-            shape = layer.storage_shapes(_QUANTISED_WEIGHT.get(spec.dtype, "float"))["weight"]
-            got = (layer.out_features, layer.in_features)
+        layer = linears.get(owner) if name.endswith(".weight") else None
+        if layer is None:
+            shape, what = tuple(tensors[name].shape), f"shape {list(tensors[name].shape)}"
         else:
-            shape, got = spec.shape, tuple(tensors[name].shape)
-        if tuple(shape) != spec.shape or (owner not in linears and got != spec.shape):
-            problems.append(f"{name}: model shape {list(got)} does not give the layout's "
-                            f"{list(spec.shape)}")
+            what = f"Linear({layer.in_features}, {layer.out_features})"
+            try:
+                shape = layer.storage_shapes(_QUANTISED_WEIGHT.get(spec.dtype, "float"))["weight"]
+            except ValueError as e:
+                problems.append(f"{name}: {e}")
+                continue
+        if tuple(shape) != spec.shape:
+            problems.append(f"{name}: the model's {what} does not give the layout's "
+                            f"{list(spec.shape)} {spec.dtype}")
     if problems:
         raise CheckpointError("model does not match the checkpoint layout of its config:\n  "
                               + "\n  ".join(problems))

@@ -307,3 +307,23 @@ def test_save_refuses_a_model_that_does_not_match_its_config(tmp_path, seed):
     other = CFG.replace(n_routed_experts=4, n_activated_experts=2)
     with pytest.raises(CheckpointError, match="model has layers.1.ffn.experts.4.w1.weight"):
         dsv4.save_checkpoint(model, tmp_path / "x", config=other)
+
+
+def test_save_names_a_linear_of_the_wrong_size(tmp_path, seed):
+    model = random_model(CFG, seed=seed)
+    model.layers[0].attn.wq_a = Linear(CFG.dim, CFG.q_lora_rank + 1)
+    with pytest.raises(CheckpointError, match=r"layers.0.attn.wq_a.weight: the model's Linear\(64, 49\) "
+                                              r"does not give the layout's \[48, 64\] F8_E4M3"):
+        dsv4.save_checkpoint(model, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_load_keeps_formats_and_matches_cpu(ckpt, ids):
+    gpu = dsv4.load_model(ckpt, device="cuda", dtype=torch.float32)
+    assert gpu.quant_sim is True                          # default for quantised CUDA weights
+    assert gpu.layers[1].attn.wq_b.weight.dtype == torch.float8_e4m3fn
+    assert gpu.layers[1].attn.wq_b.weight.is_cuda and gpu.layers[1].ffn.experts[0].w1.scale.is_cuda
+    gpu.quant_sim = False
+    cpu = dsv4.load_model(ckpt, dtype=torch.float32)
+    torch.testing.assert_close(gpu(ids.cuda()).cpu(), cpu(ids), rtol=1e-4, atol=1e-4)
