@@ -39,6 +39,34 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def bench_load_model(repeats: int) -> None:
+    """dsv4.load_model on random release-format checkpoints (tiny, and a ~60 MB one) against the
+    floor of reading every shard into memory with safetensors' load_file."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from dsv4 import ModelConfig, load_model
+    from dsv4.testing import write_random_checkpoint
+
+    mid = ModelConfig.tiny().replace(dim=1024, moe_inter_dim=256, vocab_size=4096, n_layers=8,
+                                     compress_ratios=(0, 4, 128, 4, 128, 4, 128, 4, 0))
+    print("\n| checkpoint | MB | load_model (FP8/FP4 kept, bf16) ms | dequantize=True fp32 ms | "
+          "safetensors load_file ms | load_model / load_file |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, cfg in (("tiny", ModelConfig.tiny()), ("mid (dim 1024, 8 layers)", mid)):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_random_checkpoint(tmp, cfg, seed=0)
+            shards = sorted(path.glob("model-*.safetensors"))
+            mb = sum(f.stat().st_size for f in shards) / 1e6
+            t_load = timed(lambda: load_model(path), repeats)
+            t_deq = timed(lambda: load_model(path, dtype=torch.float32, dequantize=True), repeats)
+            t_raw = timed(lambda: [{k: v.clone() for k, v in load_file(f).items()} for f in shards],
+                          repeats)
+            print(f"| {name} | {mb:.1f} | {t_load * 1e3:.0f} | {t_deq * 1e3:.0f} | "
+                  f"{t_raw * 1e3:.0f} | {t_load / t_raw:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -93,6 +121,7 @@ def main() -> None:
         diff = (runs_ours[0][1] - runs_hf[0][1]).abs().max().item()
         print(f"| decode after a 128-token prompt | {steps} | {steps / t_ours:,.1f} | "
               f"{steps / t_hf:,.1f} | {t_hf / t_ours:.2f} | {diff:.1e} |")
+    bench_load_model(args.repeats)
 
 
 if __name__ == "__main__":

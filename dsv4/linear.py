@@ -37,7 +37,8 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.register_parameter("scale", None)
-        nn.init.normal_(self.weight, std=in_features**-0.5)
+        if not self.weight.is_meta:      # the loader builds on meta, where init is wasted work
+            nn.init.normal_(self.weight, std=in_features**-0.5)
 
     # ---- storage format -------------------------------------------------------------------------
     @property
