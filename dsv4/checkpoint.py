@@ -44,7 +44,7 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "I32": torch.int32, "I64": torch.int64,
 }
 ST_CODES = {v: k for k, v in ST_DTYPES.items()}
-_QUANTISED_WEIGHT = {"F8_E4M3": "fp8", "I8": "fp4", "U8": "fp4"}   # stored weight dtype -> format
+_QUANTISED_WEIGHT = {"F8_E4M3": "fp8", "I8": "fp4"}   # stored weight dtype -> format
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e8m0fnu)
 # Linears the network reads as raw weight slices rather than calling: loaded as float whatever
 # their stored format (the official convert.py likewise dequantises wo_a to bf16).

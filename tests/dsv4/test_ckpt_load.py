@@ -133,6 +133,12 @@ def test_model_names_are_the_layout_names_for_flash_shapes():
 
 
 # ---- loading ----------------------------------------------------------------------------------
+def test_tiny_has_every_layer_and_moe_kind():
+    kinds = {(spec.kind, spec.hash_routed) for spec in CFG.layers}
+    assert {k for k, _ in kinds} == {"sliding", "csa", "hca"}
+    assert {h for _, h in kinds} == {True, False} and CFG.n_mtp_layers == 1
+
+
 def test_load_keeps_release_formats_and_exact_values(ckpt):
     model = dsv4.load_model(ckpt, dtype=torch.float32)
     stored = stored_tensors(ckpt)
@@ -150,6 +156,21 @@ def test_load_keeps_release_formats_and_exact_values(ckpt):
                  "layers.3.ffn.gate.bias", "mtp.0.hnorm.weight"):
         assert sd[name].dtype == torch.float32 and torch.equal(sd[name], stored[name].float())
     assert torch.equal(sd["layers.0.ffn.gate.tid2eid"], stored["layers.0.ffn.gate.tid2eid"])
+
+
+def test_f32_scales_load_to_the_same_weights(ckpt, tmp_path):
+    """Checkpoints with float32 block scales (scale_dtype "fp32", as the Base models have)."""
+    for f in ckpt.iterdir():
+        if f.suffix == ".safetensors":
+            tensors = {k: v.float() if k.endswith(".scale") else v for k, v in load_file(f).items()}
+            save_file(tensors, tmp_path / f.name)
+        else:
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    a, b = dsv4.load_model(ckpt, dtype=torch.float32), dsv4.load_model(tmp_path, dtype=torch.float32)
+    assert b.layers[2].ffn.experts[0].w2.scale.dtype == torch.float32
+    for (name, la), lb in zip(a.named_modules(), b.modules()):
+        if isinstance(la, Linear):
+            assert torch.equal(la.dequantized_weight(torch.float32), lb.dequantized_weight(torch.float32)), name
 
 
 def test_bf16_load_keeps_f32_tensors_f32(ckpt):
