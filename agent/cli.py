@@ -1,7 +1,229 @@
-"""dsv4-agent command line (typer)."""
-import typer
+"""`dsv4-agent`: run, resume, replay and inspect agent runs; `sandbox` manages the Docker sandboxes.
 
-app = typer.Typer(help="Run DeepSeek-V4 as a tool-using agent on your own GPUs.", no_args_is_help=True)
+Exit codes (also written to each trajectory's exit event): 0 completed, 1 error, 2 usage,
+3 max_steps, 4 max_tokens, 5 timeout, 6 format_error, 7 stuck, 130 interrupted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any, Awaitable, Callable, List, Optional
+
+import anyio
+import typer
+from rich.console import Console
+
+from agent.config import AgentConfig
+from agent.display import RichDisplay
+from agent.spec import BackendSpec, RunSpec, SandboxSpec, build_agent, build_mcp_servers
+from agent.status import ExitStatus
+from agent.trajectory import TRAJECTORY_FILE, RunStarted, TrajectoryError, new_run_id, read_events, resolve_run
+
+app = typer.Typer(
+    help="Run DeepSeek-V4 as a tool-using agent on its own embedded engine.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+OUTPUT_DIR = typer.Option(Path("runs"), "--output-dir", "-o", help="where runs are written, one folder each")
+
+
+def _usage_error(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}")
+    return typer.Exit(ExitStatus.usage.exit_code)
+
+
+async def _with_interrupts(agent: Any, body: Callable[[], Awaitable[Any]]) -> Any:
+    """Run `body`; the first Ctrl-C (or SIGTERM) cancels the agent at once, a second one exits on the spot."""
+    result = None
+    async with anyio.create_task_group() as group:
+
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                count = 0
+                async for _ in signals:
+                    count += 1
+                    if count == 1:
+                        err.print("\n[yellow]interrupting: closing sandboxes and MCP servers (Ctrl-C again to exit now)[/]")
+                        agent.cancel()
+                    else:
+                        os._exit(ExitStatus.interrupted.exit_code)
+
+        group.start_soon(watch)
+        result = await body()
+        group.cancel_scope.cancel()
+    return result
+
+
+def _finish(result: Any) -> None:
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def run(
+    task: str = typer.Argument("", help="what the agent should do (empty with --demo)"),
+    demo: bool = typer.Option(False, "--demo", help="the built-in end-to-end demo (tiny random DSV4 + forced tokens, or scripted)"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="DSV4 checkpoint directory for the embedded engine"),
+    scripted: Optional[Path] = typer.Option(None, "--scripted", help="JSON list of completion texts: a scripted backend instead of a model"),
+    device: str = typer.Option("cpu", "--device", help="engine device (cpu, cuda, cuda:1)"),
+    sandbox: str = typer.Option("docker", "--sandbox", help="docker, local (no isolation) or none"),
+    image: Optional[str] = typer.Option(None, "--image", help="docker image for the sandbox"),
+    network: bool = typer.Option(False, "--network", help="give the docker sandbox network access"),
+    workspace: Optional[Path] = typer.Option(None, "--workspace", help="local sandbox folder (default: the run's folder/workspace)"),
+    mcp: List[str] = typer.Option([], "--mcp", help="an MCP server, NAME=COMMAND ARGS or NAME=URL; repeatable"),
+    mcp_config: Optional[Path] = typer.Option(None, "--mcp-config", help='JSON file {"mcpServers": {...}}'),
+    effort: str = typer.Option("max", "--effort", help="max (Think Max), high (thinking) or none (chat)"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="turn budget"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="budget of tokens computed (new prefill + decode)"),
+    max_wall: Optional[float] = typer.Option(None, "--max-wall", help="wall-clock budget in seconds"),
+    approve: bool = typer.Option(False, "--approve", help="confirm each tool call before it runs"),
+    yolo: bool = typer.Option(False, "--yolo", help="run tool calls without asking even outside a docker sandbox"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of agent settings (AgentConfig)"),
+    output_dir: Path = OUTPUT_DIR,
+) -> None:
+    """Run one task to completion and exit with its status code."""
+    if demo:
+        from agent.demo import demo_spec
+
+        if task or model or scripted:
+            raise _usage_error("--demo runs its own task and backend; drop TASK, --model and --scripted")
+        spec, task = demo_spec(output_dir)
+    else:
+        if not task.strip():
+            raise _usage_error("give a TASK (or --demo)")
+        backend = _backend_spec(model, scripted, device)
+        spec = RunSpec(backend=backend)
+    if approve and yolo:
+        raise _usage_error("--approve and --yolo contradict each other")
+    if sandbox not in ("docker", "local", "none"):
+        raise _usage_error(f"--sandbox must be docker, local or none, got {sandbox!r}")
+    overrides: dict[str, Any] = {"effort": effort}
+    for key, value in (("max_steps", max_steps), ("max_tokens", max_tokens), ("max_wall_s", max_wall)):
+        if value is not None:
+            overrides[key] = value
+    # Tools run freely in a docker sandbox; on the host (a local sandbox, MCP servers without a sandbox)
+    # each call is confirmed unless --yolo says otherwise.
+    on_host = sandbox == "local" or (sandbox == "none" and bool(mcp or mcp_config or spec.mcp))
+    overrides["approval"] = "confirm" if approve or (on_host and not yolo and not demo) else "auto"
+    try:
+        agent_config = AgentConfig.from_yaml(config, **overrides) if config else spec.config.model_copy(update=overrides)
+        AgentConfig.model_validate(agent_config.model_dump())
+        spec = spec.model_copy(update={"mcp": spec.mcp + list(mcp), "mcp_config": str(mcp_config.absolute()) if mcp_config else None})
+        build_mcp_servers(spec)  # reject a bad flag or file now, with its message
+    except ValueError as e:
+        raise _usage_error(str(e)) from None
+    run_id = new_run_id()
+    if not demo:
+        local_dir = str((workspace or output_dir / run_id / "workspace").absolute()) if sandbox == "local" else None
+        spec.sandbox = SandboxSpec(kind=sandbox, image=image, network=network, workspace=local_dir)
+    spec = spec.model_copy(update={"config": agent_config})
+    if agent_config.approval == "confirm" and not os.isatty(0):
+        raise _usage_error("tool calls need confirmation but stdin is not a terminal: use --sandbox docker or --yolo")
+    _finish(_run_agent(spec, output_dir, lambda agent: agent.run(task, run_id=run_id)))
+
+
+def _backend_spec(model: Path | None, scripted: Path | None, device: str) -> BackendSpec:
+    if model and scripted:
+        raise _usage_error("--model and --scripted are two different backends; pick one")
+    if scripted:
+        try:
+            completions = json.loads(scripted.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise _usage_error(f"cannot read --scripted {scripted}: {e}") from None
+        if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
+            raise _usage_error(f"--scripted {scripted} must hold a JSON list of completion strings")
+        return BackendSpec(kind="scripted", completions=completions)
+    if model:
+        if not model.is_dir():
+            raise _usage_error(f"--model {model} is not a checkpoint directory")
+        return BackendSpec(kind="engine", model=str(model.absolute()), device=device)
+    raise _usage_error("no model: pass --model PATH (a DSV4 checkpoint), --scripted FILE, or --demo")
+
+
+def _run_agent(spec: RunSpec, output_dir: Path, start: Callable[[Any], Awaitable[Any]]) -> Any:
+    try:
+        agent = build_agent(spec, output_dir=output_dir, observer=RichDisplay(console))
+    except (ValueError, ImportError) as e:
+        raise _usage_error(str(e)) from None
+    return anyio.run(_with_interrupts, agent, lambda: start(agent))
+
+
+def _load(run_arg: str, output_dir: Path) -> tuple[Path, list[Any]]:
+    try:
+        run_dir = resolve_run(run_arg, output_dir)
+        return run_dir, read_events(run_dir / TRAJECTORY_FILE)
+    except TrajectoryError as e:
+        raise _usage_error(str(e)) from None
+
+
+def _spec_of(started: RunStarted) -> RunSpec:
+    if not started.spec:
+        raise _usage_error(f"run {started.run_id} was started from Python; continue it with Agent.resume()")
+    return RunSpec.model_validate(started.spec)
+
+
+@app.command()
+def resume(
+    run_arg: str = typer.Argument("last", metavar="RUN", help="run id, run folder, or `last`"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="a new turn budget (counting all steps)"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="a new token budget (counting all tokens)"),
+    max_wall: Optional[float] = typer.Option(None, "--max-wall", help="wall-clock seconds for this session"),
+    output_dir: Path = OUTPUT_DIR,
+) -> None:
+    """Continue an interrupted run (Ctrl-C, a crash, SIGKILL, a spent budget) in place."""
+    run_dir, events = _load(run_arg, output_dir)
+    spec = _spec_of(events[0])
+    updates = {k: v for k, v in (("max_steps", max_steps), ("max_tokens", max_tokens), ("max_wall_s", max_wall)) if v is not None}
+    spec = spec.model_copy(update={"config": spec.config.model_copy(update=updates)})
+    try:
+        _finish(_run_agent(spec, run_dir.parent, lambda agent: agent.resume(run_dir)))
+    except TrajectoryError as e:
+        raise _usage_error(str(e)) from None
+
+
+@app.command()
+def replay(
+    run_arg: str = typer.Argument("last", metavar="RUN", help="run id, run folder, or `last`"),
+    output_dir: Path = OUTPUT_DIR,
+) -> None:
+    """Re-run a recorded run with its exact decoded tokens (scripted backend) and compare what happened."""
+    from agent.replay import compare
+
+    _, events = _load(run_arg, output_dir)
+    spec = _spec_of(events[0])
+    recorded = sorted((e for e in events if e.event == "engine_call"), key=lambda e: e.step)
+    run_id = new_run_id()
+    sandbox = spec.sandbox
+    if sandbox.kind == "local":  # a fresh workspace: the replay must not see the original run's files
+        sandbox = sandbox.model_copy(update={"workspace": str((output_dir / run_id / "workspace").absolute())})
+    backend = BackendSpec(kind="scripted", completions=[e.token_ids for e in recorded])
+    spec = spec.model_copy(update={"backend": backend, "sandbox": sandbox})
+    result = _run_agent(spec, output_dir, lambda agent: agent.run(events[0].task, run_id=run_id))
+    report = compare(events, read_events(result.trajectory_path))
+    report.render(console)
+    raise typer.Exit(0 if report.same else 1)
+
+
+@app.command()
+def inspect(
+    run_arg: str = typer.Argument("last", metavar="RUN", help="run id, run folder, or `last`"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+    output_dir: Path = OUTPUT_DIR,
+) -> None:
+    """Summarise a run: status, per-step tokens (prefill new vs reused), tool calls and results."""
+    from agent.summary import render, summarise
+
+    _, events = _load(run_arg, output_dir)
+    summary = summarise(events)
+    if as_json:
+        console.print_json(summary.model_dump_json())
+    else:
+        render(summary, console)
 
 
 @app.command()
@@ -10,3 +232,14 @@ def version() -> None:
     from importlib.metadata import version as _v
 
     typer.echo(_v("dsv4-agent"))
+
+
+def _mount_sandbox_app() -> None:
+    try:
+        from sandboxes.cli import sandbox_app
+    except ImportError:  # the sandboxes CLI is optional until that package ships it
+        return
+    app.add_typer(sandbox_app, name="sandbox", help="Docker sandboxes: build the image, list, reap.")
+
+
+_mount_sandbox_app()

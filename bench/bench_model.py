@@ -5,7 +5,8 @@ HCA; hash and biased MoE) on one CPU thread, in the same process:
   - prefill: one forward over S tokens from position 0 (no cache kept);
   - decode: a 128-token prompt, then 1-token steps with the cache (ours: ModelCache,
     HF: its DynamicCache with the V4 compressor layers).
-Reports tokens/s (median of `--repeats`) and the ratio ours / HF; checks the logits agree.
+Reports tokens/s (median of `--repeats`, ours and HF timed alternately) and the median per-pair
+speed ratio ours / HF (= HF time / our time); checks the logits agree.
 
     PYTHONPATH=. python bench/bench_model.py [--repeats 5] [--threads 1]
 """
@@ -28,20 +29,23 @@ from test_model_hf_parity import PARITY_CFG, to_hf_state_dict  # noqa: E402  (na
 from dsv4.testing import random_model  # noqa: E402
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn() over `repeats` runs (after one warm-up)."""
-    fn()
-    times = []
+def paired(fn_ours, fn_hf, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of each, and the median of the per-pair ratios hf / ours. The two are
+    timed alternately (after one warm-up each), so load from other processes hits both alike."""
+    fn_ours(), fn_hf()
+    t_ours, t_hf = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, times in ((fn_ours, t_ours), (fn_hf, t_hf)):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    ratio = statistics.median(h / o for o, h in zip(t_ours, t_hf))
+    return statistics.median(t_ours), statistics.median(t_hf), ratio
 
 
 def bench_load_model(repeats: int) -> None:
-    """dsv4.load_model on random release-format checkpoints (tiny, and a ~60 MB one) against the
-    floor of reading every shard into memory with safetensors' load_file."""
+    """dsv4.load_model on random release-format checkpoints (tiny, and a ~70 MB one) against the
+    floor of reading every shard into memory with safetensors' load_file (timed alternately)."""
     import tempfile
 
     from safetensors.torch import load_file
@@ -51,20 +55,23 @@ def bench_load_model(repeats: int) -> None:
 
     mid = ModelConfig.tiny().replace(dim=1024, moe_inter_dim=256, vocab_size=4096, n_layers=8,
                                      compress_ratios=(0, 4, 128, 4, 128, 4, 128, 4, 0))
-    print("\n| checkpoint | MB | load_model (FP8/FP4 kept, bf16) ms | dequantize=True fp32 ms | "
-          "safetensors load_file ms | load_model / load_file |")
+    print("\n| checkpoint | MB | load_model ms (FP8/FP4 kept, bf16) | load_model ms (dequantize, fp32) "
+          "| load_file ms | load_model / load_file |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, cfg in (("tiny", ModelConfig.tiny()), ("mid (dim 1024, 8 layers)", mid)):
         with tempfile.TemporaryDirectory() as tmp:
             path = write_random_checkpoint(tmp, cfg, seed=0)
             shards = sorted(path.glob("model-*.safetensors"))
             mb = sum(f.stat().st_size for f in shards) / 1e6
-            t_load = timed(lambda: load_model(path), repeats)
-            t_deq = timed(lambda: load_model(path, dtype=torch.float32, dequantize=True), repeats)
-            t_raw = timed(lambda: [{k: v.clone() for k, v in load_file(f).items()} for f in shards],
-                          repeats)
+
+            def read_all():
+                return [{k: v.clone() for k, v in load_file(f).items()} for f in shards]
+
+            t_load, t_raw, ratio = paired(lambda: load_model(path), read_all, repeats)
+            t_deq, _, _ = paired(lambda: load_model(path, dtype=torch.float32, dequantize=True),
+                                 read_all, repeats)
             print(f"| {name} | {mb:.1f} | {t_load * 1e3:.0f} | {t_deq * 1e3:.0f} | "
-                  f"{t_raw * 1e3:.0f} | {t_load / t_raw:.1f} |")
+                  f"{t_raw * 1e3:.0f} | {1 / ratio:.1f} |")
 
 
 def main() -> None:
@@ -90,10 +97,9 @@ def main() -> None:
     with torch.no_grad():
         for seq in (128, 512, 1024):
             ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=gen)
-            t_ours = timed(lambda: ours(ids), args.repeats)
-            t_hf = timed(lambda: hf(ids), args.repeats)
+            t_ours, t_hf, ratio = paired(lambda: ours(ids), lambda: hf(ids), args.repeats)
             diff = (ours(ids) - hf(ids).logits).abs().max().item()
-            print(f"| prefill | {seq} | {seq / t_ours:,.0f} | {seq / t_hf:,.0f} | {t_hf / t_ours:.2f} | {diff:.1e} |")
+            print(f"| prefill | {seq} | {seq / t_ours:,.0f} | {seq / t_hf:,.0f} | {ratio:.2f} | {diff:.1e} |")
 
         steps = args.decode_steps
         ids = torch.randint(0, cfg.vocab_size, (1, 128 + steps), generator=gen)
@@ -114,13 +120,13 @@ def main() -> None:
                 logits.append(out.logits)
             return time.perf_counter() - t, torch.cat(logits, 1)
 
-        runs_ours = [decode_ours() for _ in range(args.repeats)]
-        runs_hf = [decode_hf() for _ in range(args.repeats)]
-        t_ours = statistics.median(r[0] for r in runs_ours)
-        t_hf = statistics.median(r[0] for r in runs_hf)
-        diff = (runs_ours[0][1] - runs_hf[0][1]).abs().max().item()
+        runs = [(decode_ours(), decode_hf()) for _ in range(args.repeats)]
+        t_ours = statistics.median(o[0] for o, _ in runs)
+        t_hf = statistics.median(h[0] for _, h in runs)
+        ratio = statistics.median(h[0] / o[0] for o, h in runs)
+        diff = (runs[0][0][1] - runs[0][1][1]).abs().max().item()
         print(f"| decode after a 128-token prompt | {steps} | {steps / t_ours:,.1f} | "
-              f"{steps / t_hf:,.1f} | {t_hf / t_ours:.2f} | {diff:.1e} |")
+              f"{steps / t_hf:,.1f} | {ratio:.2f} | {diff:.1e} |")
     bench_load_model(args.repeats)
 
 

@@ -108,42 +108,43 @@ class Attention(nn.Module):
         self._write_ring(cache, kv, start)
 
         n_extra = picks.shape[1] if picks is not None else (entries.shape[0] if self.ratio else 0)
-        # per block: logits [T, H, <= T + W + n_extra], CSA gathered entries [T, k, d]
+        # per block: logits [T, H, <= T + W + n_extra], compressed keys [T, n_extra, d]
         block = min(256, max(1, LOGIT_BUDGET // ((self.n_heads + self.head_dim) * (256 + W + n_extra))))
         out = []
         for t0 in range(0, S, block):
             t1 = min(S, t0 + block)
             qb = q[t0:t1].float()                                              # [T,H,d]
-            # sliding window: key index k (in `keys`) is visible to query t iff
-            # n_prev + t - W < k <= n_prev + t
+            # sliding window: key k of `keys` is visible to query t iff n_prev+t-W < k <= n_prev+t
             lo, hi = max(0, n_prev + t0 - W + 1), n_prev + t1
-            win = keys[lo:hi].float()                                          # [K,d]
+            win = keys[lo:hi].float()                                          # [Kw,d]
             k_idx = torch.arange(lo, hi, device=q.device)
             q_idx = n_prev + torch.arange(t0, t1, device=q.device)[:, None]
-            win_ok = (k_idx <= q_idx) & (k_idx > q_idx - W)                    # [T,K]
-            logits = [torch.einsum("thd,kd->thk", qb, win).masked_fill(~win_ok[:, None], float("-inf"))]
-            values = [win]
-            if picks is not None:                                               # CSA: top-k entries
-                sel = picks[t0:t1]                                              # [T,k]
-                comp = entries[sel.clamp(min=0)].float()                        # [T,k,d]
-                logits.append(torch.einsum("thd,tkd->thk", qb, comp)
-                              .masked_fill((sel < 0)[:, None], float("-inf")))
-                values.append(comp)
-            elif self.ratio:                                                    # HCA: all visible
-                visible = (start + torch.arange(t0 + 1, t1 + 1, device=q.device)) // self.ratio
-                comp = entries[: int(visible[-1])]                              # [N,d]
-                ok = torch.arange(comp.shape[0], device=q.device) < visible[:, None]
-                logits.append(torch.einsum("thd,nd->thn", qb, comp).masked_fill(~ok[:, None], float("-inf")))
-                values.append(comp)
+            win_ok = (k_idx <= q_idx) & (k_idx > q_idx - W)                    # [T,Kw]
+            comp, comp_ok = self._compressed_keys(entries, picks, start, t0, t1, q.device)
+            logits = torch.cat((
+                torch.einsum("thd,kd->thk", qb, win).masked_fill(~win_ok[:, None], float("-inf")),
+                torch.einsum("thd,tkd->thk", qb, comp).masked_fill(~comp_ok[:, None], float("-inf")),
+            ), dim=-1) * self.scale
             sink = self.attn_sink.float().view(1, -1, 1).expand(t1 - t0, -1, 1)
-            probs = torch.cat([lg * self.scale for lg in logits] + [sink], dim=-1).softmax(-1)
-            o = torch.einsum("thk,kd->thd", probs[..., : win.shape[0]], win)
-            if picks is not None:
-                o = o + torch.einsum("thk,tkd->thd", probs[..., win.shape[0]:-1], values[1])
-            elif self.ratio:
-                o = o + torch.einsum("thn,nd->thd", probs[..., win.shape[0]:-1], values[1])
-            out.append(o)
+            probs = torch.cat((logits, sink), dim=-1).softmax(-1)              # one joint softmax
+            p_win, p_comp = probs[..., : win.shape[0]], probs[..., win.shape[0]:-1]
+            out.append(torch.einsum("thk,kd->thd", p_win, win) + torch.einsum("thk,tkd->thd", p_comp, comp))
         return torch.cat(out)
+
+    def _compressed_keys(self, entries: torch.Tensor | None, picks: torch.Tensor | None, start: int,
+                         t0: int, t1: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compressed K=V a block of queries t0..t1-1 may attend to, per query: keys [T,K,d] fp32
+        and validity [T,K]. CSA: the indexer's picks; HCA: entries j < (pos + 1) // m; sliding: none."""
+        T = t1 - t0
+        if picks is not None:
+            sel = picks[t0:t1]                                                  # [T,k], -1 = none
+            return entries[sel.clamp(min=0)].float(), sel >= 0
+        if not self.ratio:
+            return torch.zeros(T, 0, self.head_dim, device=device), torch.zeros(T, 0, dtype=torch.bool, device=device)
+        visible = (start + torch.arange(t0 + 1, t1 + 1, device=device)) // self.ratio      # [T]
+        comp = entries[: int(visible[-1])]                                      # [N,d]
+        ok = torch.arange(comp.shape[0], device=device) < visible[:, None]
+        return comp.expand(T, -1, -1), ok
 
     def _write_ring(self, cache: LayerCache, kv: torch.Tensor, start: int) -> None:
         """Store the last min(S, W) tokens of kv [S,d] at ring slots pos % W."""

@@ -1,0 +1,133 @@
+"""A run's steps as the trajectory recorded them, and the messages each step appends to the session.
+
+The live loop and `resume` build the appended messages with the same functions from the same records,
+so a resumed session holds exactly the tokens the interrupted one held.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.status import ExitStatus
+from agent.tooling import ToolOutcome
+from agent.trajectory import EngineCall, ExitEvent, Notice, RunResumed, RunStarted, ToolResultEvent, TrajectoryError, Usage
+
+RESUMABLE_NOTICE_KINDS = ("tools_changed",)  # notices that are not derived from the turn itself
+
+
+@dataclass
+class StepRecord:
+    call: EngineCall
+    results: dict[str, ToolResultEvent] = field(default_factory=dict)
+    encoder_call_ids: list[str] = field(default_factory=list)  # the ids AppendOnlyEncoder gave the calls
+
+    @classmethod
+    def live(cls, call: EngineCall, outcomes: list[ToolOutcome]) -> StepRecord:
+        results = {
+            o.call_id: ToolResultEvent(step=call.step, call_id=o.call_id, name=o.name, content=o.content, is_error=o.is_error, error_kind=o.error_kind, wall_s=o.wall_s)
+            for o in outcomes
+        }
+        return cls(call, results)
+
+    @property
+    def step(self) -> int:
+        return self.call.step
+
+    @property
+    def complete(self) -> bool:
+        """Every call of the turn has its result."""
+        return all(c.call_id in self.results for c in self.call.calls)
+
+    @property
+    def final_answer(self) -> str | None:
+        """The answer, when this turn ended the run: no call, a stop at EOS, some content."""
+        if not self.call.calls and self.call.stop_reason == "eos" and self.call.content.strip():
+            return self.call.content.strip()
+        return None
+
+    def record_into(self, encoder: Any) -> None:
+        """Add this turn's generated ids to the encoder's conversation (no EOS is added: after a cut-off
+        turn, `AppendOnlyEncoder.append` puts it in front of the next ids itself)."""
+        message = encoder.record_completion(self.call.token_ids)
+        self.encoder_call_ids = [call["id"] for call in message["tool_calls"]]
+        if len(self.encoder_call_ids) != len(self.call.calls):
+            raise RuntimeError(
+                f"step {self.step}: the encoder parsed {len(self.encoder_call_ids)} tool calls, the stream parser {len(self.call.calls)}"
+            )
+
+    def followup_ids(self, encoder: Any, extra_notices: list[str]) -> list[int]:
+        """The ids appended after this turn: tool results in call order, then notices as one user turn."""
+        messages: list[dict[str, Any]] = [
+            {"role": "tool", "tool_call_id": encoder_id, "content": self.results[c.call_id].content}
+            for encoder_id, c in zip(self.encoder_call_ids, self.call.calls)
+        ]
+        notices = [text for _, text in turn_notices(self.call)] + extra_notices
+        if notices:
+            messages.append({"role": "user", "content": "\n\n".join(notices)})
+        return encoder.append(messages)
+
+
+def turn_notices(call: EngineCall) -> list[tuple[str, str]]:
+    """What the model is told about a turn that went wrong without a tool result to carry it."""
+    if call.stop_reason == "max_tokens":
+        return [(
+            "truncated",
+            f"Your last turn was cut off after {len(call.token_ids)} tokens, the per-turn limit"
+            + (f", inside the call of {call.incomplete_call!r}, which did not run" if call.incomplete_call else "")
+            + ". Think more briefly, then write the tool call or the final answer.",
+        )]  # fmt: skip
+    if call.incomplete_call:
+        return [("format_error", f"Your call of {call.incomplete_call!r} was not closed before the end of your turn, so it did not run. Write it again, complete.")]
+    if not call.calls and not call.content.strip():
+        return [("empty_turn", "Your last turn had neither a tool call nor an answer. Call a tool, or write the final answer.")]
+    return []
+
+
+@dataclass
+class History:
+    started: RunStarted
+    steps: list[StepRecord]
+    notices: list[Notice]
+    exit: ExitEvent | None  # the last exit event, if the previous process got to write one
+    reprefilled: int = 0  # history tokens prefilled by earlier resumes
+
+    @classmethod
+    def from_events(cls, events: list[Any]) -> History:
+        started = events[0]
+        steps: dict[int, StepRecord] = {}
+        results: list[ToolResultEvent] = []
+        notices: list[Notice] = []
+        exit_event = None
+        reprefilled = 0
+        for event in events[1:]:
+            if isinstance(event, EngineCall):
+                steps[event.step] = StepRecord(event)
+            elif isinstance(event, ToolResultEvent):
+                results.append(event)
+            elif isinstance(event, Notice) and event.kind in RESUMABLE_NOTICE_KINDS:
+                notices.append(event)
+            elif isinstance(event, RunResumed):
+                reprefilled += event.reprefill_tokens
+            elif isinstance(event, ExitEvent):
+                exit_event = event
+        for result in results:
+            if result.step in steps:  # results of a step whose engine call was never recorded are dropped
+                steps[result.step].results[result.call_id] = result
+        return cls(started, [steps[s] for s in sorted(steps)], notices, exit_event, reprefilled)
+
+    def check_resumable(self) -> None:
+        run_id, exit_event = self.started.run_id, self.exit
+        if exit_event is not None and exit_event.status == ExitStatus.completed.value:
+            raise TrajectoryError(f"run {run_id} already completed; nothing to resume")
+        if self.started.prompt_tokens == 0:
+            reason = f" ({exit_event.message})" if exit_event else ""
+            raise TrajectoryError(f"run {run_id} failed before its first prompt{reason}; start it again with `run`")
+
+    def extra_notices(self, step: int) -> list[str]:
+        return [n.text for n in self.notices if n.step == step]
+
+    def usage(self) -> Usage:
+        total = Usage(prefill_new=self.reprefilled)
+        for record in self.steps:
+            total.add(record.call.usage)
+        return total

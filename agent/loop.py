@@ -1,0 +1,455 @@
+"""The agent loop: one resident token session, append-only turns, every event on disk as it happens.
+
+    agent = Agent(backend=ScriptedBackend([...]), tools=builtin_tools(), sandbox=LocalSandbox(dir))
+    result = await agent.run("write hello.py and run it")   # RunResult(status, final_answer, trajectory_path)
+
+A run, step by step:
+  1. render system prompt + tool schemas (sorted by name, rendered once) + task; prefill them;
+  2. decode in Think Max; the stream parser hands out tool calls as they close (parallel-safe ones start);
+  3. run the remaining calls; every failure becomes a tool result;
+  4. encode only the new messages (tool results, notices) with `AppendOnlyEncoder.append`, prefill just
+     those ids into the same session, and go to 2 — until the model answers without a call or a stop
+     rule fires (budgets, format errors, stuck, Ctrl-C).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import anyio
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+from agent.backends.base import Backend
+from agent.config import AgentConfig
+from agent.display import Observer
+from agent.guards import Budget, FormatErrors, StuckDetector
+from agent.history import History, StepRecord, turn_notices
+from agent.status import ExitStatus, RunStopped
+from agent.stream import DecodedTurn, decode_turn
+from agent.tooling import ToolOutcome, ToolRunner, TurnCalls
+from agent.trajectory import (
+    TRAJECTORY_FILE,
+    EngineCall,
+    ExitEvent,
+    Notice,
+    ParsedCall,
+    RunResumed,
+    RunStarted,
+    SandboxEvent,
+    ToolCall,
+    ToolResultEvent,
+    TrajectoryWriter,
+    Usage,
+    new_run_id,
+    read_events,
+    resolve_run,
+)
+
+CLEANUP_TIMEOUT_S = 30.0  # sandboxes and MCP servers get this long to close, even after Ctrl-C
+
+
+@dataclass
+class RunResult:
+    status: ExitStatus
+    final_answer: str | None
+    trajectory_path: Path
+    run_id: str
+    steps: int
+    usage: Usage
+    wall_s: float
+    message: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return self.status.exit_code
+
+
+class Agent:
+    """A DSV4 agent: a backend (token session), tools, an optional sandbox and MCP servers.
+
+    The agent enters the sandbox and the MCP servers itself (they must not be open already) and
+    always closes them, on success, error, budget stop and Ctrl-C alike.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        tools: Sequence[Any] | None = None,
+        sandbox: Any | None = None,
+        mcp_servers: Sequence[Any] = (),
+        effort: str | None = None,
+        max_steps: int | None = None,
+        *,
+        config: AgentConfig | None = None,
+        output_dir: str | Path = "runs",
+        observer: Observer | None = None,
+        tokenizer: Any | None = None,
+        spec: dict[str, Any] | None = None,
+    ) -> None:
+        overrides = {k: v for k, v in {"effort": effort, "max_steps": max_steps}.items() if v is not None}
+        self.config = (config or AgentConfig()).model_copy(update=overrides)
+        AgentConfig.model_validate(self.config.model_dump())  # reject a bad effort or step count here, not mid-run
+        self.backend = backend
+        self.sandbox = sandbox
+        self.mcp_servers = list(mcp_servers)
+        self.tools = list(tools) if tools is not None else None
+        self.output_dir = Path(output_dir)
+        self.observer = observer or Observer()
+        self.spec = spec or {}
+        self._tokenizer = tokenizer
+        self._scope: anyio.CancelScope | None = None
+        self._cancelled = False
+
+    # --- public entry points ---------------------------------------------------------------------------
+    async def run(self, task: str, *, run_id: str | None = None) -> RunResult:
+        """Run `task` to an exit status; the trajectory goes to `<output_dir>/<run_id>/trajectory.jsonl`."""
+        if not task.strip():
+            raise ValueError("the task is empty")
+        run_id = run_id or new_run_id()
+        return await self._execute(self.output_dir / run_id, run_id, task, history=None)
+
+    async def resume(self, run: str | Path) -> RunResult:
+        """Continue an interrupted run (Ctrl-C, SIGKILL, a spent budget) from its trajectory, in place."""
+        run_dir = resolve_run(str(run), self.output_dir)
+        history = History.from_events(read_events(run_dir / TRAJECTORY_FILE))
+        history.check_resumable()
+        return await self._execute(run_dir, history.started.run_id, history.started.task, history=history)
+
+    def cancel(self) -> None:
+        """Stop the current run at once (decoding included); resources are still closed. Status: interrupted."""
+        self._cancelled = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # --- one run ---------------------------------------------------------------------------------------
+    async def _execute(self, run_dir: Path, run_id: str, task: str, history: History | None) -> RunResult:
+        from encoding import AppendOnlyEncoder
+
+        writer = TrajectoryWriter(run_dir / TRAJECTORY_FILE)
+        started = time.monotonic()
+        self._cancelled = False
+        state = _State(usage=history.usage() if history else Usage(), run_started_written=history is not None)
+        status, message = ExitStatus.error, ""
+        budget = Budget(self.config, started)
+        try:
+            with anyio.CancelScope() as self._scope:
+                async with AsyncExitStack() as resources:
+                    tokenizer = self._tokenizer_or_default()
+                    thinking = self.config.effort != "none"
+                    encoder = AppendOnlyEncoder(
+                        tokenizer,
+                        thinking_mode="thinking" if thinking else "chat",
+                        reasoning_effort="max" if self.config.effort == "max" else None,
+                    )
+                    tools = await self._open(resources, writer)
+                    runner = self._runner(tools, run_id)
+                    with anyio.CancelScope(deadline=budget.deadline or float("inf")) as wall:
+                        state.pending = await self._begin(writer, run_id, task, encoder, runner, tools, history, state)
+                        if state.pending is not None:
+                            state.final_answer = await self._steps(writer, tokenizer, encoder, runner, budget, thinking, state)
+                        status = ExitStatus.completed
+                    if wall.cancelled_caught:
+                        status, message = ExitStatus.timeout, f"wall-clock budget spent ({self.config.max_wall_s:g} s)"
+        except Exception as e:  # noqa: BLE001 - recorded in the trajectory and returned as status error
+            leaf = _single_leaf(e)  # a stop raised inside a turn's task group arrives wrapped in a group
+            if isinstance(leaf, RunStopped):
+                status, message = leaf.status, leaf.message
+            else:
+                status, message = ExitStatus.error, f"{type(leaf).__name__}: {leaf}"
+        except BaseException:  # KeyboardInterrupt, or the caller cancelled us: record it, then let it go on
+            self._finish(writer, state, run_id, task, ExitStatus.interrupted, "interrupted from outside", started)
+            raise
+        finally:
+            self._scope = None
+        if self._cancelled:
+            status, message = ExitStatus.interrupted, "interrupted (Ctrl-C); continue with `dsv4-agent resume`"
+        return self._finish(writer, state, run_id, task, status, message, started)
+
+    def _finish(self, writer, state, run_id, task, status: ExitStatus, message: str, started: float) -> RunResult:
+        if not state.run_started_written:  # failed before the prompt: keep "the log starts with run_started"
+            writer.write(RunStarted(run_id=run_id, task=task, spec=self.spec, backend=self.backend.label, tools=[], system_prompt="", prompt_tokens=0))
+        wall_s = time.monotonic() - started
+        writer.write(
+            ExitEvent(
+                status=status.value,
+                exit_code=status.exit_code,
+                message=message,
+                final_answer=state.final_answer,
+                steps=state.steps_done,
+                usage=state.usage,
+                wall_s=wall_s,
+            )
+        )
+        writer.close()
+        result = RunResult(status, state.final_answer, writer.path, run_id, state.steps_done, state.usage, wall_s, message)
+        self.observer.run_finished(result)
+        return result
+
+    async def _open(self, resources: AsyncExitStack, writer: TrajectoryWriter) -> dict[str, Any]:
+        """Start the backend, the sandbox and the MCP servers (closed by `resources`, shielded); return the tools."""
+        await self.backend.start(self._tokenizer_or_default())
+        resources.push_async_callback(_shielded, self.backend.close)
+        if self.sandbox is not None:
+            await _enter(resources, self.sandbox)
+            detail = f"{type(self.sandbox).__name__} started"
+            writer.write(SandboxEvent(kind="started", detail=detail))
+            self.observer.sandbox("started", detail)
+            resources.callback(lambda: writer.write(SandboxEvent(kind="stopped", detail=f"{type(self.sandbox).__name__} closed")))
+        tools = list(self.tools) if self.tools is not None else _default_tools(self.sandbox)
+        for server in self.mcp_servers:
+            await _enter(resources, server)  # connects and lists the server's tools once
+            tools.extend(server.as_tools())
+        table: dict[str, Any] = {}
+        for tool in tools:
+            if tool.name in table:
+                raise RunStopped(ExitStatus.usage, f"two tools are named {tool.name!r}; tool names must be unique")
+            table[tool.name] = tool
+        return dict(sorted(table.items()))  # deterministic order: the prompt prefix never depends on discovery order
+
+    def _tokenizer_or_default(self):
+        from encoding import Tokenizer
+
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.default()
+        return self._tokenizer
+
+    def _runner(self, tools: dict[str, Any], run_id: str) -> ToolRunner:
+        from tools import ToolContext
+
+        approver = self.observer.confirm if self.config.approval == "confirm" else None
+        return ToolRunner(
+            tools,
+            lambda call: ToolContext(sandbox=self.sandbox, run_id=run_id, step=call.step, call_id=call.call_id),
+            default_timeout_s=self.config.tool_timeout_s,
+            approver=approver,
+            max_parallel=self.config.max_parallel_tools,
+        )
+
+    async def _begin(self, writer, run_id, task, encoder, runner, tools, history, state) -> list[int] | None:
+        """Render the prompt (fresh run) or rebuild the session from the trajectory (resume); return ids to prefill."""
+        schemas = [tool.openai_schema() for tool in tools.values()]
+        if history is None:
+            system = self.config.system_prompt
+            ids = encoder.prompt(_prompt_messages(system, schemas, task))
+            writer.write(
+                RunStarted(
+                    run_id=run_id,
+                    task=task,
+                    spec=self.spec,
+                    backend=self.backend.label,
+                    tools=schemas,
+                    system_prompt=system,
+                    prompt_tokens=len(ids),
+                )
+            )
+            state.run_started_written = True
+            self.observer.run_started(run_id, self.backend.label, task, list(tools), None)
+            state.step = 1
+            return ids
+        return await self._rebuild(writer, run_id, task, encoder, runner, tools, schemas, history, state)
+
+    async def _rebuild(self, writer, run_id, task, encoder, runner, tools, schemas, history, state) -> list[int] | None:
+        """Replay the recorded turns through the encoder, restore the backend, finish the interrupted step.
+
+        Returns the ids to prefill next, or None when the last recorded turn already answered the task.
+        """
+        started, records = history.started, history.steps
+        # The prefix is rendered with the *recorded* schemas, so the history's tokens are exactly as before.
+        prompt = encoder.prompt(_prompt_messages(started.system_prompt, started.tools, task))
+        if len(prompt) != started.prompt_tokens:
+            raise RunStopped(ExitStatus.error, f"the re-rendered prompt has {len(prompt)} tokens, the trajectory {started.prompt_tokens}")
+        self.observer.run_started(run_id, self.backend.label, task, list(tools), len(records) + 1)
+        state.step = len(records) + 1
+        state.steps_done = len(records)
+        if not records:
+            await self.backend.restore([], turns_done=0)
+            writer.write(RunResumed(from_step=1, reprefill_tokens=0))
+            return prompt
+        session = list(prompt)  # every id the interrupted session held
+        for record in records:
+            record.record_into(encoder)
+            session += record.call.token_ids
+            if record is not records[-1]:
+                session += record.followup_ids(encoder, history.extra_notices(record.step))
+        last = records[-1]
+        if last.final_answer is not None:
+            state.final_answer = last.final_answer
+            return None
+        await self.backend.restore(session, turns_done=len(records))
+        state.usage.prefill_new += len(session)
+        writer.write(RunResumed(from_step=state.step, reprefill_tokens=len(session)))
+        for call in last.call.calls:  # the process died while these ran: run the ones without a result
+            if call.call_id not in last.results:
+                outcome = await runner.run(call)
+                self._record_outcome(writer, last.step, outcome)
+                last.results[call.call_id] = _result_event(last.step, outcome)
+        notices = history.extra_notices(last.step)
+        if [s["function"] for s in schemas] != [s["function"] for s in started.tools]:
+            text = _tools_changed_text(started.tools, schemas)
+            writer.write(Notice(step=last.step, kind="tools_changed", text=text))
+            self.observer.notice("tools_changed", text)
+            notices.append(text)
+        return last.followup_ids(encoder, notices)
+
+    async def _steps(self, writer, tokenizer, encoder, runner, budget, thinking, state) -> str:
+        """Steps 2-4 of the module docstring, until the model answers or a stop rule fires."""
+        from encoding import StreamParser
+
+        format_errors = FormatErrors(self.config.max_format_errors)
+        stuck = StuckDetector(self.config.stuck_repeats)
+        while True:
+            budget.before_step(state.step, state.usage)
+            self.observer.turn_started(state.step, self.config.max_steps)
+            t0 = time.monotonic()
+            reused = await self.backend.prefill(state.pending)
+            prefill_s = time.monotonic() - t0
+            state.usage.prefill_new += len(state.pending)
+            state.usage.prefill_reused += reused
+            self.observer.prefilled(state.step, len(state.pending), reused, prefill_s)
+            budget.check_tokens(state.usage)
+            cap = budget.decode_cap(state.usage)
+            step = state.step
+            parser = StreamParser("thinking" if thinking else "chat", strict=False, tool_names=sorted(runner.tools))
+            async with anyio.create_task_group() as group:
+                calls = TurnCalls(
+                    runner,
+                    group,
+                    on_start=lambda call: self._record_call(writer, step, runner, call),
+                    on_done=lambda outcome: self._record_outcome(writer, step, outcome),
+                    overlap=self.config.approval == "auto",
+                )
+                turn = await decode_turn(
+                    self.backend, tokenizer, parser, step=step, max_tokens=cap, thinking=thinking,
+                    observer=self.observer, running_total=state.usage, on_call=calls.submit,
+                )  # fmt: skip
+                state.usage.engine_calls += 1
+                turn.usage.prefill_new, turn.usage.prefill_reused = len(state.pending), reused
+                writer.write(_engine_call_event(step, turn, prefill_s))
+                self.observer.turn_finished(step, turn.usage, state.usage, prefill_s, turn.decode_s)
+                state.steps_done = step
+                if turn.stop_reason == "max_tokens" and cap < self.config.max_turn_tokens:
+                    group.cancel_scope.cancel()
+                    budget.check_tokens(state.usage)
+                    raise RunStopped(ExitStatus.max_tokens, f"token budget spent ({state.usage.processed} tokens computed)")
+                outcomes = await calls.finish()
+            record = StepRecord.live(_engine_call_event(step, turn, prefill_s), outcomes)
+            record.record_into(encoder)
+            if not turn.calls and turn.stop_reason == "eos" and turn.content.strip():
+                return turn.content.strip()
+            notices = turn_notices(record.call)
+            for kind, text in notices:
+                writer.write(Notice(step=step, kind=kind, text=text))
+                self.observer.notice(kind, text)
+            format_errors.record(bool(notices) or any(c.error for c in turn.calls))
+            if turn.calls:
+                stuck.record(turn.calls)
+            state.pending = record.followup_ids(encoder, [])
+            state.step += 1
+
+    def _record_call(self, writer: TrajectoryWriter, step: int, runner: ToolRunner, call: ParsedCall) -> None:
+        if call.error is None:
+            writer.write(
+                ToolCall(step=step, call_id=call.call_id, name=call.name, arguments=call.arguments or {}, parallel_safe=runner.parallel_safe(call))
+            )
+
+    def _record_outcome(self, writer: TrajectoryWriter, step: int, outcome: ToolOutcome) -> None:
+        writer.write(_result_event(step, outcome))
+        self.observer.tool_result(outcome)
+
+
+@dataclass
+class _State:
+    usage: Usage
+    step: int = 1  # the step about to run
+    steps_done: int = 0
+    pending: list[int] | None = None  # ids to prefill before the next decode
+    final_answer: str | None = None
+    run_started_written: bool = False
+
+
+def _prompt_messages(system: str, schemas: list[dict], task: str) -> list[dict]:
+    return [{"role": "system", "content": system, "tools": schemas}, {"role": "user", "content": task}]
+
+
+def _engine_call_event(step: int, turn: DecodedTurn, prefill_s: float) -> EngineCall:
+    return EngineCall(
+        step=step,
+        usage=turn.usage,
+        stop_reason=turn.stop_reason,
+        prefill_s=prefill_s,
+        decode_s=turn.decode_s,
+        text=turn.text,
+        token_ids=turn.ids,
+        calls=turn.calls,
+        reasoning=turn.reasoning,
+        content=turn.content,
+        incomplete_call=turn.incomplete_call,
+        parse_warnings=turn.parse_warnings,
+    )
+
+
+def _result_event(step: int, outcome: ToolOutcome) -> ToolResultEvent:
+    return ToolResultEvent(
+        step=step,
+        call_id=outcome.call_id,
+        name=outcome.name,
+        content=outcome.content,
+        is_error=outcome.is_error,
+        error_kind=outcome.error_kind,
+        wall_s=outcome.wall_s,
+    )
+
+
+def _tools_changed_text(before: list[dict], after: list[dict]) -> str:
+    old = {s["function"]["name"]: s for s in before}
+    new = {s["function"]["name"]: s for s in after}
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    changed = sorted(n for n in set(old) & set(new) if old[n] != new[n])
+    lines = ["The tool list changed since the system prompt was written."]
+    if removed:
+        lines.append(f"Removed (calls will fail): {', '.join(removed)}.")
+    for name in added + changed:
+        lines.append(f"{'Added' if name in added else 'Changed'}: {new[name]['function']}")
+    return "\n".join(lines)
+
+
+def _default_tools(sandbox: Any | None) -> list[Any]:
+    if sandbox is None:
+        return []
+    from tools import builtin_tools
+
+    return list(builtin_tools())
+
+
+def _single_leaf(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) exception groups, or the group itself when it holds several."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _enter(resources: AsyncExitStack, manager: Any) -> Any:
+    """Enter an async context manager now; exit it later, shielded from cancellation and time-limited."""
+    value = await manager.__aenter__()
+
+    async def close(*exc_info) -> bool:
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + CLEANUP_TIMEOUT_S
+            await manager.__aexit__(*exc_info)
+        return False
+
+    resources.push_async_exit(close)
+    return value
+
+
+async def _shielded(close) -> None:
+    with anyio.CancelScope(shield=True) as scope:
+        scope.deadline = anyio.current_time() + CLEANUP_TIMEOUT_S
+        await close()

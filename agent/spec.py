@@ -1,0 +1,102 @@
+"""What the CLI needs to rebuild an agent: saved in `run_started`, so `resume` and `replay` need only the run.
+
+    spec = RunSpec(backend=BackendSpec(kind="engine", model="/ckpt"), sandbox=SandboxSpec(kind="docker"))
+    agent = build_agent(spec, output_dir)      # the same agent, in this process or a later one
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.config import AgentConfig
+
+
+class BackendSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["engine", "scripted", "demo"] = Field(description="engine: a checkpoint; scripted: pre-written turns; demo: see agent.demo")
+    model: str | None = Field(None, description="checkpoint directory (engine)")
+    device: str = Field("cpu", description="engine device")
+    completions: list[str | list[int]] = Field(default_factory=list, description="scripted turns: texts or exact token ids")
+    token_delay_s: float = Field(0.0, description="scripted pacing, for demos")
+    seed: int | None = Field(None, description="sampling seed (engine)")
+
+
+class SandboxSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["docker", "local", "none"] = "docker"
+    image: str | None = Field(None, description="docker image; the sandboxes default when None")
+    workspace: str | None = Field(None, description="local: the host folder commands run in")
+    network: bool = Field(False, description="docker: allow network access")
+
+
+class RunSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backend: BackendSpec
+    sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
+    mcp: list[str] = Field(default_factory=list, description="--mcp flags, NAME=COMMAND ARGS or NAME=URL")
+    mcp_config: str | None = Field(None, description="an mcpServers JSON/YAML file; read again on resume")
+    config: AgentConfig = Field(default_factory=AgentConfig)
+
+
+def build_backend(spec: BackendSpec) -> Any:
+    if spec.kind == "scripted":
+        from agent.backends.scripted import ScriptedBackend
+
+        return ScriptedBackend(spec.completions, token_delay_s=spec.token_delay_s)
+    if spec.kind == "demo":
+        from agent.demo import demo_backend
+
+        return demo_backend(spec)
+    from agent.backends.engine import EngineBackend
+
+    if spec.model is None:
+        raise ValueError("an engine backend needs a checkpoint: pass --model PATH")
+    return EngineBackend.from_checkpoint(spec.model, device=spec.device, seed=spec.seed)
+
+
+def build_sandbox(spec: SandboxSpec) -> Any:
+    if spec.kind == "none":
+        return None
+    if spec.kind == "local":
+        from sandboxes import LocalSandbox
+
+        if spec.workspace is None:
+            raise ValueError("a local sandbox needs a workspace folder")
+        return LocalSandbox(spec.workspace)
+    from sandboxes import DockerSandbox
+
+    kwargs: dict[str, Any] = {"network": spec.network}
+    if spec.image is not None:
+        kwargs["image"] = spec.image
+    return DockerSandbox(**kwargs)
+
+
+def build_mcp_servers(spec: RunSpec) -> list[Any]:
+    """The spec's MCP servers, not connected. Flags and files are parsed again each time, so secrets
+    written as ${VAR} come from the environment and never reach the trajectory."""
+    from tools.mcp import load_mcp_config, parse_mcp_flag
+
+    servers = [parse_mcp_flag(flag) for flag in spec.mcp]
+    if spec.mcp_config is not None:
+        servers += load_mcp_config(spec.mcp_config)
+    return servers
+
+
+def build_agent(spec: RunSpec, *, output_dir: Path, observer: Any = None) -> Any:
+    """The agent a spec describes, ready for `run` or `resume`."""
+    from agent.loop import Agent
+
+    return Agent(
+        build_backend(spec.backend),
+        sandbox=build_sandbox(spec.sandbox),
+        mcp_servers=build_mcp_servers(spec),
+        config=spec.config,
+        output_dir=output_dir,
+        observer=observer,
+        spec=spec.model_dump(mode="json"),
+    )

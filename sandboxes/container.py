@@ -1,0 +1,405 @@
+"""`DockerSandbox`: a hardened container with a persistent shell, files moved over exec streams.
+
+Hardened by default: no network, memory (no swap), CPU and pids limits, every capability dropped,
+no-new-privileges, commands as uid 1000, an init process (docker-init) that reaps zombies, a read-only root
+filesystem with tmpfs /tmp, and only the workspace mounted. The workspace is a size-limited tmpfs unless a
+host folder is given; a file-size ulimit bounds any single file either way (a host folder has no total
+quota: Docker's `storage_opt` needs xfs project quotas, which ordinary hosts lack).
+
+Leaks: PID 1's child is a deadline process (root without capabilities, so commands can neither signal it
+nor stop it). It ends the container - which is auto-removed - at the hard expiry (`ttl`) and a few seconds
+after the last session shell exits; a shell exits when its owner closes it or dies (the daemon closes the
+exec's stdin). A paused pool container cannot run that check, so every container also carries owner labels
+that the reaper (owner.py) checks at the next start.
+
+Every docker-py call blocks, so each runs in a worker thread; the event loop never waits on Docker.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import select
+import socket
+import stat
+import time
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+import docker
+import docker.errors
+import docker.types
+
+from sandboxes.base import CommandResult
+from sandboxes.driver import ShellDriver
+from sandboxes.image import DEFAULT_IMAGE, SANDBOX_UID, require_image
+from sandboxes.output import DEFAULT_OUTPUT_CAP
+from sandboxes.owner import owner_labels, reap, remove_container
+from sandboxes.paths import WorkspaceEscapeError, container_path_in_workspace
+from sandboxes.shell import SHELL_ARGV, ShellSession
+
+WORKSPACE = "/workspace"
+SHELL_STATE = "/tmp/.dsv4-shell"
+LIVE_DIR = "/tmp/.dsv4-live"  # a file per session shell holding its pid, watched by the deadline process
+DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_TTL_S = 4 * 3600.0
+_EXEC_ENV = {"HOME": "/tmp", "LANG": "C.UTF-8", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+
+# PID 1's child, as root without capabilities; only bash builtins in the loop, so a fork bomb cannot stall it.
+# Ends the container at the hard expiry ($1), when session shells existed and none is alive for 3 s, or when
+# no shell ever started within 120 s.
+_DEADLINE = r"""
+end=$1
+printf -v born '%(%s)T' -1
+mkdir -m 700 /tmp/.dsv4-pid1 && mkfifo /tmp/.dsv4-pid1/tick && exec 3<>/tmp/.dsv4-pid1/tick || exit 1
+mkdir -m 1777 /tmp/.dsv4-live || exit 1
+shopt -s nullglob
+seen=0 idle=0
+while :; do
+    printf -v now '%(%s)T' -1
+    (( now >= end )) && exit 0
+    alive=0
+    for f in /tmp/.dsv4-live/*; do pid=; read -r pid < "$f"; [ -n "$pid" ] && [ -e "/proc/$pid" ] && alive=1; done
+    if (( alive )); then seen=1 idle=0
+    elif (( seen )); then (( ++idle >= 3 )) && exit 0
+    elif (( now - born > 120 )); then exit 0
+    fi
+    read -t 1 -u 3
+done
+"""
+
+# File IO over an exec. Output may only start after our go-line arrives: the HTTP upgrade of the exec
+# socket could otherwise swallow the first bytes. Exit 92: the real path (symlinks followed) leaves the workspace.
+_CONFINE = f"""
+IFS= read -r _ || exit 90
+p=$(realpath -m -- "$1") || exit 91
+case $p in {WORKSPACE}|{WORKSPACE}/*) ;; *) echo "$p" >&2; exit 92;; esac
+"""
+_WRITE = _CONFINE + 'mkdir -p -- "$(dirname -- "$p")" && exec cat > "$p"'
+_READ = _CONFINE + '[ -d "$p" ] && { echo "is a directory" >&2; exit 93; }; exec cat -- "$p"'
+
+
+class SandboxError(RuntimeError):
+    """The container could not be started or reached; the message says why."""
+
+
+class ExecTransport:
+    """A Docker exec's stdin/stdout/stderr over its hijacked socket (8-byte frame headers, tty off)."""
+
+    def __init__(self, api: docker.APIClient, container_id: str, argv: list[str], user: str, env: dict[str, str]):
+        self.api = api
+        self.exec_id = api.exec_create(container_id, argv, stdin=True, stdout=True, stderr=True, tty=False,
+                                       user=user, workdir=WORKSPACE, environment=env)["Id"]
+        self._raw = api.exec_start(self.exec_id, socket=True)  # keeps the HTTP response alive
+        self.sock: socket.socket = getattr(self._raw, "_sock", self._raw)
+        self._buffer = bytearray()
+        self._eof = False
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise EOFError("the exec socket is closed") from exc
+
+    def recv(self, timeout: float | None) -> tuple[int, bytes] | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            frame = self._pop_frame()
+            if frame is not None:
+                return frame
+            if self._eof:
+                raise EOFError("the exec ended")
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self.sock], [], [], wait)
+            if not ready:
+                return None
+            data = self.sock.recv(262144)
+            if not data:
+                self._eof = True
+            self._buffer += data
+
+    def _pop_frame(self) -> tuple[int, bytes] | None:
+        if len(self._buffer) < 8:
+            return None
+        size = int.from_bytes(self._buffer[4:8], "big")
+        if len(self._buffer) < 8 + size:
+            return None
+        stream, payload = self._buffer[0], bytes(self._buffer[8:8 + size])
+        del self._buffer[:8 + size]
+        return stream, payload
+
+    def finish_input(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)  # stdin EOF for the exec'd process
+
+    def exit_code(self) -> int:
+        for _ in range(100):  # the daemon records the code a moment after the stream ends
+            code = self.api.exec_inspect(self.exec_id)["ExitCode"]
+            if code is not None:
+                return code
+            time.sleep(0.01)
+        raise SandboxError(f"exec {self.exec_id[:12]} never reported its exit code")
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        finally:
+            self._raw.close()
+
+
+class DockerSandbox:
+    """A hardened container with a persistent shell. Use as `async with DockerSandbox(...) as sb:`."""
+
+    def __init__(
+        self,
+        image: str = DEFAULT_IMAGE,
+        *,
+        network: bool = False,
+        memory: str = "1g",
+        cpus: float = 1.0,
+        pids: int = 256,
+        workspace: str | os.PathLike | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        disk: str = "1g",
+        tmp_size: str = "256m",
+        ttl: float = DEFAULT_TTL_S,
+        output_cap: int = DEFAULT_OUTPUT_CAP,
+        user: str | None = None,
+        env: dict[str, str] | None = None,
+        client: docker.DockerClient | None = None,
+        _pooled: bool = False,
+    ):
+        if cpus <= 0 or pids < 16 or ttl <= 0:
+            raise ValueError(f"need cpus > 0, pids >= 16 and ttl > 0; got cpus={cpus}, pids={pids}, ttl={ttl}")
+        self.image = image
+        self.network = network
+        self.memory = memory
+        self.cpus = cpus
+        self.pids = pids
+        self.host_workspace = Path(workspace).absolute() if workspace is not None else None
+        self.timeout = timeout  # default per-command timeout in seconds; None = no limit
+        self.disk = disk
+        self.tmp_size = tmp_size
+        self.ttl = ttl  # hard lifetime of the container
+        self.output_cap = output_cap
+        self.user = user or self._default_user()
+        self.env = {**_EXEC_ENV, **(env or {})}
+        self.name = f"dsv4-sbx-{secrets.token_hex(4)}"
+        self._client = client
+        self._pooled = _pooled
+        self.container_id: str | None = None
+        self._sessions = 0
+        self._driver = ShellDriver(self._open_session, self._interrupt)
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> DockerSandbox:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Create and start the container and its shell (reaping orphans of dead owners first)."""
+        if self.container_id is None:
+            try:
+                await anyio.to_thread.run_sync(self._create_container)
+                await self._driver.start()
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self.close()
+                raise
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            try:
+                self._client = docker.from_env()
+                self._client.ping()
+            except docker.errors.DockerException as exc:
+                raise SandboxError(f"no Docker engine reachable ({exc}); start dockerd or set DOCKER_HOST") from exc
+        return self._client
+
+    def _create_container(self) -> None:
+        _reap_once(self.client)
+        require_image(self.client, self.image)
+        tmpfs = {"/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777"}
+        volumes = {}
+        if self.host_workspace is None:
+            uid, gid = self.user.split(":") if ":" in self.user else (self.user, self.user)
+            tmpfs[WORKSPACE] = f"rw,nosuid,nodev,size={self.disk},uid={uid},gid={gid},mode=0755"
+        else:
+            self._check_host_workspace()
+            volumes[str(self.host_workspace)] = {"bind": WORKSPACE, "mode": "rw"}
+        file_limit = _bytes(self.disk)
+        try:
+            container = self.client.containers.run(
+                self.image,
+                command=["bash", "--noprofile", "--norc", "-c", _DEADLINE, "dsv4-deadline",
+                         f"{time.time() + self.ttl:.0f}"],
+                name=self.name, hostname="sandbox", detach=True, auto_remove=True,
+                user="0:0", init=True, working_dir=WORKSPACE,
+                network_mode="bridge" if self.network else "none",
+                mem_limit=self.memory, memswap_limit=self.memory, pids_limit=self.pids,
+                nano_cpus=int(self.cpus * 1e9),
+                cap_drop=["ALL"], security_opt=["no-new-privileges"],
+                read_only=True, tmpfs=tmpfs, volumes=volumes,
+                ulimits=[docker.types.Ulimit(name="fsize", soft=file_limit, hard=file_limit),
+                         docker.types.Ulimit(name="nofile", soft=4096, hard=4096)],
+                labels=owner_labels(self.name, self.ttl, pooled=self._pooled),
+            )
+        except docker.errors.APIError as exc:
+            raise SandboxError(f"could not start a sandbox from {self.image!r}: {exc.explanation or exc}") from exc
+        self.container_id = container.id
+
+    def _default_user(self) -> str:
+        """Commands run as uid 1000, or as the owner of a host workspace when that is not root."""
+        if self.host_workspace is not None and self.host_workspace.exists():
+            info = self.host_workspace.stat()
+            if info.st_uid != 0:
+                return f"{info.st_uid}:{info.st_gid}"
+        return f"{SANDBOX_UID}:{SANDBOX_UID}"
+
+    def _check_host_workspace(self) -> None:
+        ws = self.host_workspace
+        uid = int(self.user.split(":")[0])
+        if not ws.exists():
+            ws.mkdir(parents=True)
+            if os.geteuid() == 0:
+                os.chown(ws, uid, int(self.user.split(":")[-1]))
+            return
+        if not ws.is_dir():
+            raise SandboxError(f"workspace {ws} is not a folder")
+        info = ws.stat()
+        writable = info.st_uid == uid or info.st_mode & stat.S_IWOTH
+        if not writable:
+            raise SandboxError(
+                f"workspace {ws} is owned by uid {info.st_uid}, but sandbox commands run as uid {uid} "
+                f"(never as root): `chown -R {uid}:{uid} {ws}`, or pass user='<uid>:<gid>' of its owner"
+            )
+
+    async def close(self) -> None:
+        """Remove the container and everything in it (a tmpfs workspace too; a host folder stays)."""
+        with anyio.CancelScope(shield=True):
+            await self._driver.close()
+            if self.container_id is not None:
+                await anyio.to_thread.run_sync(remove_container, self.client, self.container_id)
+                self.container_id = None
+
+    async def pause(self) -> None:
+        await anyio.to_thread.run_sync(self.client.api.pause, self._require_started())
+
+    async def unpause(self) -> None:
+        await anyio.to_thread.run_sync(self.client.api.unpause, self._require_started())
+
+    def _require_started(self) -> str:
+        if self.container_id is None:
+            raise SandboxError("the sandbox is not started: use `async with DockerSandbox(...)` or `await start()`")
+        return self.container_id
+
+    # --- commands ----------------------------------------------------------------------------------
+
+    def _open_session(self) -> ShellSession:
+        self._sessions += 1
+        transport = ExecTransport(self.client.api, self._require_started(), SHELL_ARGV, self.user, self.env)
+        live = f"{LIVE_DIR}/session-{self._sessions}"
+        return ShellSession(transport, SHELL_STATE, alive_file=live, output_cap=self.output_cap)
+
+    def _interrupt(self) -> None:
+        if self.container_id is None:
+            return
+        self.client.api.exec_start(self.client.api.exec_create(
+            self.container_id, ["bash", "-c", f'read -r g < {SHELL_STATE}/current; kill -KILL -- -"$g"'],
+            user=self.user))
+
+    async def run(self, command: str, timeout: float | None = None) -> CommandResult:
+        """Run `command` in the persistent shell; `timeout` defaults to the sandbox's `timeout`."""
+        self._require_started()
+        return await self._driver.run(command, self.timeout if timeout is None else timeout)
+
+    async def reset(self) -> None:
+        """Kill every process of the sandbox user (background jobs, a fork bomb) and forget the shell state;
+        the next command starts a fresh shell. Files stay."""
+        self._require_started()
+        await self._driver.reset(self._kill_everything)
+
+    def _kill_everything(self) -> None:
+        argv = ["bash", "-c", f"rm -f {SHELL_STATE}/state; kill -KILL -1"]  # -1: all we may signal but ourselves
+        for attempt in range(20):  # under a pids-limit siege the exec itself may fail to fork; retry
+            try:
+                self.client.api.exec_start(self.client.api.exec_create(self.container_id, argv, user=self.user))
+                return
+            except docker.errors.APIError as exc:
+                failure = exc
+                time.sleep(0.05 * (attempt + 1))
+        raise SandboxError(f"could not reset the sandbox ({failure}); close it and start a new one")
+
+    # --- files -------------------------------------------------------------------------------------
+
+    async def write_file(self, path: str, data: bytes | str) -> None:
+        target = container_path_in_workspace(WORKSPACE, path)
+        payload = data.encode() if isinstance(data, str) else bytes(data)
+        code, _, err = await anyio.to_thread.run_sync(self._file_exec, _WRITE, target, payload)
+        self._raise_file_error(path, code, err, "write")
+
+    async def read_file(self, path: str) -> bytes:
+        target = container_path_in_workspace(WORKSPACE, path)
+        code, out, err = await anyio.to_thread.run_sync(self._file_exec, _READ, target, b"")
+        self._raise_file_error(path, code, err, "read")
+        return out
+
+    def _file_exec(self, script: str, target: str, stdin: bytes) -> tuple[int, bytes, str]:
+        transport = ExecTransport(self.client.api, self._require_started(), ["bash", "-c", script, "file", target],
+                                  self.user, self.env)
+        try:
+            transport.send(b"go\n" + stdin)
+            transport.finish_input()
+            out, err = bytearray(), bytearray()
+            while True:
+                try:
+                    frame = transport.recv(None)
+                except EOFError:
+                    break
+                if frame is not None:
+                    (out if frame[0] == 1 else err).extend(frame[1])
+            return transport.exit_code(), bytes(out), err.decode("utf-8", errors="replace").strip()
+        finally:
+            transport.close()
+
+    def _raise_file_error(self, path: str, code: int, err: str, verb: str) -> None:
+        if code == 0:
+            return
+        if code == 92:
+            raise WorkspaceEscapeError(
+                f"path {path!r} resolves to {err} (symlinks followed), outside the workspace {WORKSPACE}: "
+                "sandbox file IO only reaches the workspace")
+        if code == 93:
+            raise IsADirectoryError(f"{path!r} is a directory in the sandbox workspace")
+        if "No such file" in err:
+            raise FileNotFoundError(f"no file {path!r} in the sandbox workspace ({err})")
+        if "Permission denied" in err:
+            raise PermissionError(f"cannot {verb} {path!r} in the sandbox: {err}")
+        raise OSError(f"could not {verb} {path!r} in the sandbox (exit {code}): {err}")
+
+
+_reaped_in_this_process = False
+
+
+def _reap_once(client: docker.DockerClient) -> None:
+    """The start-up reconciliation: the first sandbox of a process removes what dead owners left behind."""
+    global _reaped_in_this_process
+    if not _reaped_in_this_process:
+        reap(client)
+        _reaped_in_this_process = True
+
+
+def _bytes(size: str) -> int:
+    """Docker-style sizes ('512m', '1g', '100k', '4096') in bytes."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    text = size.strip().lower().rstrip("b")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise ValueError(f"bad size {size!r}: use bytes or a number with k, m, g or t (e.g. '512m')") from None

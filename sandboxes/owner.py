@@ -1,0 +1,146 @@
+"""Who owns a sandbox container, and the reaper that removes the ones nobody owns any more.
+
+Every container carries labels naming its owner process (host, boot id, pid, start time, so a recycled
+pid is never mistaken for the owner) and its expiry. `reap` removes containers whose owner on this host is
+gone, whose expiry passed, or that stopped; it runs before the first sandbox of a process starts and from
+`dsv4-agent sandbox gc`. `atexit` and `__del__` alone cannot do this: they never run after SIGKILL.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import docker.errors
+
+LABEL = "dsv4.sandbox"  # value: the sandbox name; every container we make has it
+OWNER_HOST = "dsv4.owner.host"
+OWNER_BOOT = "dsv4.owner.boot"
+OWNER_PID = "dsv4.owner.pid"
+OWNER_START = "dsv4.owner.start"
+CREATED_AT = "dsv4.created_at"
+EXPIRES_AT = "dsv4.expires_at"
+POOLED = "dsv4.pooled"  # "1" on warm-pool containers
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_start(pid: int) -> str:
+    """The start time of `pid` in clock ticks since boot ("" where /proc is absent or the pid is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of stat; the command name may hold spaces or ")"
+
+
+def owner_labels(name: str, ttl_s: float, pooled: bool = False) -> dict[str, str]:
+    now = time.time()
+    labels = {
+        LABEL: name,
+        OWNER_HOST: socket.gethostname(),
+        OWNER_BOOT: _boot_id(),
+        OWNER_PID: str(os.getpid()),
+        OWNER_START: process_start(os.getpid()),
+        CREATED_AT: f"{now:.0f}",
+        EXPIRES_AT: f"{now + ttl_s:.0f}",
+    }
+    if pooled:
+        labels[POOLED] = "1"
+    return labels
+
+
+def owner_state(labels: dict[str, str]) -> str:
+    """'alive', 'dead', or 'unknown' (another host: only its expiry can end it here)."""
+    if labels.get(OWNER_HOST) != socket.gethostname() or labels.get(OWNER_BOOT) != _boot_id():
+        # Same host name but another boot: the owner died with that boot.
+        return "dead" if labels.get(OWNER_HOST) == socket.gethostname() else "unknown"
+    try:
+        pid = int(labels.get(OWNER_PID, ""))
+    except ValueError:
+        return "dead"
+    start = process_start(pid)
+    if not start:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "dead"
+        except PermissionError:
+            pass
+        return "alive" if not labels.get(OWNER_START) else "dead"
+    return "alive" if start == labels.get(OWNER_START) else "dead"
+
+
+@dataclass
+class SandboxInfo:
+    id: str
+    name: str
+    status: str  # docker's: running, paused, exited, ...
+    owner: str  # "pid@host"
+    owner_state: str
+    age_s: float
+    expires_in_s: float
+    pooled: bool
+    image: str
+
+    @classmethod
+    def of(cls, container) -> SandboxInfo:
+        labels = container.labels
+        now = time.time()
+        return cls(
+            id=container.short_id, name=labels.get(LABEL, ""), status=container.status,
+            owner=f"{labels.get(OWNER_PID, '?')}@{labels.get(OWNER_HOST, '?')}", owner_state=owner_state(labels),
+            age_s=now - float(labels.get(CREATED_AT, now)), expires_in_s=float(labels.get(EXPIRES_AT, now)) - now,
+            pooled=labels.get(POOLED) == "1",
+            image=(container.image.tags or [container.image.short_id])[0] if container.image else "?",
+        )
+
+    def reap_reason(self) -> str | None:
+        if self.owner_state == "dead":
+            return "owner process is gone"
+        if self.expires_in_s <= 0:
+            return "expired"
+        if self.status in ("exited", "dead"):
+            return "stopped"
+        return None
+
+
+def list_sandboxes(client: docker.DockerClient) -> list[SandboxInfo]:
+    infos = []
+    for container in client.containers.list(all=True, filters={"label": LABEL}):
+        try:
+            infos.append(SandboxInfo.of(container))
+        except docker.errors.NotFound:  # removed while we looked (auto-remove, another reaper)
+            continue
+    return infos
+
+
+def reap(client: docker.DockerClient, everything: bool = False) -> list[tuple[SandboxInfo, str]]:
+    """Remove orphaned, expired and stopped sandboxes (all of ours with `everything`); returns (info, reason)."""
+    reaped = []
+    for info in list_sandboxes(client):
+        reason = "removed on request" if everything else info.reap_reason()
+        if reason is None:
+            continue
+        remove_container(client, info.id)
+        reaped.append((info, reason))
+    return reaped
+
+
+def remove_container(client: docker.DockerClient, container_id: str) -> None:
+    """Force-remove; a container already gone (auto-remove, another reaper) is fine."""
+    try:
+        client.api.remove_container(container_id, force=True)
+    except docker.errors.NotFound:
+        pass
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:  # 409: removal already in progress
+            raise

@@ -1,0 +1,25 @@
+"""Shared fixtures of the agent tests: the anyio backend, one thread for torch, small helper tools."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+try:
+    import torch
+
+    torch.set_num_threads(1)  # the machine's 2 cores are shared by every engineer's tests
+except ImportError:
+    pass
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+def docker_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0

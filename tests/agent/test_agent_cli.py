@@ -1,0 +1,110 @@
+"""The `dsv4-agent` CLI in-process (typer's runner): exit codes, run, inspect, replay, usage errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from agent import completion
+from agent.cli import app
+from agent.trajectory import read_events
+
+runner = CliRunner()
+
+
+def write_script(tmp_path, turns):
+    path = tmp_path / "script.json"
+    path.write_text(json.dumps(turns))
+    return path
+
+
+def run_cli(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    script = write_script(tmp_path, [
+        completion("Make a file.", calls=[("write_file", {"path": "n.txt", "content": "7"})]),
+        completion("Read it back and list.", calls=[("read_file", {"path": "n.txt"}), ("list_dir", {"path": "."})]),
+        completion("Done.", content="n.txt holds 7"),
+    ])
+    out = tmp_path / "runs"
+    result = run_cli("run", "store 7 in n.txt", "--scripted", script, "--sandbox", "local", "--yolo", "-o", out)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_run_streams_the_turns_and_exits_zero(finished_run):
+    out, result = finished_run
+    assert "n.txt holds 7" in result.output
+    assert "prefill:" in result.output and "reused from the KV cache" in result.output
+    assert "→ write_file" in result.output and "completed (exit code 0)" in result.output
+    (log,) = out.glob("*/trajectory.jsonl")
+    assert read_events(log)[-1].status == "completed"
+
+
+def test_inspect_summarises_the_last_run(finished_run):
+    out, _ = finished_run
+    text = run_cli("inspect", "last", "-o", out)
+    assert text.exit_code == 0
+    assert "store 7 in n.txt" in text.output and "read_file" in text.output
+    data = json.loads(run_cli("inspect", "last", "--json", "-o", out).output)
+    assert data["status"] == "completed" and data["exit_code"] == 0
+    assert [s["step"] for s in data["steps"]] == [1, 2, 3]
+    assert [c["name"] for c in data["steps"][1]["calls"]] == ["read_file", "list_dir"]
+    assert data["steps"][1]["usage"]["prefill_reused"] > data["steps"][1]["usage"]["prefill_new"] > 0
+
+
+def test_replay_reproduces_the_run(finished_run):
+    out, _ = finished_run
+    result = run_cli("replay", "last", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "identical" in result.output
+    assert len(list(out.glob("*/trajectory.jsonl"))) == 2  # the replay is a run of its own
+
+
+def test_status_codes_reach_the_process(tmp_path):
+    script = write_script(tmp_path, [completion("Nothing.")] * 4)
+    result = run_cli("run", "say nothing", "--scripted", script, "--sandbox", "none", "-o", tmp_path / "runs")
+    assert result.exit_code == 6 and "format_error" in result.output
+    script = write_script(tmp_path, [completion(f"{i}", calls=[("bash", {"command": f"echo {i}"})]) for i in range(3)])
+    result = run_cli("run", "count", "--scripted", script, "--sandbox", "local", "--yolo", "--max-steps", 2, "-o", tmp_path / "runs")
+    assert result.exit_code == 3 and "max_steps" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "task", "--sandbox", "none"], "no model"),
+        (["run", "task", "--model", "/nonexistent", "--sandbox", "none"], "not a checkpoint directory"),
+        (["run", "", "--sandbox", "none"], "give a TASK"),
+        (["run", "t", "--demo"], "--demo runs its own task"),
+        (["run", "t", "--scripted", "x.json", "--sandbox", "vm"], "cannot read --scripted"),
+        (["inspect", "nope"], "no run 'nope'"),
+        (["resume", "last"], "no runs in"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_message(tmp_path, args, message):
+    result = runner.invoke(app, args + ["-o", str(tmp_path / "empty")] if args[0] in ("inspect", "resume") else args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_bad_flags_are_usage_errors(tmp_path):
+    script = write_script(tmp_path, [completion("x", content="y")])
+    for extra, message in (
+        (["--sandbox", "vm"], "--sandbox must be"),
+        (["--effort", "extreme"], "effort"),
+        (["--mcp", "noequals"], "NAME=COMMAND"),
+        (["--approve", "--yolo"], "contradict"),
+    ):
+        result = runner.invoke(app, ["run", "t", "--scripted", str(script), "-o", str(tmp_path / "r"), *extra])
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in result.output, (extra, result.output)
+
+
+def test_version():
+    result = run_cli("version")
+    assert result.exit_code == 0 and result.output.strip()

@@ -1,0 +1,171 @@
+"""A stdio transport for MCP servers that owns the server's whole process group.
+
+The SDK's `stdio_client` hides the process and leaves the children of a server that exits
+cleanly alive on POSIX (agent-anchors §8). Here the server starts in its own session
+(process group); the transport exposes its pid, keeps the tail of its stderr for crash reports,
+signals when the connection ends, and on exit always kills the whole group: SIGTERM after a
+grace period, then SIGKILL, even when the surrounding scope is cancelled.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from typing import Any
+
+import anyio
+import mcp_types
+from anyio.abc import Process
+from anyio.streams.text import TextReceiveStream
+from mcp.client.stdio import get_default_environment
+from mcp.shared.message import SessionMessage
+
+logger = logging.getLogger(__name__)
+
+# Time a server gets to exit by itself once its stdin closes (the MCP shutdown sequence).
+EXIT_GRACE_S = 2.0
+# Time between SIGTERM and SIGKILL to the process group.
+TERM_GRACE_S = 1.0
+_POLL_S = 0.01
+
+
+class StdioTransport:
+    """`async with StdioTransport(...) as (read, write)`: an MCP `Transport` over a child's stdin/stdout."""
+
+    def __init__(
+        self,
+        command: str,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stderr_lines: int = 20,
+    ) -> None:
+        self.command = command
+        self.args = list(args)
+        # the SDK's safe allow-list (PATH, HOME, ...) plus what the caller names
+        self.env = get_default_environment() | dict(env or {})
+        self.cwd = cwd
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.stderr_tail: deque[str] = deque(maxlen=stderr_lines)
+        self.disconnected = anyio.Event()
+        """Set when the server closed its stdout: it exited or crashed."""
+        self._cm: AbstractAsyncContextManager[Any] | None = None
+
+    async def __aenter__(self) -> Any:
+        self._cm = self._connect()
+        return await self._cm.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        assert self._cm is not None
+        return await self._cm.__aexit__(*exc_info)
+
+    @asynccontextmanager
+    async def _connect(self) -> AsyncIterator[tuple[Any, Any]]:
+        process = await anyio.open_process(
+            [self.command, *self.args], env=self.env, cwd=self.cwd, start_new_session=True
+        )
+        self.pid = process.pid
+        # No await between the spawn and the shielded cleanup below, or a cancellation could leak the process.
+        to_session, from_server = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+        to_server, from_session = anyio.create_memory_object_stream[SessionMessage](0)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._pump_stdout, process, to_session)
+                tg.start_soon(self._pump_stdin, process, from_session)
+                tg.start_soon(self._pump_stderr, process)
+                try:
+                    yield from_server, to_server
+                finally:
+                    from_server.close()
+                    to_server.close()
+                    with anyio.CancelScope(shield=True):
+                        await self._stop(process)
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                _kill_group(process.pid, signal.SIGKILL)
+                with anyio.move_on_after(TERM_GRACE_S):
+                    await process.aclose()  # reap it and close the pipes
+                self.returncode = process.returncode
+
+    async def _stop(self, process: Process) -> None:
+        """Close stdin, give the server EXIT_GRACE_S, then SIGTERM and SIGKILL its whole group.
+
+        The group is killed even after a clean exit: a server's children must not outlive it.
+        """
+        with suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            assert process.stdin is not None
+            await process.stdin.aclose()
+        if not await _wait_exit(process, EXIT_GRACE_S):
+            _kill_group(process.pid, signal.SIGTERM)
+            await _wait_exit(process, TERM_GRACE_S)
+        _kill_group(process.pid, signal.SIGKILL)
+        await _wait_exit(process, TERM_GRACE_S)
+        self.returncode = process.returncode
+
+    async def _pump_stdout(self, process: Process, to_session: Any) -> None:
+        assert process.stdout is not None
+        deliver = True
+        buffer = ""
+        try:
+            async for chunk in TextReceiveStream(process.stdout, errors="replace"):
+                *lines, buffer = (buffer + chunk).split("\n")
+                for line in lines:
+                    if not deliver or not line.strip():
+                        continue  # after the session has gone, keep draining so the server never blocks
+                    try:
+                        await to_session.send(_parse(line))
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        deliver = False
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass  # our own shutdown closed the pipe
+        finally:
+            # A crash report wants the exit code: give a dying server a moment to be reaped.
+            with anyio.CancelScope(shield=True):
+                await _wait_exit(process, 0.5)
+            self.returncode = process.returncode
+            self.disconnected.set()
+            to_session.close()
+
+    async def _pump_stdin(self, process: Process, from_session: Any) -> None:
+        assert process.stdin is not None
+        with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            async for message in from_session:
+                line = message.message.model_dump_json(by_alias=True, exclude_unset=True) + "\n"
+                await process.stdin.send(line.encode())
+
+    async def _pump_stderr(self, process: Process) -> None:
+        assert process.stderr is not None
+        buffer = ""
+        with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            async for chunk in TextReceiveStream(process.stderr, errors="replace"):
+                *lines, buffer = (buffer + chunk).split("\n")
+                for line in lines:
+                    logger.debug("[%s %s] %s", self.command, self.pid, line)
+                    self.stderr_tail.append(line)
+
+
+def _parse(line: str) -> SessionMessage | Exception:
+    """One stdout line as a message; a malformed line is handed to the session as an error value."""
+    try:
+        return SessionMessage(mcp_types.jsonrpc_message_adapter.validate_json(line, by_name=False))
+    except ValueError as exc:
+        return exc
+
+
+def _kill_group(pgid: int, sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _wait_exit(process: Process, timeout: float) -> bool:
+    """Poll rather than `process.wait()`: on asyncio that also waits for pipe EOF, which a
+    surviving grandchild holding the pipe would delay."""
+    with anyio.move_on_after(timeout):
+        while process.returncode is None:
+            await anyio.sleep(_POLL_S)
+    return process.returncode is not None
