@@ -11,8 +11,9 @@ formats, named as in the official checkpoint (`<name>.weight`, `<name>.scale`):
 A quantised layer computes by dequantising its weight on the fly at the activation dtype, a block
 of rows at a time, so a big FP8 / FP4 weight never exists in float all at once (dsv4/quant.py says
 why the dequantised values are exact). `dequantize_` turns it into a float layer for good.
-With `quant_sim` on (set through `Transformer.quant_sim`), a quantised layer also rounds its input
-as the official FP8 / FP4 GEMMs do: FP8 e4m3 with a power-of-two scale per token per 128 values.
+With `quant_sim` on (set through `Transformer.quant_sim`), a layer that is FP8 / FP4 in the release
+also rounds its input as the official FP8 / FP4 GEMMs do (FP8 e4m3, a power-of-two scale per token
+per 128 values), whether it still holds the quantised weight or was dequantised since.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.register_parameter("scale", None)
         self.quant_sim = False
+        self.quantised_gemm = False    # FP8 / FP4 in the release: quant_sim rounds the input
         if not self.weight.is_meta:      # the loader builds on meta, where init is wasted work
             nn.init.normal_(self.weight, std=in_features**-0.5)
 
@@ -71,6 +73,7 @@ class Linear(nn.Module):
         shapes = self.storage_shapes(fmt)
         if fmt == "float":
             raise ValueError("quantize_ needs 'fp8' or 'fp4'; use dequantize_ for a float weight")
+        self.quantised_gemm = True
         if self.weight.is_meta:
             wdtype = torch.float8_e4m3fn if fmt == "fp8" else torch.int8
             weight = torch.empty(shapes["weight"], dtype=wdtype, device="meta")
@@ -127,10 +130,10 @@ class Linear(nn.Module):
 
     # ---- compute ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_sim and self.quantised_gemm:
+            x = _act_fake_quant(x)
         if self.scale is None:
             return F.linear(x, self.weight.to(x.dtype))
-        if self.quant_sim:
-            x = _act_fake_quant(x)
         rows = max(quant.FP8_BLOCK, _CHUNK_ELEMENTS // self.in_features
                    // quant.FP8_BLOCK * quant.FP8_BLOCK)
         if rows >= self.out_features:

@@ -137,5 +137,7 @@ def test_quant_sim_rounds_the_input_of_quantised_layers_only(gen):
     assert torch.equal(fp8(x), rounded @ fp8.dequantized_weight(torch.float32).T)
     assert not torch.equal(fp8(x), plain)
     dense = Linear(200, 64)
-    dense.quant_sim = True                                          # float weights: no rounding
+    dense.quant_sim = True                              # float in the release: no rounding
     assert torch.equal(dense(x), x @ dense.weight.T)
+    fp8.dequantize_(torch.float32)                      # dequantised since: still an FP8 GEMM
+    assert torch.equal(fp8(x), rounded @ fp8.weight.T)
