@@ -300,8 +300,8 @@ def _converted(stored: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
     """A stored tensor in its in-memory form: FP8 codes and scales as stored, integers (packed
     FP4 bytes, the tid2eid table) at the model's integer dtype, floats at `dtype` but never
     below their stored precision (F32 tensors stay F32 under bf16). Always a copy: safetensors
-    hands out views of the memory-mapped shard, and a model must not break (SIGBUS) when its
-    checkpoint files are rewritten, e.g. by saving a fine-tune over them."""
+    hands out views of the memory-mapped shard, and a model must neither change nor crash
+    (SIGBUS) when its files are written over in place, by a copy or download tool say."""
     if want.dtype in _FP8_DTYPES:
         target = stored.dtype
     elif not want.dtype.is_floating_point:

@@ -349,11 +349,17 @@ def test_cuda_load_keeps_formats_and_matches_cpu(ckpt, ids):
     torch.testing.assert_close(gpu(ids.cuda()).cpu(), cpu(ids), rtol=1e-4, atol=1e-4)
 
 
-def test_a_loaded_model_survives_saving_over_its_own_folder(ckpt, tmp_path, ids, seed):
-    """The loader copies out of the memory-mapped shards, so rewriting them is safe."""
+def test_a_loaded_model_owns_its_memory(ckpt, tmp_path, ids, seed):
+    """The loader copies out of the memory-mapped shards: zeroing the files in place (as a copy or
+    download tool writing over them would) leaves the model unchanged; so does saving over them."""
     path = shutil.copytree(ckpt, tmp_path / "ckpt")
-    model = dsv4.load_model(path, dtype=torch.float32)
+    model = dsv4.load_model(path)                                    # bf16: FP8 / FP4 kept as stored
     before = model(ids)
-    dsv4.save_checkpoint(random_model(CFG, seed=seed + 1), path)      # other weights, same files
+    for f in path.glob("model-*.safetensors"):
+        with open(f, "r+b") as fh:
+            fh.seek(4096)
+            fh.write(bytes(f.stat().st_size - 4096))
     assert torch.equal(model(ids), before)
-    assert not torch.equal(dsv4.load_model(path, dtype=torch.float32)(ids), before)
+    dsv4.save_checkpoint(random_model(CFG, seed=seed + 1), path)      # other weights, same names
+    assert torch.equal(model(ids), before)
+    assert not torch.equal(dsv4.load_model(path)(ids), before)
