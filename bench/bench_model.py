@@ -43,6 +43,37 @@ def paired(fn_ours, fn_hf, repeats: int) -> tuple[float, float, float]:
     return statistics.median(t_ours), statistics.median(t_hf), ratio
 
 
+def bench_load_model(repeats: int) -> None:
+    """dsv4.load_model on random release-format checkpoints (tiny, and a ~70 MB one) against the
+    floor of reading every shard into memory with safetensors' load_file (timed alternately)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from dsv4 import ModelConfig, load_model
+    from dsv4.testing import write_random_checkpoint
+
+    mid = ModelConfig.tiny().replace(dim=1024, moe_inter_dim=256, vocab_size=4096, n_layers=8,
+                                     compress_ratios=(0, 4, 128, 4, 128, 4, 128, 4, 0))
+    print("\n| checkpoint | MB | load_model ms (FP8/FP4 kept, bf16) | load_model ms (dequantize, fp32) "
+          "| load_file ms | load_model / load_file |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, cfg in (("tiny", ModelConfig.tiny()), ("mid (dim 1024, 8 layers)", mid)):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_random_checkpoint(tmp, cfg, seed=0)
+            shards = sorted(path.glob("model-*.safetensors"))
+            mb = sum(f.stat().st_size for f in shards) / 1e6
+
+            def read_all():
+                return [{k: v.clone() for k, v in load_file(f).items()} for f in shards]
+
+            t_load, t_raw, ratio = paired(lambda: load_model(path), read_all, repeats)
+            t_deq, _, _ = paired(lambda: load_model(path, dtype=torch.float32, dequantize=True),
+                                 read_all, repeats)
+            print(f"| {name} | {mb:.1f} | {t_load * 1e3:.0f} | {t_deq * 1e3:.0f} | "
+                  f"{t_raw * 1e3:.0f} | {1 / ratio:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -96,6 +127,7 @@ def main() -> None:
         diff = (runs[0][0][1] - runs[0][1][1]).abs().max().item()
         print(f"| decode after a 128-token prompt | {steps} | {steps / t_ours:,.1f} | "
               f"{steps / t_hf:,.1f} | {ratio:.2f} | {diff:.1e} |")
+    bench_load_model(args.repeats)
 
 
 if __name__ == "__main__":

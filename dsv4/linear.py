@@ -11,6 +11,9 @@ formats, named as in the official checkpoint (`<name>.weight`, `<name>.scale`):
 A quantised layer computes by dequantising its weight on the fly at the activation dtype, a block
 of rows at a time, so a big FP8 / FP4 weight never exists in float all at once (dsv4/quant.py says
 why the dequantised values are exact). `dequantize_` turns it into a float layer for good.
+With `quant_sim` on (set through `Transformer.quant_sim`), a layer that is FP8 / FP4 in the release
+also rounds its input as the official FP8 / FP4 GEMMs do (FP8 e4m3, a power-of-two scale per token
+per 128 values), whether it still holds the quantised weight or was dequantised since.
 """
 from __future__ import annotations
 
@@ -21,12 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4 import quant
+from dsv4.fakequant import fp8_act_fake_quant
 
 WeightFormat = Literal["float", "fp8", "fp4"]
 
 # Rows dequantised per step of the on-the-fly forward: a multiple of the FP8 block, sized so one
 # step's float weight stays near 2^24 elements (64 MiB in float32).
 _CHUNK_ELEMENTS = 1 << 24
+ACT_BLOCK = 128          # activation quantisation block of the FP8 / FP4 GEMMs (1 x 128)
 
 
 class Linear(nn.Module):
@@ -37,7 +42,10 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
         self.register_parameter("scale", None)
-        nn.init.normal_(self.weight, std=in_features**-0.5)
+        self.quant_sim = False
+        self.quantised_gemm = False    # FP8 / FP4 in the release: quant_sim rounds the input
+        if not self.weight.is_meta:      # the loader builds on meta, where init is wasted work
+            nn.init.normal_(self.weight, std=in_features**-0.5)
 
     # ---- storage format -------------------------------------------------------------------------
     @property
@@ -65,6 +73,7 @@ class Linear(nn.Module):
         shapes = self.storage_shapes(fmt)
         if fmt == "float":
             raise ValueError("quantize_ needs 'fp8' or 'fp4'; use dequantize_ for a float weight")
+        self.quantised_gemm = True
         if self.weight.is_meta:
             wdtype = torch.float8_e4m3fn if fmt == "fp8" else torch.int8
             weight = torch.empty(shapes["weight"], dtype=wdtype, device="meta")
@@ -121,6 +130,8 @@ class Linear(nn.Module):
 
     # ---- compute ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_sim and self.quantised_gemm:
+            x = _act_fake_quant(x)
         if self.scale is None:
             return F.linear(x, self.weight.to(x.dtype))
         rows = max(quant.FP8_BLOCK, _CHUNK_ELEMENTS // self.in_features
@@ -133,3 +144,12 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+def _act_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] rounded like the official act_quant (1 x 128 blocks); a partial last block
+    (small test configs) is padded with zeros, which change no block maximum."""
+    pad = -x.shape[-1] % ACT_BLOCK
+    if not pad:
+        return fp8_act_fake_quant(x, ACT_BLOCK)
+    return fp8_act_fake_quant(F.pad(x, (0, pad)), ACT_BLOCK)[..., : x.shape[-1]]

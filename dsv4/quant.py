@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from dsv4.fakequant import round_to_e2m1
+
 FP8_BLOCK = 128          # FP8 weight scale block: 128 x 128
 FP4_BLOCK = 32           # FP4 weight scale block: 1 x 32 along the input dim
 FP8_MAX = 448.0          # largest finite float8_e4m3fn
@@ -32,9 +34,8 @@ E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127   # finite UE8M0 exponents (byte 0..254)
 # e2m1 code -> value; bit 3 is the sign: 0, 0.5, 1, 1.5, 2, 3, 4, 6, then the negatives.
 _E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_VALUES = torch.tensor(_E2M1_MAGNITUDES + tuple(-v for v in _E2M1_MAGNITUDES))
-# Midpoints between neighbouring magnitudes; a tie goes to the even code (the lower one at
-# 0.25, 1.25, 2.5, 5; the upper one at 0.75, 1.75, 3.5).
-_E2M1_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+# magnitude code of an e2m1 value, indexed by twice the magnitude (0, 1, 2, 3, 4, 6, 8, 12)
+_E2M1_CODE_OF_TWICE = torch.tensor([0, 1, 2, 3, 4, 0, 5, 0, 6, 0, 0, 0, 7], dtype=torch.uint8)
 
 
 # ---- UE8M0 scales -------------------------------------------------------------------------------
@@ -130,14 +131,12 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((b & 0x0F, b >> 4), dim=-1).flatten(-2)
 
 
-def _round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
-    """Float values already in [-6, 6] -> nearest e2m1 code, ties to even; sign kept (incl. -0)."""
-    mag = x.abs()
-    below = torch.bucketize(mag, _E2M1_MIDPOINTS.to(x.device, x.dtype), right=False)
-    above = torch.bucketize(mag, _E2M1_MIDPOINTS.to(x.device, x.dtype), right=True)
-    # below == above unless mag sits exactly on a midpoint; then take the even code of the pair
-    code = torch.where(below % 2 == 0, below, above)
-    return code.to(torch.uint8) | (torch.signbit(x).to(torch.uint8) << 3)
+def _e2m1_codes(x: torch.Tensor) -> torch.Tensor:
+    """Float values already in [-6, 6] -> nearest e2m1 code (ties to even, the rounding of the
+    quantisation simulation); the sign bit kept, -0 included."""
+    values = round_to_e2m1(x)
+    magnitude = _E2M1_CODE_OF_TWICE.to(x.device)[(values.abs() * 2).long()]
+    return magnitude | (torch.signbit(values).to(torch.uint8) << 3)
 
 
 def quantize_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,8 +149,10 @@ def quantize_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not torch.isfinite(w).all():
         raise ValueError("cannot quantise a weight with inf/NaN entries to FP4")
     exponent = _power_of_two_exponent(_block_amax(w, 1, FP4_BLOCK), FP4_MAX)
-    inv = torch.exp2(-exponent.double()).repeat_interleave(FP4_BLOCK, 1)
-    codes = _round_to_e2m1((w.double() * inv).clamp(-FP4_MAX, FP4_MAX))
+    inv = torch.exp2(-exponent.float()).repeat_interleave(FP4_BLOCK, 1)
+    # exact in float32 wherever it matters: only results below 2^-126 lose bits, and those
+    # round to 0 anyway
+    codes = _e2m1_codes((w * inv).clamp(-FP4_MAX, FP4_MAX))
     return pack_fp4(codes), e8m0_from_exponent(exponent)
 
 

@@ -27,23 +27,19 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
 
 
-def _random_float(spec: TensorSpec, cfg: ModelConfig, gen: torch.Generator) -> torch.Tensor:
-    """A float tensor of `spec`'s logical shape [.., in] with a sensible scale for its role."""
+def _random_float(spec: TensorSpec, gen: torch.Generator) -> torch.Tensor:
+    """A float tensor of `spec`'s logical shape (packed FP4 unpacked) scaled for its role."""
     leaf = spec.name.rpartition(".")[2]
     shape = spec.shape if spec.dtype != "I8" else (spec.shape[0], spec.shape[1] * 2)
     noise = torch.randn(shape, generator=gen)
-    if spec.name == "embed.weight":
+    if spec.name == "embed.weight" or leaf == "attn_sink":
         return noise
     if leaf == "weight" and len(shape) == 1:                 # RMSNorm gains
         return 1 + 0.1 * noise
-    if leaf == "weight":                                     # projections [out, in]
+    if leaf == "weight" or leaf.endswith("_fn"):             # projections, hc maps [out, in]
         return noise * shape[1] ** -0.5
-    if leaf.endswith("_fn"):                                  # hc maps of the normalised streams
-        return noise * shape[1] ** -0.5
-    if leaf.endswith("_scale"):
+    if leaf.endswith("_scale"):                              # hc scales
         return 0.5 + 0.1 * noise
-    if leaf == "attn_sink":
-        return noise
     return 0.1 * noise                                       # hc bases, ape, gate bias
 
 
@@ -60,14 +56,14 @@ def random_release_shards(cfg: ModelConfig, seed: int = 0) -> Iterator[dict[str,
             scale = spec_of.get(f"{owner}.scale") if leaf == "weight" else None
             gen = _generator(seed, spec.name)
             if scale is not None:
-                w = _random_float(spec, cfg, gen)
+                w = _random_float(spec, gen)
                 q, s = quant.quantize_fp8(w) if spec.dtype == "F8_E4M3" else quant.quantize_fp4(w)
                 out[spec.name], out[scale.name] = q, s.to(ST_DTYPES[scale.dtype])
             elif spec.dtype == "I64":                         # tid2eid: k distinct experts a token
                 keys = torch.rand(cfg.vocab_size, cfg.n_routed_experts, generator=gen)
                 out[spec.name] = keys.argsort(dim=1)[:, : spec.shape[1]].contiguous()
             else:
-                out[spec.name] = _random_float(spec, cfg, gen).to(ST_DTYPES[spec.dtype])
+                out[spec.name] = _random_float(spec, gen).to(ST_DTYPES[spec.dtype])
         yield out
 
 

@@ -123,3 +123,21 @@ def test_bad_formats_are_refused():
         Linear(48, 16).quantize_("fp4")
     with pytest.raises(ValueError, match="unknown weight format"):
         Linear(64, 16).quantize_("int4")
+
+
+def test_quant_sim_rounds_the_input_of_quantised_layers_only(gen):
+    from dsv4.fakequant import fp8_fake_quant
+    x = torch.randn(3, 200, generator=gen)
+    fp8 = Linear(200, 64).quantize_("fp8")
+    plain = fp8(x)
+    fp8.quant_sim = True
+    padded = torch.nn.functional.pad(x, (0, 56))                   # 200 -> two 128-blocks
+    rounded = fp8_fake_quant(padded, 128)[:, :200]
+    assert not torch.equal(rounded, x)
+    assert torch.equal(fp8(x), rounded @ fp8.dequantized_weight(torch.float32).T)
+    assert not torch.equal(fp8(x), plain)
+    dense = Linear(200, 64)
+    dense.quant_sim = True                              # float in the release: no rounding
+    assert torch.equal(dense(x), x @ dense.weight.T)
+    fp8.dequantize_(torch.float32)                      # dequantised since: still an FP8 GEMM
+    assert torch.equal(fp8(x), rounded @ fp8.weight.T)

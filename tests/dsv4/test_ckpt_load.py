@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 
 import pytest
 import torch
@@ -45,6 +46,18 @@ def stored_tensors(path) -> dict[str, torch.Tensor]:
     for f in sorted(path.glob("model-*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def load_error(path) -> str:
+    with pytest.raises(CheckpointError) as err:
+        dsv4.load_model(path)
+    return str(err.value)
+
+
+def edit_index(path, edit) -> None:
+    index = json.loads((path / INDEX_FILE).read_text())
+    edit(index["weight_map"])
+    (path / INDEX_FILE).write_text(json.dumps(index))
 
 
 def dequantised(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -133,6 +146,12 @@ def test_model_names_are_the_layout_names_for_flash_shapes():
 
 
 # ---- loading ----------------------------------------------------------------------------------
+def test_tiny_has_every_layer_and_moe_kind():
+    kinds = {(spec.kind, spec.hash_routed) for spec in CFG.layers}
+    assert {k for k, _ in kinds} == {"sliding", "csa", "hca"}
+    assert {h for _, h in kinds} == {True, False} and CFG.n_mtp_layers == 1
+
+
 def test_load_keeps_release_formats_and_exact_values(ckpt):
     model = dsv4.load_model(ckpt, dtype=torch.float32)
     stored = stored_tensors(ckpt)
@@ -150,6 +169,18 @@ def test_load_keeps_release_formats_and_exact_values(ckpt):
                  "layers.3.ffn.gate.bias", "mtp.0.hnorm.weight"):
         assert sd[name].dtype == torch.float32 and torch.equal(sd[name], stored[name].float())
     assert torch.equal(sd["layers.0.ffn.gate.tid2eid"], stored["layers.0.ffn.gate.tid2eid"])
+
+
+def test_f32_scales_load_to_the_same_weights(ckpt, tmp_path):
+    """Checkpoints with float32 block scales (scale_dtype "fp32", as the Base models have)."""
+    path = shutil.copytree(ckpt, tmp_path / "ckpt")
+    for f in path.glob("model-*.safetensors"):
+        save_file({k: v.float() if k.endswith(".scale") else v for k, v in load_file(f).items()}, f)
+    a, b = dsv4.load_model(ckpt, dtype=torch.float32), dsv4.load_model(path, dtype=torch.float32)
+    assert b.layers[2].ffn.experts[0].w2.scale.dtype == torch.float32
+    for (name, la), lb in zip(a.named_modules(), b.modules()):
+        if isinstance(la, Linear):
+            assert torch.equal(la.dequantized_weight(torch.float32), lb.dequantized_weight(torch.float32)), name
 
 
 def test_bf16_load_keeps_f32_tensors_f32(ckpt):
@@ -184,10 +215,7 @@ def test_quant_sim_is_passed_through(ckpt, ids):
 
 # ---- errors -----------------------------------------------------------------------------------
 def test_missing_unexpected_and_misshaped_tensors_are_listed_together(ckpt, tmp_path):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in ckpt.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
+    broken = shutil.copytree(ckpt, tmp_path / "broken")
     shard = broken / shard_file_name(3, n_shards(CFG))              # layers.1
     tensors = load_file(shard)
     del tensors["layers.1.attn.kv_norm.weight"]
@@ -195,13 +223,13 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed_together(ckpt, tmp_
     tensors["layers.1.attn.extra_thing"] = torch.zeros(2)
     tensors["layers.1.attn.attn_sink"] = tensors["layers.1.attn.attn_sink"].to(torch.int64)
     save_file(tensors, shard)
-    index = json.loads((broken / INDEX_FILE).read_text())
-    index["weight_map"]["layers.1.attn.extra_thing"] = shard.name
-    del index["weight_map"]["layers.1.attn.kv_norm.weight"]
-    (broken / INDEX_FILE).write_text(json.dumps(index))
-    with pytest.raises(CheckpointError) as err:
-        dsv4.load_model(broken)
-    msg = str(err.value)
+
+    def edit(weight_map):
+        weight_map["layers.1.attn.extra_thing"] = shard.name
+        del weight_map["layers.1.attn.kv_norm.weight"]
+
+    edit_index(broken, edit)
+    msg = load_error(broken)
     assert "4 problems" in msg
     assert "missing: layers.1.attn.kv_norm.weight" in msg
     assert "unexpected: layers.1.attn.extra_thing" in msg
@@ -210,17 +238,11 @@ def test_missing_unexpected_and_misshaped_tensors_are_listed_together(ckpt, tmp_
 
 
 def test_index_naming_an_absent_tensor_or_shard(ckpt, tmp_path):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in ckpt.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
-    index = json.loads((broken / INDEX_FILE).read_text())
-    index["weight_map"]["layers.0.ghost"] = shard_file_name(2, n_shards(CFG))
-    index["weight_map"]["layers.0.other"] = "model-00099-of-00007.safetensors"
-    (broken / INDEX_FILE).write_text(json.dumps(index))
-    with pytest.raises(CheckpointError) as err:
-        dsv4.load_model(broken)
-    msg = str(err.value)
+    broken = shutil.copytree(ckpt, tmp_path / "broken")
+    edit_index(broken, lambda weight_map: weight_map.update({
+        "layers.0.ghost": shard_file_name(2, n_shards(CFG)),
+        "layers.0.other": "model-00099-of-00007.safetensors"}))
+    msg = load_error(broken)
     assert "layers.0.ghost: listed in model.safetensors.index.json under model-00002" in msg
     assert "shard model-00099-of-00007.safetensors named in model.safetensors.index.json is missing" in msg
     with pytest.raises(FileNotFoundError, match="no config.json"):
@@ -231,24 +253,22 @@ def test_index_naming_an_absent_tensor_or_shard(ckpt, tmp_path):
         dsv4.load_model(tmp_path / "nowhere")
 
 
-def test_bad_config_keys_are_named(ckpt, tmp_path):
-    for f in ckpt.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
+@pytest.mark.parametrize("change,error,match", [
+    ({"hidden_size": None}, ValueError, "hidden_size"),
+    ({"compress_ratios": [0, 4, 7, 4, 0]}, ValueError, "compress_ratios"),
+    ({"hidden_size": 128}, CheckpointError, r"wrong shape: embed.weight is \[512, 64\]"),  # valid, but not these shards
+])
+def test_bad_config_keys_are_named(ckpt, tmp_path, change, error, match):
+    path = shutil.copytree(ckpt, tmp_path / "ckpt")
     hf = json.loads((ckpt / "config.json").read_text())
-    del hf["hidden_size"]
-    (tmp_path / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(ValueError, match="hidden_size"):
-        dsv4.load_model(tmp_path)
-    hf = json.loads((ckpt / "config.json").read_text())
-    hf["compress_ratios"] = [0, 4, 7, 4, 0]
-    (tmp_path / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(ValueError, match="compress_ratios"):
-        dsv4.load_model(tmp_path)
-    hf = json.loads((ckpt / "config.json").read_text())
-    hf["hidden_size"] = 128                   # a valid config the shards do not match
-    (tmp_path / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(CheckpointError, match="wrong shape: embed.weight is \\[512, 64\\]"):
-        dsv4.load_model(tmp_path)
+    for key, value in change.items():
+        if value is None:
+            del hf[key]
+        else:
+            hf[key] = value
+    (path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(error, match=match):
+        dsv4.load_model(path)
 
 
 # ---- saving -----------------------------------------------------------------------------------
@@ -307,3 +327,39 @@ def test_save_refuses_a_model_that_does_not_match_its_config(tmp_path, seed):
     other = CFG.replace(n_routed_experts=4, n_activated_experts=2)
     with pytest.raises(CheckpointError, match="model has layers.1.ffn.experts.4.w1.weight"):
         dsv4.save_checkpoint(model, tmp_path / "x", config=other)
+
+
+def test_save_names_a_linear_of_the_wrong_size(tmp_path, seed):
+    model = random_model(CFG, seed=seed)
+    model.layers[0].attn.wq_a = Linear(CFG.dim, CFG.q_lora_rank + 1)
+    with pytest.raises(CheckpointError, match=r"layers.0.attn.wq_a.weight: the model's Linear\(64, 49\) "
+                                              r"does not give the layout's \[48, 64\] F8_E4M3"):
+        dsv4.save_checkpoint(model, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_load_keeps_formats_and_matches_cpu(ckpt, ids):
+    gpu = dsv4.load_model(ckpt, device="cuda", dtype=torch.float32)
+    assert gpu.quant_sim is True                          # default for quantised CUDA weights
+    assert gpu.layers[1].attn.wq_b.weight.dtype == torch.float8_e4m3fn
+    assert gpu.layers[1].attn.wq_b.weight.is_cuda and gpu.layers[1].ffn.experts[0].w1.scale.is_cuda
+    gpu.quant_sim = False
+    cpu = dsv4.load_model(ckpt, dtype=torch.float32)
+    torch.testing.assert_close(gpu(ids.cuda()).cpu(), cpu(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_a_loaded_model_owns_its_memory(ckpt, tmp_path, ids, seed):
+    """The loader copies out of the memory-mapped shards: zeroing the files in place (as a copy or
+    download tool writing over them would) leaves the model unchanged; so does saving over them."""
+    path = shutil.copytree(ckpt, tmp_path / "ckpt")
+    model = dsv4.load_model(path)                                    # bf16: FP8 / FP4 kept as stored
+    before = model(ids)
+    for f in path.glob("model-*.safetensors"):
+        with open(f, "r+b") as fh:
+            fh.seek(4096)
+            fh.write(bytes(f.stat().st_size - 4096))
+    assert torch.equal(model(ids), before)
+    dsv4.save_checkpoint(random_model(CFG, seed=seed + 1), path)      # other weights, same names
+    assert torch.equal(model(ids), before)
+    assert not torch.equal(dsv4.load_model(path)(ids), before)
