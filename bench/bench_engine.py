@@ -164,6 +164,34 @@ def decode_rate(engine: Engine, sessions, steps: int, clock: Clock) -> float:
     return len(sessions) * steps / t
 
 
+def model_only_decode(model, caches, steps: int, clock: Clock) -> float:
+    """Greedy decode straight through the model (no engine): the floor the engine adds to."""
+    nxt = torch.zeros(len(caches), 1, dtype=torch.long, device=caches[0].device)
+
+    def run():
+        nonlocal nxt
+        with torch.inference_mode():
+            for _ in range(steps):
+                nxt = model(nxt, caches=caches, last_only=True)[:, -1].argmax(-1, keepdim=True)
+
+    run_t, _ = clock.time(run)
+    return len(caches) * steps / run_t
+
+
+def profile_decode(model, caches, path: Path) -> None:
+    """Top operators of 3 decode steps (torch.profiler), written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    nxt = torch.zeros(len(caches), 1, dtype=torch.long, device=caches[0].device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.inference_mode():
+        for _ in range(3):
+            nxt = model(nxt, caches=caches, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    table += "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    path.write_text(table)
+
+
 def bench_engine(args, cfg, model, device, clock, results, save):
     engine = Engine(model, prefill_chunk=args.chunk, snapshot_every=args.chunk * 16, max_snapshots=2)
     bf16_formula = engine.kv_bytes_per_token
@@ -237,11 +265,16 @@ def bench_engine(args, cfg, model, device, clock, results, save):
         sessions = [base.fork() for _ in range(batch)]
         decode_rate(engine, sessions, 2, clock)  # warm-up; forks take their own copies here
         rate = decode_rate(engine, sessions, args.decode_steps, clock)
+        caches = [s._ref.cache for s in sessions]
+        floor = model_only_decode(model, caches, args.decode_steps, clock)
+        if args.profile and device.type == "cuda":
+            profile_decode(model, caches, args.out.parent / f"profile_decode_b{batch}.txt")
         step_bytes = weight_bytes_per_decode_step(model, cfg, batch)
         decode[str(batch)] = {"batch": batch, "context": args.decode_context, "tokens_per_s": rate,
+                              "model_only_tokens_per_s": floor,
                               "step_ms": 1000 * batch / rate, "weight_bytes_per_step": step_bytes,
                               "weight_TBps": step_bytes * rate / batch / 1e12}
-        print(f"decode b={batch}: {rate:,.1f} tok/s", flush=True)
+        print(f"decode b={batch}: {rate:,.1f} tok/s (model alone {floor:,.1f})", flush=True)
         for s in sessions:
             s.close()
         save()
@@ -369,6 +402,7 @@ def main(argv=None):
     p.add_argument("--decode-context", type=int, default=4096)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--fp8", action="store_true", help="also measure the FP8 KV cache")
+    p.add_argument("--profile", action="store_true", help="write torch.profiler tables of decode")
     p.add_argument("--fp8-tokens", type=int, default=32768)
     p.add_argument("--hf", action="store_true", help="also run HF transformers' DeepseekV4")
     p.add_argument("--hf-prefill", type=ints, default=ints("4096,8192,16384"))
