@@ -42,7 +42,7 @@ class Observer:
 
     def tool_call(self, call: ParsedCall) -> None: ...
 
-    def turn_finished(self, step: int, turn: Usage, total: Usage, prefill_s: float, decode_s: float) -> None: ...
+    def turn_finished(self, step: int, turn: Usage, total: Usage, prefill_s: float, decode_s: float, info: dict) -> None: ...
 
     def tool_result(self, outcome: ToolOutcome) -> None: ...
 
@@ -152,13 +152,14 @@ class RichDisplay(Observer):
         else:
             self._print(Text(f"→ {call.name}({_short(call.arguments)})", style="yellow"))
 
-    def turn_finished(self, step: int, turn: Usage, total: Usage, prefill_s: float, decode_s: float) -> None:
+    def turn_finished(self, step: int, turn: Usage, total: Usage, prefill_s: float, decode_s: float, info: dict) -> None:
         self._flush_partial()
         self._usage = total
+        extra = "".join(f" · {k.replace('_', ' ')} {v:,}" if isinstance(v, int) else f" · {k.replace('_', ' ')} {v}" for k, v in info.items())
         self._print(
             Text(
                 f"decoded {turn.decoded:,} tokens (reasoning {turn.reasoning:,}, content {turn.content:,}, "
-                f"tool calls {turn.tool_call:,}) in {decode_s:.2f} s",
+                f"tool calls {turn.tool_call:,}) in {decode_s:.2f} s{extra}",
                 style="dim cyan",
             )
         )

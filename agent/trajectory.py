@@ -88,6 +88,7 @@ class EngineCall(_Event):
     content: str
     incomplete_call: str | None = Field(None, description="a call the output cut off; it did not run")
     parse_warnings: list[str] = Field(default_factory=list, description="what the tolerant parser recovered from")
+    backend_info: dict[str, Any] = Field(default_factory=dict, description="Backend.turn_info(): KV bytes, forced-token statistics")
 
 
 class ToolCall(_Event):
