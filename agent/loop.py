@@ -272,24 +272,15 @@ class Agent:
 
         Returns the ids to prefill next, or None when the last recorded turn already answered the task.
         """
-        started, records = history.started, history.steps
-        # The prefix is rendered with the *recorded* schemas, so the history's tokens are exactly as before.
-        prompt = encoder.prompt(_prompt_messages(started.system_prompt, started.tools, task))
-        if len(prompt) != started.prompt_tokens:
-            raise RunStopped(ExitStatus.error, f"the re-rendered prompt has {len(prompt)} tokens, the trajectory {started.prompt_tokens}")
+        records = history.steps
         self.observer.run_started(run_id, self.backend.label, task, list(tools), len(records) + 1)
         state.step = len(records) + 1
         state.steps_done = len(records)
+        session = history.replay_into(encoder)  # every id the interrupted session held
         if not records:
             await self.backend.restore([], turns_done=0)
             writer.write(RunResumed(from_step=1, reprefill_tokens=0))
-            return prompt
-        session = list(prompt)  # every id the interrupted session held
-        for record in records:
-            record.record_into(encoder)
-            session += record.call.token_ids
-            if record is not records[-1]:
-                session += record.followup_ids(encoder, history.extra_notices(record.step))
+            return session  # the prompt: nothing was decoded yet
         last = records[-1]
         if last.final_answer is not None:
             state.final_answer = last.final_answer
@@ -303,8 +294,8 @@ class Agent:
                 self._record_outcome(writer, last.step, outcome)
                 last.results[call.call_id] = _result_event(last.step, outcome)
         notices = history.extra_notices(last.step)
-        if [s["function"] for s in schemas] != [s["function"] for s in started.tools]:
-            text = _tools_changed_text(started.tools, schemas)
+        if [s["function"] for s in schemas] != [s["function"] for s in history.started.tools]:
+            text = _tools_changed_text(history.started.tools, schemas)
             writer.write(Notice(step=last.step, kind="tools_changed", text=text))
             self.observer.notice("tools_changed", text)
             notices.append(text)
