@@ -107,7 +107,7 @@ class ToolResultEvent(_Event):
     name: str
     content: str
     is_error: bool
-    error_kind: str | None = Field(None, description="malformed, unknown_tool, bad_arguments, exception, timeout, sandbox, mcp, denied")
+    error_kind: str | None = Field(None, description="malformed, unknown_tool, denied, bad_arguments, timeout, mcp, command_failed, exception")
     wall_s: float = 0.0
 
 

@@ -1,9 +1,6 @@
 """Shared fixtures of the agent tests: the anyio backend, one thread for torch, small helper tools."""
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
 
 try:
@@ -18,8 +15,3 @@ except ImportError:
 def anyio_backend():
     return "asyncio"
 
-
-def docker_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0

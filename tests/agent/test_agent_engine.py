@@ -1,5 +1,5 @@
-"""EngineBackend on a tiny random DSV4 checkpoint: only new tokens are prefilled, the resident KV
-cache equals a full recompute, resume rebuilds the same session, sampling is reproducible."""
+"""EngineBackend on a tiny random DSV4 checkpoint: each turn prefills only its new tokens, the session
+holds exactly the conversation, resume rebuilds the same session, seeded sampling is reproducible."""
 from __future__ import annotations
 
 import anyio
