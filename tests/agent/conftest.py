@@ -1,14 +1,11 @@
-"""Shared fixtures of the agent tests: the anyio backend, one thread for torch, small helper tools."""
+"""Shared settings of the agent tests: the anyio backend, one thread for torch."""
 from __future__ import annotations
 
 import pytest
 
-try:
-    import torch
+import torch
 
-    torch.set_num_threads(1)  # the machine's 2 cores are shared by every engineer's tests
-except ImportError:
-    pass
+torch.set_num_threads(1)  # the machine's 2 cores are shared by every engineer's tests
 
 
 @pytest.fixture
