@@ -159,10 +159,12 @@ class Agent:
                     thinking_mode="thinking" if thinking else "chat",
                     reasoning_effort="max" if self.config.effort == "max" else None,
                 )
+                self.observer.run_started(run_id, self.backend.label, task, len(history.steps) + 1 if history else None)
                 with self._interruptible():
                     await self.backend.start(tokenizer)  # may load weights: Ctrl-C stops it
                 resources.push_async_callback(_shielded, self.backend.close)
                 tools = await self._open(resources, writer)
+                self.observer.tools_ready(list(tools))
                 runner = self._runner(tools, run_id)
                 with self._interruptible(), anyio.CancelScope(deadline=budget.deadline or float("inf")) as wall:
                     state.pending = await self._begin(writer, run_id, task, encoder, runner, tools, history, state)
@@ -262,7 +264,6 @@ class Agent:
                 )
             )
             state.run_started_written = True
-            self.observer.run_started(run_id, self.backend.label, task, list(tools), None)
             state.step = 1
             return ids
         return await self._rebuild(writer, run_id, task, encoder, runner, tools, schemas, history, state)
@@ -273,7 +274,6 @@ class Agent:
         Returns the ids to prefill next, or None when the last recorded turn already answered the task.
         """
         records = history.steps
-        self.observer.run_started(run_id, self.backend.label, task, list(tools), len(records) + 1)
         state.step = len(records) + 1
         state.steps_done = len(records)
         session = history.replay_into(encoder)  # every id the interrupted session held
