@@ -14,12 +14,14 @@ from typing import Any, Awaitable, Callable, List, Optional
 import anyio
 import typer
 from rich.console import Console
+from rich.panel import Panel
 
 from agent.config import AgentConfig
 from agent.display import RichDisplay
 from agent.spec import BackendSpec, RunSpec, SandboxSpec, build_agent, build_mcp_servers
 from agent.status import ExitStatus
 from agent.trajectory import TRAJECTORY_FILE, RunStarted, TrajectoryError, new_run_id, read_events, resolve_run
+from sandboxes.cli import sandbox_app
 
 app = typer.Typer(
     help="Run DeepSeek-V4 as a tool-using agent on its own embedded engine.",
@@ -74,7 +76,7 @@ def run(
     sandbox: str = typer.Option("docker", "--sandbox", help="docker, local (no isolation) or none"),
     image: Optional[str] = typer.Option(None, "--image", help="docker image for the sandbox"),
     network: bool = typer.Option(False, "--network", help="give the docker sandbox network access"),
-    workspace: Optional[Path] = typer.Option(None, "--workspace", help="local sandbox folder (default: the run's folder/workspace)"),
+    workspace: Optional[Path] = typer.Option(None, "--workspace", help="host folder of the sandbox's workspace (default: <run>/workspace)"),
     mcp: List[str] = typer.Option([], "--mcp", help="an MCP server, NAME=COMMAND ARGS or NAME=URL; repeatable"),
     mcp_config: Optional[Path] = typer.Option(None, "--mcp-config", help='JSON file {"mcpServers": {...}}'),
     effort: str = typer.Option("max", "--effort", help="max (Think Max), high (thinking) or none (chat)"),
@@ -87,12 +89,14 @@ def run(
     output_dir: Path = OUTPUT_DIR,
 ) -> None:
     """Run one task to completion and exit with its status code."""
+    run_id = new_run_id()
     if demo:
         from agent.demo import demo_spec
 
         if task or model or scripted:
             raise _usage_error("--demo runs its own task and backend; drop TASK, --model and --scripted")
-        spec, task = demo_spec(output_dir)
+        spec, task, notes = demo_spec(output_dir, run_id)
+        console.print(Panel("\n".join(notes), title="dsv4-agent demo: what is real in this run", expand=False))
     else:
         if not task.strip():
             raise _usage_error("give a TASK (or --demo)")
@@ -117,10 +121,10 @@ def run(
         build_mcp_servers(spec)  # reject a bad flag or file now, with its message
     except ValueError as e:
         raise _usage_error(str(e)) from None
-    run_id = new_run_id()
     if not demo:
-        local_dir = str((workspace or output_dir / run_id / "workspace").absolute()) if sandbox == "local" else None
-        spec.sandbox = SandboxSpec(kind=sandbox, image=image, network=network, workspace=local_dir)
+        # The run's files live with the run (bind-mounted into a docker sandbox), so `resume` finds them.
+        folder = str((workspace or output_dir / run_id / "workspace").absolute()) if sandbox != "none" else None
+        spec.sandbox = SandboxSpec(kind=sandbox, image=image, network=network, workspace=folder)
     spec = spec.model_copy(update={"config": agent_config})
     if agent_config.approval == "confirm" and not os.isatty(0):
         raise _usage_error("tool calls need confirmation but stdin is not a terminal: use --sandbox docker or --yolo")
@@ -199,7 +203,7 @@ def replay(
     recorded = sorted((e for e in events if e.event == "engine_call"), key=lambda e: e.step)
     run_id = new_run_id()
     sandbox = spec.sandbox
-    if sandbox.kind == "local":  # a fresh workspace: the replay must not see the original run's files
+    if sandbox.kind != "none":  # a fresh workspace: the replay must not see the original run's files
         sandbox = sandbox.model_copy(update={"workspace": str((output_dir / run_id / "workspace").absolute())})
     backend = BackendSpec(kind="scripted", completions=[e.token_ids for e in recorded])
     spec = spec.model_copy(update={"backend": backend, "sandbox": sandbox})
@@ -234,12 +238,4 @@ def version() -> None:
     typer.echo(_v("dsv4-agent"))
 
 
-def _mount_sandbox_app() -> None:
-    try:
-        from sandboxes.cli import sandbox_app
-    except ImportError:  # the sandboxes CLI is optional until that package ships it
-        return
-    app.add_typer(sandbox_app, name="sandbox", help="Docker sandboxes: build the image, list, reap.")
-
-
-_mount_sandbox_app()
+app.add_typer(sandbox_app, name="sandbox")

@@ -27,7 +27,10 @@ if TYPE_CHECKING:
 class Observer:
     """Hooks the loop calls as a run unfolds. Override what you need; every hook is optional."""
 
-    def run_started(self, run_id: str, backend: str, task: str, tools: list[str], resumed_from: int | None) -> None: ...
+    def run_started(self, run_id: str, backend: str, task: str, resumed_from: int | None) -> None: ...
+
+    def tools_ready(self, tools: list[str]) -> None:
+        """The sandbox and MCP servers are up; `tools` are the names rendered into the prompt."""
 
     def turn_started(self, step: int, max_steps: int) -> None: ...
 
@@ -42,7 +45,7 @@ class Observer:
 
     def tool_call(self, call: ParsedCall) -> None: ...
 
-    def turn_finished(self, step: int, turn: Usage, total: Usage, prefill_s: float, decode_s: float) -> None: ...
+    def turn_finished(self, step: int, turn: Usage, total: Usage, prefill_s: float, decode_s: float, info: dict) -> None: ...
 
     def tool_result(self, outcome: ToolOutcome) -> None: ...
 
@@ -117,15 +120,17 @@ class RichDisplay(Observer):
         self._section = None
 
     # --- observer hooks ------------------------------------------------------------------------------
-    def run_started(self, run_id: str, backend: str, task: str, tools: list[str], resumed_from: int | None) -> None:
+    def run_started(self, run_id: str, backend: str, task: str, resumed_from: int | None) -> None:
         self._started = time.monotonic()
         verb = f"resuming run {run_id} at step {resumed_from}" if resumed_from else f"run {run_id}"
         self.console.rule(f"[bold]dsv4-agent[/] {escape(verb)}")
         self.console.print(f"[bold]backend[/]  {escape(backend)}")
-        self.console.print(f"[bold]tools[/]    {escape(', '.join(tools) or '(none)')}")
         self.console.print(f"[bold]task[/]     {escape(task)}")
         self._live = Live(self._footer(), console=self.console, refresh_per_second=12, transient=True)
         self._live.start()
+
+    def tools_ready(self, tools: list[str]) -> None:
+        self._print(Text.assemble(("tools", "bold"), f"    {', '.join(tools) or '(none)'}"))
 
     def turn_started(self, step: int, max_steps: int) -> None:
         self._step, self._max_steps = step, max_steps
@@ -152,13 +157,14 @@ class RichDisplay(Observer):
         else:
             self._print(Text(f"→ {call.name}({_short(call.arguments)})", style="yellow"))
 
-    def turn_finished(self, step: int, turn: Usage, total: Usage, prefill_s: float, decode_s: float) -> None:
+    def turn_finished(self, step: int, turn: Usage, total: Usage, prefill_s: float, decode_s: float, info: dict) -> None:
         self._flush_partial()
         self._usage = total
+        extra = "".join(f" · {k.replace('_', ' ')} {v:,}" if isinstance(v, int) else f" · {k.replace('_', ' ')} {v}" for k, v in info.items())
         self._print(
             Text(
                 f"decoded {turn.decoded:,} tokens (reasoning {turn.reasoning:,}, content {turn.content:,}, "
-                f"tool calls {turn.tool_call:,}) in {decode_s:.2f} s",
+                f"tool calls {turn.tool_call:,}) in {decode_s:.2f} s{extra}",
                 style="dim cyan",
             )
         )

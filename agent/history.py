@@ -123,6 +123,24 @@ class History:
             reason = f" ({exit_event.message})" if exit_event else ""
             raise TrajectoryError(f"run {run_id} failed before its first prompt{reason}; start it again with `run`")
 
+    def prompt_messages(self) -> list[dict[str, Any]]:
+        """The first prompt, rendered from the recorded schemas so the history's tokens are exactly as before."""
+        started = self.started
+        return [{"role": "system", "content": started.system_prompt, "tools": started.tools}, {"role": "user", "content": started.task}]
+
+    def replay_into(self, encoder: Any) -> list[int]:
+        """Feed the recorded run to a fresh `AppendOnlyEncoder`; return every id the session held:
+        the prompt, each turn, and the ids appended after every turn but the last."""
+        ids = encoder.prompt(self.prompt_messages())
+        if len(ids) != self.started.prompt_tokens:
+            raise TrajectoryError(f"the re-rendered prompt has {len(ids)} tokens, the trajectory {self.started.prompt_tokens}")
+        for record in self.steps:
+            record.record_into(encoder)
+            ids += record.call.token_ids
+            if record is not self.steps[-1]:
+                ids += record.followup_ids(encoder, self.extra_notices(record.step))
+        return ids
+
     def extra_notices(self, step: int) -> list[str]:
         return [n.text for n in self.notices if n.step == step]
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import anyio
 
@@ -127,6 +127,19 @@ class Agent:
         if self._scope is not None:
             self._scope.cancel()
 
+    @contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        """A phase `cancel()` stops at once; the run then ends as interrupted once resources are closed."""
+        if self._cancelled:
+            raise RunStopped(ExitStatus.interrupted, "interrupted")
+        try:
+            with anyio.CancelScope() as self._scope:
+                yield
+        finally:
+            self._scope = None
+        if self._cancelled:
+            raise RunStopped(ExitStatus.interrupted, "interrupted")
+
     # --- one run ---------------------------------------------------------------------------------------
     async def _execute(self, run_dir: Path, run_id: str, task: str, history: History | None) -> RunResult:
         from encoding import AppendOnlyEncoder
@@ -138,24 +151,28 @@ class Agent:
         status, message = ExitStatus.error, ""
         budget = Budget(self.config, started)
         try:
-            with anyio.CancelScope() as self._scope:
-                async with AsyncExitStack() as resources:
-                    tokenizer = self._tokenizer_or_default()
-                    thinking = self.config.effort != "none"
-                    encoder = AppendOnlyEncoder(
-                        tokenizer,
-                        thinking_mode="thinking" if thinking else "chat",
-                        reasoning_effort="max" if self.config.effort == "max" else None,
-                    )
-                    tools = await self._open(resources, writer)
-                    runner = self._runner(tools, run_id)
-                    with anyio.CancelScope(deadline=budget.deadline or float("inf")) as wall:
-                        state.pending = await self._begin(writer, run_id, task, encoder, runner, tools, history, state)
-                        if state.pending is not None:
-                            state.final_answer = await self._steps(writer, tokenizer, encoder, runner, budget, thinking, state)
-                        status = ExitStatus.completed
-                    if wall.cancelled_caught:
-                        status, message = ExitStatus.timeout, f"wall-clock budget spent ({self.config.max_wall_s:g} s)"
+            async with AsyncExitStack() as resources:  # closed outside every cancel scope below
+                tokenizer = self._tokenizer_or_default()
+                thinking = self.config.effort != "none"
+                encoder = AppendOnlyEncoder(
+                    tokenizer,
+                    thinking_mode="thinking" if thinking else "chat",
+                    reasoning_effort="max" if self.config.effort == "max" else None,
+                )
+                self.observer.run_started(run_id, self.backend.label, task, len(history.steps) + 1 if history else None)
+                with self._interruptible():
+                    await self.backend.start(tokenizer)  # may load weights: Ctrl-C stops it
+                resources.push_async_callback(_shielded, self.backend.close)
+                tools = await self._open(resources, writer)
+                self.observer.tools_ready(list(tools))
+                runner = self._runner(tools, run_id)
+                with self._interruptible(), anyio.CancelScope(deadline=budget.deadline or float("inf")) as wall:
+                    state.pending = await self._begin(writer, run_id, task, encoder, runner, tools, history, state)
+                    if state.pending is not None:
+                        state.final_answer = await self._steps(writer, tokenizer, encoder, runner, budget, thinking, state)
+                    status = ExitStatus.completed
+                if wall.cancelled_caught and not self._cancelled:
+                    status, message = ExitStatus.timeout, f"wall-clock budget spent ({self.config.max_wall_s:g} s)"
         except Exception as e:  # noqa: BLE001 - recorded in the trajectory and returned as status error
             leaf = _single_leaf(e)  # a stop raised inside a turn's task group arrives wrapped in a group
             if isinstance(leaf, RunStopped):
@@ -165,8 +182,6 @@ class Agent:
         except BaseException:  # KeyboardInterrupt, or the caller cancelled us: record it, then let it go on
             self._finish(writer, state, run_id, task, ExitStatus.interrupted, "interrupted from outside", started)
             raise
-        finally:
-            self._scope = None
         if self._cancelled:
             status, message = ExitStatus.interrupted, "interrupted (Ctrl-C); continue with `dsv4-agent resume`"
         return self._finish(writer, state, run_id, task, status, message, started)
@@ -192,18 +207,18 @@ class Agent:
         return result
 
     async def _open(self, resources: AsyncExitStack, writer: TrajectoryWriter) -> dict[str, Any]:
-        """Start the backend, the sandbox and the MCP servers (closed by `resources`, shielded); return the tools."""
-        await self.backend.start(self._tokenizer_or_default())
-        resources.push_async_callback(_shielded, self.backend.close)
+        """Start the sandbox and the MCP servers (closed by `resources`); return the tools by name."""
         if self.sandbox is not None:
-            await _enter(resources, self.sandbox)
+            await _enter(resources, self.sandbox, shield=True)
             detail = f"{type(self.sandbox).__name__} started"
             writer.write(SandboxEvent(kind="started", detail=detail))
             self.observer.sandbox("started", detail)
             resources.callback(lambda: writer.write(SandboxEvent(kind="stopped", detail=f"{type(self.sandbox).__name__} closed")))
         tools = list(self.tools) if self.tools is not None else _default_tools(self.sandbox)
         for server in self.mcp_servers:
-            await _enter(resources, server)  # connects and lists the server's tools once
+            # Connects and lists the tools once. Not shielded on exit: its owner task must leave its
+            # own task group in order, and it kills the server's process group itself.
+            await _enter(resources, server, shield=False)
             tools.extend(server.as_tools())
         table: dict[str, Any] = {}
         for tool in tools:
@@ -249,7 +264,6 @@ class Agent:
                 )
             )
             state.run_started_written = True
-            self.observer.run_started(run_id, self.backend.label, task, list(tools), None)
             state.step = 1
             return ids
         return await self._rebuild(writer, run_id, task, encoder, runner, tools, schemas, history, state)
@@ -259,24 +273,14 @@ class Agent:
 
         Returns the ids to prefill next, or None when the last recorded turn already answered the task.
         """
-        started, records = history.started, history.steps
-        # The prefix is rendered with the *recorded* schemas, so the history's tokens are exactly as before.
-        prompt = encoder.prompt(_prompt_messages(started.system_prompt, started.tools, task))
-        if len(prompt) != started.prompt_tokens:
-            raise RunStopped(ExitStatus.error, f"the re-rendered prompt has {len(prompt)} tokens, the trajectory {started.prompt_tokens}")
-        self.observer.run_started(run_id, self.backend.label, task, list(tools), len(records) + 1)
+        records = history.steps
         state.step = len(records) + 1
         state.steps_done = len(records)
+        session = history.replay_into(encoder)  # every id the interrupted session held
         if not records:
             await self.backend.restore([], turns_done=0)
             writer.write(RunResumed(from_step=1, reprefill_tokens=0))
-            return prompt
-        session = list(prompt)  # every id the interrupted session held
-        for record in records:
-            record.record_into(encoder)
-            session += record.call.token_ids
-            if record is not records[-1]:
-                session += record.followup_ids(encoder, history.extra_notices(record.step))
+            return session  # the prompt: nothing was decoded yet
         last = records[-1]
         if last.final_answer is not None:
             state.final_answer = last.final_answer
@@ -290,8 +294,8 @@ class Agent:
                 self._record_outcome(writer, last.step, outcome)
                 last.results[call.call_id] = _result_event(last.step, outcome)
         notices = history.extra_notices(last.step)
-        if [s["function"] for s in schemas] != [s["function"] for s in started.tools]:
-            text = _tools_changed_text(started.tools, schemas)
+        if [s["function"] for s in schemas] != [s["function"] for s in history.started.tools]:
+            text = _tools_changed_text(history.started.tools, schemas)
             writer.write(Notice(step=last.step, kind="tools_changed", text=text))
             self.observer.notice("tools_changed", text)
             notices.append(text)
@@ -307,11 +311,11 @@ class Agent:
             budget.before_step(state.step, state.usage)
             self.observer.turn_started(state.step, self.config.max_steps)
             t0 = time.monotonic()
-            reused = await self.backend.prefill(state.pending)
+            computed, reused = await self.backend.prefill(state.pending)
             prefill_s = time.monotonic() - t0
-            state.usage.prefill_new += len(state.pending)
+            state.usage.prefill_new += computed
             state.usage.prefill_reused += reused
-            self.observer.prefilled(state.step, len(state.pending), reused, prefill_s)
+            self.observer.prefilled(state.step, computed, reused, prefill_s)
             budget.check_tokens(state.usage)
             cap = budget.decode_cap(state.usage)
             step = state.step
@@ -329,9 +333,10 @@ class Agent:
                     observer=self.observer, running_total=state.usage, on_call=calls.submit,
                 )  # fmt: skip
                 state.usage.engine_calls += 1
-                turn.usage.prefill_new, turn.usage.prefill_reused = len(state.pending), reused
+                turn.usage.prefill_new, turn.usage.prefill_reused = computed, reused
+                turn.backend_info = self.backend.turn_info()
                 writer.write(_engine_call_event(step, turn, prefill_s))
-                self.observer.turn_finished(step, turn.usage, state.usage, prefill_s, turn.decode_s)
+                self.observer.turn_finished(step, turn.usage, state.usage, prefill_s, turn.decode_s, turn.backend_info)
                 state.steps_done = step
                 if turn.stop_reason == "max_tokens" and cap < self.config.max_turn_tokens:
                     group.cancel_scope.cancel()
@@ -391,6 +396,7 @@ def _engine_call_event(step: int, turn: DecodedTurn, prefill_s: float) -> Engine
         content=turn.content,
         incomplete_call=turn.incomplete_call,
         parse_warnings=turn.parse_warnings,
+        backend_info=turn.backend_info,
     )
 
 
@@ -435,9 +441,13 @@ def _single_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _enter(resources: AsyncExitStack, manager: Any) -> Any:
-    """Enter an async context manager now; exit it later, shielded from cancellation and time-limited."""
+async def _enter(resources: AsyncExitStack, manager: Any, *, shield: bool) -> Any:
+    """Enter an async context manager now; exit it with `resources`, shielded from an outer
+    cancellation and time-limited when `shield` (only for managers that open no task group)."""
     value = await manager.__aenter__()
+    if not shield:
+        resources.push_async_exit(manager.__aexit__)
+        return value
 
     async def close(*exc_info) -> bool:
         with anyio.CancelScope(shield=True) as scope:

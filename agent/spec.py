@@ -29,7 +29,7 @@ class SandboxSpec(BaseModel):
 
     kind: Literal["docker", "local", "none"] = "docker"
     image: str | None = Field(None, description="docker image; the sandboxes default when None")
-    workspace: str | None = Field(None, description="local: the host folder commands run in")
+    workspace: str | None = Field(None, description="the host folder of the workspace (docker bind-mounts it)")
     network: bool = Field(False, description="docker: allow network access")
 
 
@@ -56,7 +56,7 @@ def build_backend(spec: BackendSpec) -> Any:
 
     if spec.model is None:
         raise ValueError("an engine backend needs a checkpoint: pass --model PATH")
-    return EngineBackend.from_checkpoint(spec.model, device=spec.device, seed=spec.seed)
+    return EngineBackend(spec.model, device=spec.device, seed=spec.seed)
 
 
 def build_sandbox(spec: SandboxSpec) -> Any:
@@ -70,7 +70,7 @@ def build_sandbox(spec: SandboxSpec) -> Any:
         return LocalSandbox(spec.workspace)
     from sandboxes import DockerSandbox
 
-    kwargs: dict[str, Any] = {"network": spec.network}
+    kwargs: dict[str, Any] = {"network": spec.network, "workspace": spec.workspace}
     if spec.image is not None:
         kwargs["image"] = spec.image
     return DockerSandbox(**kwargs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Literal
 
@@ -53,6 +54,7 @@ class DecodedTurn:
     decode_s: float = 0.0
     incomplete_call: str | None = None  # a call the output cut off: it never runs
     parse_warnings: list[str] = field(default_factory=list)  # what tolerant parsing recovered from
+    backend_info: dict = field(default_factory=dict)  # Backend.turn_info() after the turn
 
 
 def _arguments(text: str) -> dict | None:
@@ -121,18 +123,19 @@ async def decode_turn(
                 turn.incomplete_call = event.incomplete_call
                 turn.parse_warnings = list(event.warnings)
 
-    async for token in backend.decode(max_tokens):
-        turn.ids.append(token)
-        section = classify.section_of(token)
-        for usage in (turn.usage, running_total):
-            setattr(usage, section, getattr(usage, section) + 1)
-        observer.token(running_total)
-        text = detok.push(token)
-        turn.text += text
-        handle(parser.feed(text))
-        if token == tokenizer.eos_id:
-            turn.stop_reason = "eos"
-            break
+    async with aclosing(backend.decode(max_tokens)) as tokens:  # stopping early must release the session
+        async for token in tokens:
+            turn.ids.append(token)
+            section = classify.section_of(token)
+            for usage in (turn.usage, running_total):
+                setattr(usage, section, getattr(usage, section) + 1)
+            observer.token(running_total)
+            text = detok.push(token)
+            turn.text += text
+            handle(parser.feed(text))
+            if token == tokenizer.eos_id:
+                turn.stop_reason = "eos"
+                break
     handle(parser.close())
     turn.usage.engine_calls = 1
     turn.decode_s = time.monotonic() - started

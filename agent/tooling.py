@@ -37,6 +37,8 @@ def error_kind(result: ToolResult) -> str:
         return "timeout"
     if "mcp_server" in result.metadata:  # tools.mcp marks its results with the server's name
         return "mcp"
+    if result.metadata.get("exit_code") not in (None, 0):  # a sandbox command that failed
+        return "command_failed"
     if result.content.startswith("invalid arguments"):  # `Tool.invoke`'s wording for an ArgumentError
         return "bad_arguments"
     return "exception"

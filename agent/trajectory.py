@@ -88,6 +88,7 @@ class EngineCall(_Event):
     content: str
     incomplete_call: str | None = Field(None, description="a call the output cut off; it did not run")
     parse_warnings: list[str] = Field(default_factory=list, description="what the tolerant parser recovered from")
+    backend_info: dict[str, Any] = Field(default_factory=dict, description="Backend.turn_info(): KV bytes, forced-token statistics")
 
 
 class ToolCall(_Event):
@@ -106,7 +107,7 @@ class ToolResultEvent(_Event):
     name: str
     content: str
     is_error: bool
-    error_kind: str | None = Field(None, description="malformed, unknown_tool, bad_arguments, exception, timeout, sandbox, mcp, denied")
+    error_kind: str | None = Field(None, description="malformed, unknown_tool, denied, bad_arguments, timeout, mcp, command_failed, exception")
     wall_s: float = 0.0
 
 

@@ -5,7 +5,7 @@ The loop speaks token ids, never messages: it appends only the ids of what is ne
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, AsyncIterator, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
     from encoding import Tokenizer
@@ -20,11 +20,14 @@ class Backend(Protocol):
     async def start(self, tokenizer: Tokenizer) -> None:
         """Acquire resources (load weights, open a session); called once before the first prefill."""
 
-    async def prefill(self, ids: Sequence[int]) -> int:
-        """Append `ids` to the session; returns how many tokens were already resident (reused, not recomputed)."""
+    async def prefill(self, ids: Sequence[int]) -> tuple[int, int]:
+        """Append `ids` to the session; returns (tokens computed now, tokens already resident and reused)."""
 
     def decode(self, max_tokens: int) -> AsyncIterator[int]:
         """Generate up to `max_tokens` ids after the session's tokens, stopping after EOS (yielded)."""
+
+    def turn_info(self) -> dict[str, Any]:
+        """Backend facts about the last turn for the trajectory (KV bytes, forced-token statistics...)."""
 
     async def restore(self, history: Sequence[int], turns_done: int) -> None:
         """Rebuild the session of an interrupted run: `history` is every token so far, `turns_done` the decoded turns."""

@@ -42,11 +42,14 @@ class ScriptedBackend:
     async def start(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
 
-    async def prefill(self, ids: Sequence[int]) -> int:
+    async def prefill(self, ids: Sequence[int]) -> tuple[int, int]:
         reused = self.length
         self.length += len(ids)
         await anyio.lowlevel.checkpoint()
-        return reused
+        return len(ids), reused
+
+    def turn_info(self) -> dict:
+        return {}
 
     async def decode(self, max_tokens: int) -> AsyncIterator[int]:
         if self._tokenizer is None:

@@ -1,25 +1,14 @@
-"""Shared fixtures of the agent tests: the anyio backend, one thread for torch, small helper tools."""
+"""Shared settings of the agent tests: the anyio backend, one thread for torch."""
 from __future__ import annotations
-
-import shutil
-import subprocess
 
 import pytest
 
-try:
-    import torch
+import torch
 
-    torch.set_num_threads(1)  # the machine's 2 cores are shared by every engineer's tests
-except ImportError:
-    pass
+torch.set_num_threads(1)  # the machine's 2 cores are shared by every engineer's tests
 
 
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
 
-
-def docker_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0

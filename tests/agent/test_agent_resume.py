@@ -70,6 +70,36 @@ async def test_resume_after_cancel_runs_only_what_is_missing(tmp_path):
 
 
 @pytest.mark.anyio
+async def test_a_changed_tool_list_is_appended_as_a_notice_not_re_rendered(tmp_path):
+    @tool
+    async def old_tool() -> str:
+        """The tool of the first session."""
+        return "old"
+
+    @tool
+    async def new_tool() -> str:
+        """A tool that appeared later."""
+        return "new"
+
+    turns = [
+        completion("Use the old one.", calls=[("old_tool", {})]),
+        completion("Now the new one.", calls=[("new_tool", {})]),
+        completion("Done.", content="both"),
+    ]
+    first = Agent(backend=ScriptedBackend(turns), tools=[old_tool], output_dir=tmp_path, max_steps=1)
+    stopped = await first.run("use the tools")
+    assert stopped.status is ExitStatus.max_steps
+    resumed = await Agent(backend=ScriptedBackend(turns), tools=[old_tool, new_tool], output_dir=tmp_path).resume("last")
+    assert resumed.status is ExitStatus.completed
+    events = read_events(resumed.trajectory_path)
+    assert [t["function"]["name"] for t in events[0].tools] == ["old_tool"]  # the prefix was never re-rendered
+    (notice,) = [e for e in events if getattr(e, "event", "") == "notice"]
+    assert notice.kind == "tools_changed" and "new_tool" in notice.text
+    results = [e for e in events if isinstance(e, ToolResultEvent)]
+    assert [(r.name, r.content) for r in results] == [("old_tool", "old"), ("new_tool", "new")]
+
+
+@pytest.mark.anyio
 async def test_a_completed_run_cannot_be_resumed(tmp_path):
     agent = Agent(backend=ScriptedBackend([completion("x", content="y")]), tools=[], output_dir=tmp_path)
     await agent.run("t")
@@ -140,3 +170,28 @@ def test_resume_after_sigkill_mid_run(tmp_path):
     assert "alpha" in results[2].content
     workspace = next(out.glob("*/workspace"))
     assert (workspace / "b.txt").read_text() == "alpha"
+
+
+def test_ctrl_c_stops_the_cli_with_130_and_closes_the_sandbox(tmp_path):
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps([
+        completion("Wait.", calls=[("bash", {"command": "sleep 20"})]),
+        completion("Done.", content="waited"),
+    ]))
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "wait", "--scripted", str(script), "--sandbox", "local", "--yolo", "-o", str(out)],
+        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not any(getattr(e, "event", "") == "tool_call" for e in _events(out)):
+        assert time.monotonic() < deadline, "the run never started its tool call"
+        time.sleep(0.05)
+    interrupted_at = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 130, output
+    assert time.monotonic() - interrupted_at < 10  # not the 20 s of the command
+    events = _events(out)
+    assert events[-1].event == "exit" and events[-1].status == "interrupted"
+    assert [e.kind for e in events if e.event == "sandbox_event"] == ["started", "stopped"]

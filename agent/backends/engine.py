@@ -1,0 +1,161 @@
+"""The embedded engine backend: one resident `dsv4.Session` for the whole run.
+
+Each turn feeds the session only the ids the loop appends (tool results, notices): the KV cache of
+everything before stays resident and is never recomputed. What `prefill` reports comes from the
+session itself (`cached_length` before and after), so the counts are measured, not assumed.
+
+`forced=[completion, ...]` makes the engine decode a given completion per turn: a logits processor
+masks every logit but the next scripted token. The engine still runs every forward (prefill and one
+decode step per token, with its KV cache); only the choice of token is overridden. This is how the
+demo drives a real multi-turn task through a model with random weights, which could not write one.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
+
+import anyio
+
+from agent.backends.scripted import ScriptExhausted
+
+if TYPE_CHECKING:
+    from encoding import Tokenizer
+
+
+class ForcedTokens:
+    """A logits processor that emits one scripted completion per turn, and measures the model on it."""
+
+    def __init__(self, completions: Sequence[str | list[int]]) -> None:
+        self.completions = list(completions)
+        self.turn = 0
+        self.ids: list[int] = []
+        self.logprob_sum = 0.0
+        self.model_agreed = 0  # steps where the model's own argmax was the forced token
+        self.steps = 0
+
+    def start_turn(self, tokenizer: Tokenizer) -> None:
+        if self.turn >= len(self.completions):
+            raise ScriptExhausted(f"the forced script holds {len(self.completions)} completions; turn {self.turn + 1} asked for another")
+        script = self.completions[self.turn]
+        self.turn += 1
+        self.ids = list(script) if isinstance(script, list) else tokenizer.encode(script)
+        if not self.ids or self.ids[-1] != tokenizer.eos_id:
+            self.ids.append(tokenizer.eos_id)
+        self.logprob_sum, self.model_agreed, self.steps = 0.0, 0, 0
+
+    def __call__(self, generated: list[int], logits):  # (ids so far, logits[V]) -> logits[V]
+        import torch
+
+        target = self.ids[min(len(generated), len(self.ids) - 1)]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        self.logprob_sum += float(logprobs[target])
+        self.model_agreed += int(int(torch.argmax(logits)) == target)
+        self.steps += 1
+        forced = torch.full_like(logits, float("-inf"))
+        forced[target] = 0.0
+        return forced
+
+    def info(self) -> dict[str, Any]:
+        if not self.steps:
+            return {}
+        return {
+            "forced_tokens": self.steps,
+            "model_mean_logprob_of_forced": round(self.logprob_sum / self.steps, 3),
+            "model_argmax_agreed": self.model_agreed,
+        }
+
+
+class EngineBackend:
+    """`EngineBackend(dsv4.Engine(...))`: Think Max decoding on one resident session.
+
+    Sampling follows the model card (temperature 1.0, top_p 1.0) unless set; `seed` makes it
+    reproducible. `forced` is for demos and tests only (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        device: str = "cpu",
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        forced: Sequence[str | list[int]] | None = None,
+        label: str | None = None,
+    ) -> None:
+        # `engine` is a dsv4.Engine, or a checkpoint path loaded on `device` by start() (interruptible).
+        self.engine = None if isinstance(engine, (str, os.PathLike)) else engine
+        self.checkpoint = None if self.engine is not None else str(engine)
+        self.device = device
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed
+        self.forced = ForcedTokens(forced) if forced is not None else None
+        where = f"on {self.engine.device}" if self.engine is not None else f"{self.checkpoint} on {device}"
+        self.label = label or f"embedded dsv4 engine ({where}), one resident KV session"
+        self.session = None
+        self._tokenizer: Tokenizer | None = None
+        self._turn = 0
+
+    async def start(self, tokenizer: Tokenizer) -> None:
+        if self.engine is None:
+            self.engine = await anyio.to_thread.run_sync(self._load, abandon_on_cancel=True)
+        if self.engine.cfg.vocab_size < tokenizer.vocab_size:
+            raise ValueError(
+                f"the model's vocabulary ({self.engine.cfg.vocab_size}) is smaller than the tokenizer's "
+                f"({tokenizer.vocab_size}): this checkpoint cannot read DSV4 chat tokens"
+            )
+        self._tokenizer = tokenizer
+        self.session = self.engine.new_session()
+
+    def _load(self) -> Any:
+        import torch
+
+        from dsv4 import Engine
+
+        # CPU runs in float32 (no fast bf16 matmuls there); GPUs in bfloat16 like the release.
+        dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
+        return Engine(self.checkpoint, device=self.device, dtype=dtype)
+
+    async def prefill(self, ids: Sequence[int]) -> tuple[int, int]:
+        before = self.session.cached_length
+        # The last token of the previous turn (drawn, never fed) is pending: it is computed here too.
+        await self.session.aappend(list(ids))
+        return self.session.cached_length - before, before
+
+    async def decode(self, max_tokens: int) -> AsyncIterator[int]:
+        from contextlib import aclosing
+
+        processors = ()
+        if self.forced is not None:
+            self.forced.start_turn(self._tokenizer)
+            processors = (self.forced,)
+        seed = None if self.seed is None else self.seed + self._turn  # reproducible, not the same draw each turn
+        self._turn += 1
+        tokens = self.session.generate(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=seed, logits_processors=processors
+        )
+        async with aclosing(tokens):  # releases the session even when the loop stops early
+            async for token in tokens:
+                yield token
+
+    def turn_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"session_tokens": len(self.session), "kv_bytes": self.session.kv_bytes()}
+        if self.forced is not None:
+            info.update(self.forced.info())
+        return info
+
+    async def restore(self, history: Sequence[int], turns_done: int) -> None:
+        if self.session is not None:
+            self.session.close()
+        self.session = self.engine.new_session()
+        if history:
+            await self.session.aappend(list(history))  # the one full prefill a resume costs
+        self._turn = turns_done
+        if self.forced is not None:
+            self.forced.turn = turns_done
+
+    async def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None

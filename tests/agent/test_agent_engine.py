@@ -1,0 +1,118 @@
+"""EngineBackend on a tiny random DSV4 checkpoint: each turn prefills only its new tokens, the session
+holds exactly the conversation, resume rebuilds the same session, seeded sampling is reproducible."""
+from __future__ import annotations
+
+import anyio
+import pytest
+import torch
+
+from agent import Agent, AgentConfig, ExitStatus, completion
+from agent.backends.engine import EngineBackend
+from agent.history import History
+from agent.trajectory import EngineCall, RunResumed, read_events
+from dsv4 import Engine, ModelConfig
+from dsv4.testing import write_random_checkpoint
+from encoding import AppendOnlyEncoder, Tokenizer
+from tools import tool
+
+pytestmark = pytest.mark.anyio
+
+TURNS = [
+    completion("Note it.", calls=[("note", {"text": "alpha"})]),
+    completion("Two at once.", calls=[("note", {"text": "beta"}), ("note", {"text": "gamma"})]),
+    completion("Done.", content="noted three"),
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    cfg = ModelConfig.tiny().model_copy(update={"vocab_size": Tokenizer.default().vocab_size})
+    path = write_random_checkpoint(tmp_path_factory.mktemp("ckpt"), cfg, seed=1)
+    return Engine(path, device="cpu", dtype=torch.float32)
+
+
+def note_tool(delay_s: float = 0.0):
+    @tool
+    async def note(text: str) -> str:
+        """Write a note down."""
+        await anyio.sleep(delay_s)
+        return f"noted {text}"
+
+    return note
+
+
+def forced_agent(engine, tmp_path, delay_s=0.0):
+    return Agent(backend=EngineBackend(engine, forced=TURNS), tools=[note_tool(delay_s)], output_dir=tmp_path)
+
+
+async def test_each_turn_prefills_only_its_new_tokens(engine, tmp_path):
+    agent = forced_agent(engine, tmp_path)
+    result = await agent.run("note alpha, beta and gamma")
+    assert result.status is ExitStatus.completed and result.final_answer == "noted three"
+    events = read_events(result.trajectory_path)
+    prompt = events[0].prompt_tokens
+    calls = [e for e in events if isinstance(e, EngineCall)]
+    assert calls[0].usage.prefill_new == prompt and calls[0].usage.prefill_reused == 0
+    for before, call in zip(calls, calls[1:]):
+        # reused = everything the session held except the previous turn's last drawn token (not yet fed)
+        assert call.usage.prefill_reused == before.backend_info["session_tokens"] - 1
+        appended = call.backend_info["session_tokens"] - len(call.token_ids) - before.backend_info["session_tokens"]
+        assert call.usage.prefill_new == appended + 1  # the tool results, and that one pending token
+        assert call.usage.prefill_new < 80 < prompt
+    assert all(c.backend_info["forced_tokens"] == len(c.token_ids) for c in calls)
+    # the session holds exactly the conversation as the encoder rebuilds it from the trajectory
+    rebuilt = History.from_events(events).replay_into(AppendOnlyEncoder(Tokenizer.default()))
+    assert calls[-1].backend_info["session_tokens"] == len(rebuilt)
+
+
+async def test_resume_rebuilds_the_same_session(engine, tmp_path):
+    straight = await forced_agent(engine, tmp_path / "a").run("note alpha, beta and gamma")
+    agent = forced_agent(engine, tmp_path / "b", delay_s=0.5)
+    box = {}
+    async with anyio.create_task_group() as group:
+
+        async def run():
+            box["result"] = await agent.run("note alpha, beta and gamma")
+
+        group.start_soon(run)
+        with anyio.fail_after(60):
+            while not list((tmp_path / "b").glob("*/trajectory.jsonl")) or not any(
+                getattr(e, "event", "") == "tool_call" and e.step == 2 for e in read_events(next((tmp_path / "b").glob("*/trajectory.jsonl")))
+            ):
+                await anyio.sleep(0.05)
+        agent.cancel()
+    assert box["result"].status is ExitStatus.interrupted
+    resumed = await forced_agent(engine, tmp_path / "b").resume("last")
+    assert resumed.status is ExitStatus.completed
+    a = [e for e in read_events(straight.trajectory_path) if isinstance(e, EngineCall)]
+    b_events = read_events(resumed.trajectory_path)
+    b = [e for e in b_events if isinstance(e, EngineCall)]
+    (resume_event,) = [e for e in b_events if isinstance(e, RunResumed)]
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert a[-1].backend_info["session_tokens"] == b[-1].backend_info["session_tokens"]
+    # one full prefill rebuilt the session; the next turn reused all of it
+    assert b[-1].usage.prefill_reused == resume_event.reprefill_tokens
+
+
+async def test_unforced_sampling_is_reproducible_with_a_seed(engine, tmp_path):
+    def agent(sub):
+        return Agent(
+            backend=EngineBackend(engine, seed=7),
+            tools=[note_tool()],
+            config=AgentConfig(max_turn_tokens=12, max_steps=2),
+            output_dir=tmp_path / sub,
+        )
+
+    one, two = await agent("one").run("say anything"), await agent("two").run("say anything")
+    ids_one = [e.token_ids for e in read_events(one.trajectory_path) if isinstance(e, EngineCall)]
+    ids_two = [e.token_ids for e in read_events(two.trajectory_path) if isinstance(e, EngineCall)]
+    assert ids_one == ids_two and all(ids_one)
+    # random weights write no valid turn: the run ends on a stop rule, never by crashing
+    assert one.status in (ExitStatus.max_steps, ExitStatus.format_error, ExitStatus.completed)
+
+
+async def test_a_checkpoint_with_a_small_vocabulary_is_refused(tmp_path):
+    path = write_random_checkpoint(tmp_path / "small", ModelConfig.tiny(), seed=0)
+    agent = Agent(backend=EngineBackend(str(path)), tools=[], output_dir=tmp_path / "runs")
+    result = await agent.run("hi")
+    assert result.status is ExitStatus.error and "vocabulary" in result.message

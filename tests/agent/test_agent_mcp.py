@@ -1,0 +1,106 @@
+"""MCP servers in the loop: a real stdio fixture server and the third-party mcp-server-time."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from agent import Agent, AgentConfig, ExitStatus, ScriptedBackend, completion
+from agent.trajectory import RunStarted, ToolResultEvent, read_events
+from tools.mcp import MCPServer
+
+pytestmark = pytest.mark.anyio
+FIXTURE = Path(__file__).resolve().parents[1] / "tools" / "mcp_fixture_server.py"
+
+
+def fixture_server(timeout_s: float = 10.0) -> MCPServer:
+    return MCPServer.stdio(sys.executable, [str(FIXTURE), "stdio"], name="fx", timeout_s=timeout_s)
+
+
+def time_server() -> MCPServer:
+    return MCPServer.stdio(sys.executable, ["-m", "mcp_server_time", "--local-timezone", "UTC"], name="time")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_mcp_tools_are_called_and_their_failures_reach_the_model(tmp_path):
+    fx = fixture_server(timeout_s=0.5)
+    turns = [
+        completion("Use the servers.", calls=[
+            ("fx__add", {"a": 2, "b": 40}),
+            ("time__get_current_time", {"timezone": "UTC"}),
+            ("fx__reject", {}),
+            ("fx__explode", {}),
+            ("fx__sleep", {"seconds": 5}),
+        ]),
+        completion("Report.", content="42, and the time"),
+    ]
+    agent = Agent(backend=ScriptedBackend(turns), tools=[], mcp_servers=[fx, time_server()], output_dir=tmp_path)
+    started = time.monotonic()
+    result = await agent.run("add 2 and 40, and tell the time")
+    assert time.monotonic() - started < 20
+    assert result.status is ExitStatus.completed
+    events = read_events(result.trajectory_path)
+    names = [t["function"]["name"] for t in events[0].tools]
+    assert names == sorted(names) and "fx__add" in names and "time__get_current_time" in names
+    results = {r.name: r for r in events if isinstance(r, ToolResultEvent)}
+    assert results["fx__add"].content == "42" and not results["fx__add"].is_error
+    now = json.loads(results["time__get_current_time"].content)
+    assert now["timezone"] == "UTC" and now["datetime"].startswith(time.strftime("%Y-%m-%d", time.gmtime()))
+    assert results["fx__reject"].error_kind == "mcp" and "refuses" in results["fx__reject"].content
+    assert results["fx__explode"].error_kind == "mcp" and "-32603" in results["fx__explode"].content
+    assert results["fx__sleep"].error_kind == "timeout"
+    assert fx.pid is None or not alive(fx.pid)  # the server's process group is gone after the run
+
+
+async def test_cancel_during_an_mcp_call_closes_the_server(tmp_path):
+    fx = fixture_server()
+    turns = [completion("Wait.", calls=[("fx__sleep", {"seconds": 30})]), completion("x", content="y")]
+    agent = Agent(backend=ScriptedBackend(turns), tools=[], mcp_servers=[fx], output_dir=tmp_path)
+    box = {}
+    async with anyio.create_task_group() as group:
+
+        async def run():
+            box["result"] = await agent.run("sleep on the server")
+
+        group.start_soon(run)
+        pid = None
+        with anyio.fail_after(15):
+            while not any(getattr(e, "event", "") == "tool_call" for e in _events(tmp_path)):
+                await anyio.sleep(0.05)
+            pid = fx.pid
+        agent.cancel()
+    assert box["result"].status is ExitStatus.interrupted
+    assert pid is not None
+    with anyio.fail_after(5):
+        while alive(pid):
+            await anyio.sleep(0.05)
+
+
+async def test_a_server_that_fails_to_start_ends_the_run_with_a_clear_error(tmp_path):
+    broken = MCPServer.stdio(sys.executable, ["-c", "import sys; sys.exit(3)"], name="broken", timeout_s=5)
+    agent = Agent(backend=ScriptedBackend([completion("x", content="y")]), tools=[], mcp_servers=[broken], output_dir=tmp_path)
+    result = await agent.run("use a broken server")
+    assert result.status is ExitStatus.error and "broken" in result.message
+    assert isinstance(read_events(result.trajectory_path)[0], RunStarted)
+
+
+def _events(output_dir: Path):
+    logs = sorted(output_dir.glob("*/trajectory.jsonl"))
+    if not logs:
+        return []
+    try:
+        return read_events(logs[-1])
+    except ValueError:
+        return []
