@@ -15,6 +15,18 @@ from agent.trajectory import EngineCall, ExitEvent, Notice, RunResumed, RunStart
 RESUMABLE_NOTICE_KINDS = ("tools_changed",)  # notices that are not derived from the turn itself
 
 
+def result_event(step: int, outcome: ToolOutcome) -> ToolResultEvent:
+    return ToolResultEvent(
+        step=step,
+        call_id=outcome.call_id,
+        name=outcome.name,
+        content=outcome.content,
+        is_error=outcome.is_error,
+        error_kind=outcome.error_kind,
+        wall_s=outcome.wall_s,
+    )
+
+
 @dataclass
 class StepRecord:
     call: EngineCall
@@ -23,11 +35,7 @@ class StepRecord:
 
     @classmethod
     def live(cls, call: EngineCall, outcomes: list[ToolOutcome]) -> StepRecord:
-        results = {
-            o.call_id: ToolResultEvent(step=call.step, call_id=o.call_id, name=o.name, content=o.content, is_error=o.is_error, error_kind=o.error_kind, wall_s=o.wall_s)
-            for o in outcomes
-        }
-        return cls(call, results)
+        return cls(call, {o.call_id: result_event(call.step, o) for o in outcomes})
 
     @property
     def step(self) -> int:

@@ -29,7 +29,7 @@ from agent.backends.base import Backend
 from agent.config import AgentConfig
 from agent.display import Observer
 from agent.guards import Budget, FormatErrors, StuckDetector
-from agent.history import History, StepRecord, turn_notices
+from agent.history import History, StepRecord, result_event, turn_notices
 from agent.status import ExitStatus, RunStopped
 from agent.stream import DecodedTurn, decode_turn
 from agent.tooling import ToolOutcome, ToolRunner, TurnCalls
@@ -43,7 +43,6 @@ from agent.trajectory import (
     RunStarted,
     SandboxEvent,
     ToolCall,
-    ToolResultEvent,
     TrajectoryWriter,
     Usage,
     new_run_id,
@@ -292,7 +291,7 @@ class Agent:
             if call.call_id not in last.results:
                 outcome = await runner.run(call)
                 self._record_outcome(writer, last.step, outcome)
-                last.results[call.call_id] = _result_event(last.step, outcome)
+                last.results[call.call_id] = result_event(last.step, outcome)
         notices = history.extra_notices(last.step)
         if [s["function"] for s in schemas] != [s["function"] for s in history.started.tools]:
             text = _tools_changed_text(history.started.tools, schemas)
@@ -335,7 +334,8 @@ class Agent:
                 state.usage.engine_calls += 1
                 turn.usage.prefill_new, turn.usage.prefill_reused = computed, reused
                 turn.backend_info = self.backend.turn_info()
-                writer.write(_engine_call_event(step, turn, prefill_s))
+                call_event = _engine_call_event(step, turn, prefill_s)
+                writer.write(call_event)
                 self.observer.turn_finished(step, turn.usage, state.usage, prefill_s, turn.decode_s, turn.backend_info)
                 state.steps_done = step
                 if turn.stop_reason == "max_tokens" and cap < self.config.max_turn_tokens:
@@ -343,7 +343,7 @@ class Agent:
                     budget.check_tokens(state.usage)
                     raise RunStopped(ExitStatus.max_tokens, f"token budget spent ({state.usage.processed} tokens computed)")
                 outcomes = await calls.finish()
-            record = StepRecord.live(_engine_call_event(step, turn, prefill_s), outcomes)
+            record = StepRecord.live(call_event, outcomes)
             record.record_into(encoder)
             if not turn.calls and turn.stop_reason == "eos" and turn.content.strip():
                 return turn.content.strip()
@@ -364,7 +364,7 @@ class Agent:
             )
 
     def _record_outcome(self, writer: TrajectoryWriter, step: int, outcome: ToolOutcome) -> None:
-        writer.write(_result_event(step, outcome))
+        writer.write(result_event(step, outcome))
         self.observer.tool_result(outcome)
 
 
@@ -397,18 +397,6 @@ def _engine_call_event(step: int, turn: DecodedTurn, prefill_s: float) -> Engine
         incomplete_call=turn.incomplete_call,
         parse_warnings=turn.parse_warnings,
         backend_info=turn.backend_info,
-    )
-
-
-def _result_event(step: int, outcome: ToolOutcome) -> ToolResultEvent:
-    return ToolResultEvent(
-        step=step,
-        call_id=outcome.call_id,
-        name=outcome.name,
-        content=outcome.content,
-        is_error=outcome.is_error,
-        error_kind=outcome.error_kind,
-        wall_s=outcome.wall_s,
     )
 
 
