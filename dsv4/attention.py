@@ -15,9 +15,10 @@ of wo_a to o_lora_rank, and wo_b mixes the groups back to `dim`.
 RoPE: sliding-only layers plain theta=rope_theta; compressed layers (and their compressors and
 indexer) YaRN with compress_rope_theta. With `quant_sim`, the NoPE dims of the window K=V are
 rounded to FP8 (the compressor does the same for its entries).
-Queries are processed in blocks so the score workspace never grows with the square of the
-context: window keys per block <= block + window, compressed keys per query <= top-k (CSA) or
-the visible entries (HCA).
+All rows of a batch are attended to at once, whatever their positions (each row's keys are its
+ring's `window` tokens, oldest first, then its new tokens; masks do the rest). Queries go in
+blocks so the score workspace never grows with the square of the context: window keys per
+block <= block + window, compressed keys per query <= top-k (CSA) or the visible entries (HCA).
 """
 from __future__ import annotations
 
