@@ -37,7 +37,7 @@ class Indexer(nn.Module):
         self.quant_sim = False
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, starts: list[int], caches: list[LayerCache],
-                rope: tuple[torch.Tensor, torch.Tensor], inv_freq: torch.Tensor) -> list[torch.Tensor]:
+                rope: tuple[torch.Tensor, torch.Tensor], inv_freq: torch.Tensor) -> torch.Tensor:
         """x [B,S,D], qr [B,S,q_lora_rank], rope = (cos, sin) [B,S,rd/2] of the query positions
         -> chosen entry indices [B, S, k] (int64, -1 = unused slot; k = the most any row has)."""
         B, S, _ = x.shape
