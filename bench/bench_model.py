@@ -24,9 +24,9 @@ import torch
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "dsv4"))
-from test_model_hf_parity import PARITY_CFG, to_hf_state_dict  # noqa: E402  (name mapping to HF)
+from test_model_hf_parity import PARITY_CFG, to_hf_state_dict  # the name mapping to HF
 
-from dsv4.testing import random_model  # noqa: E402
+from dsv4.testing import random_model
 
 
 def paired(fn_ours, fn_hf, repeats: int) -> tuple[float, float, float]:
@@ -66,7 +66,7 @@ def main() -> None:
     with torch.no_grad():
         for seq in (128, 512, 1024):
             ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=gen)
-            t_ours, t_hf, ratio = paired(lambda: ours(ids), lambda: hf(ids), args.repeats)
+            t_ours, t_hf, ratio = paired(lambda ids=ids: ours(ids), lambda ids=ids: hf(ids), args.repeats)
             diff = (ours(ids) - hf(ids).logits).abs().max().item()
             print(f"| prefill | {seq} | {seq / t_ours:,.0f} | {seq / t_hf:,.0f} | {ratio:.2f} | {diff:.1e} |")
 

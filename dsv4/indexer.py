@@ -40,7 +40,7 @@ class Indexer(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor], inv_freq: torch.Tensor) -> torch.Tensor:
         """x [B,S,D], qr [B,S,q_lora_rank], rope = (cos, sin) [B,S,rd/2] of the query positions
         -> chosen entry indices [B, S, k] (int64, -1 = unused slot; k = the most any row has)."""
-        B, S, _ = x.shape
+        B = x.shape[0]
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))        # [B,S,Hi,di]
         q = apply_rope(q, *rope)
         if self.quant_sim:
