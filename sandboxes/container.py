@@ -127,6 +127,9 @@ class ExecTransport:
         del self._buffer[:8 + size]
         return stream, payload
 
+    def alive(self) -> bool:
+        return bool(self.api.exec_inspect(self.exec_id)["Running"])
+
     def finish_input(self) -> None:
         self.sock.shutdown(socket.SHUT_WR)  # stdin EOF for the exec'd process
 

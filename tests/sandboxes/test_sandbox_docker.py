@@ -175,3 +175,11 @@ def test_bad_options_are_refused_before_anything_starts():
         DockerSandbox(user="sandbox")
     with pytest.raises(ValueError, match="pids >= 16"):
         DockerSandbox(pids=2)
+
+
+async def test_a_killed_session_shell_is_replaced_and_keeps_the_saved_state(sandbox):
+    await sandbox.run("cd /tmp && export KEPT=yes")
+    r = await sandbox.run("kill -KILL $PPID; sleep 8")
+    assert r.exit_code == -1 and "sandbox error" in r.stderr and r.duration_s < 5
+    r = await sandbox.run('pwd; echo "$KEPT"')
+    assert (r.exit_code, r.stdout) == (0, "/tmp\nyes\n")
