@@ -289,14 +289,17 @@ class DockerSandbox:
         with anyio.CancelScope(shield=True):
             await self._driver.close()
             if self.container_id is not None:
-                await anyio.to_thread.run_sync(remove_container, self.client, self.container_id)
+                container_id = self.container_id
+                await anyio.to_thread.run_sync(lambda: remove_container(self.client, container_id))
                 self.container_id = None
 
     async def pause(self) -> None:
-        await anyio.to_thread.run_sync(self.client.api.pause, self._require_started())
+        container_id = self._require_started()
+        await anyio.to_thread.run_sync(lambda: self.client.api.pause(container_id))
 
     async def unpause(self) -> None:
-        await anyio.to_thread.run_sync(self.client.api.unpause, self._require_started())
+        container_id = self._require_started()
+        await anyio.to_thread.run_sync(lambda: self.client.api.unpause(container_id))
 
     def _require_started(self) -> str:
         if self.container_id is None:
