@@ -114,3 +114,16 @@ def test_bad_flags_are_usage_errors(tmp_path):
 def test_version():
     result = run_cli("version")
     assert result.exit_code == 0 and result.output.strip()
+
+
+def test_a_yaml_config_sets_the_limits_and_rejects_unknown_keys(tmp_path):
+    script = write_script(tmp_path, [completion(f"{i}", calls=[("bash", {"command": f"echo {i}"})]) for i in range(3)])
+    good = tmp_path / "agent.yaml"
+    good.write_text("max_steps: 1\nstuck_repeats: 2\n")
+    args = ["run", "count", "--scripted", script, "--sandbox", "local", "--yolo", "-o", tmp_path / "runs"]
+    result = run_cli(*args, "--config", good)
+    assert result.exit_code == 3, result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_stepz: 1\n")
+    result = run_cli(*args, "--config", bad)
+    assert result.exit_code == 2 and "max_stepz" in result.output
