@@ -30,8 +30,8 @@ from typing import Any
 
 from .encode import check_modes, encode_messages
 from .errors import MessageError
-from .messages import _ToolCallLedger, as_message_dicts
-from .stream import End, StreamParser
+from .messages import ToolCallLedger, as_message_dicts
+from .stream import End, StreamParser, ToolCallComplete
 from .tokenizer import Tokenizer
 
 
@@ -48,10 +48,12 @@ class AppendOnlyEncoder:
         self._awaiting = "prompt"  # which call comes next: prompt | completion | append
         self.num_tokens = 0
         self.last_end: End | None = None  # End event of the last recorded completion
+        self.last_call_errors: dict[str, str] = {}  # call id -> why that call of the last completion must not run
 
     @property
     def messages(self) -> list[dict]:
-        """The conversation so far (the recorded completions as parsed messages)."""
+        """The conversation so far; completions as parsed (a call whose arguments are not a JSON
+        object keeps its raw text as {"arguments": raw}, the way upstream renders such calls)."""
         return list(self._messages)
 
     def _expect(self, call: str) -> None:
@@ -75,18 +77,21 @@ class AppendOnlyEncoder:
 
         Returns the assistant message; its tool calls get ids `call_<turn>_<i>` (turn = 0-based
         count of completions, i = 0-based call index). `last_end` keeps the parser's `End`
-        (truncation, incomplete call, warnings); the errors of individual calls (unknown tool,
-        invalid JSON) come from `StreamParser` events when the caller streams.
+        (truncation, incomplete call, warnings) and `last_call_errors` the calls that must not run
+        (unknown tool, invalid JSON value, malformed invoke), by id, with the reason.
         """
         self._expect("completion")
         token_ids = list(token_ids)
-        parser = StreamParser(self.thinking_mode, strict=False, tool_names=self._tool_names or None)
-        parser.feed(self.tokenizer.decode(token_ids))
-        end = parser.close()[-1]
+        parser = StreamParser(self.thinking_mode, strict=False, tool_names=self._tool_names)
+        events = parser.feed(self.tokenizer.decode(token_ids)) + parser.close()
+        end = events[-1]
         message = dict(end.message)
         message["tool_calls"] = [
             {"id": f"call_{self._turns}_{i}", **call} for i, call in enumerate(message["tool_calls"])
         ]
+        self.last_call_errors = {
+            f"call_{self._turns}_{e.index}": e.error for e in events if isinstance(e, ToolCallComplete) and e.error
+        }
         self._messages.append(_history_form(message))
         self._turns += 1
         self._missing_eos = not token_ids or token_ids[-1] != self.tokenizer.eos_id
@@ -100,7 +105,7 @@ class AppendOnlyEncoder:
         self._expect("append")
         completion = self._messages[-1]
         # The completion is the only context that shapes the new turns (tool-result order, ids).
-        ledger = _ToolCallLedger()
+        ledger = ToolCallLedger()
         as_message_dicts([completion], "completion", ledger)
         msgs = as_message_dicts(new_messages, "new_messages", ledger)  # tool results answer its calls
         _check_asks_for_answer(msgs, "new_messages")
@@ -133,7 +138,7 @@ def _history_form(message: dict) -> dict:
     for call in message["tool_calls"]:
         try:
             valid = isinstance(json.loads(call["function"]["arguments"]), dict)
-        except ValueError:
+        except (ValueError, RecursionError):
             valid = False
         if not valid:
             raw = call["function"]["arguments"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from .dsml import render_tool_calls, render_tools_block, to_json
 from .errors import MessageError
-from .messages import _ToolCallLedger, as_message_dicts, decode_arguments
+from .messages import ToolCallLedger, as_message_dicts, decode_arguments
 from .tokens import (
     ASSISTANT,
     BOS,
@@ -54,7 +54,7 @@ def encode_messages(
     rendered again, and no BOS is added.
     """
     check_modes(thinking_mode, reasoning_effort)
-    ledger = _ToolCallLedger()
+    ledger = ToolCallLedger()
     context_msgs = merge_tool_results(as_message_dicts(context or [], "context", ledger))
     new_msgs = merge_tool_results(as_message_dicts(messages, "messages", ledger))
     full = order_tool_results(context_msgs + new_msgs)

@@ -109,12 +109,14 @@ def decode_arguments(arguments: Any, where: str) -> dict[str, Any]:
         decoded = json.loads(arguments)
     except json.JSONDecodeError as err:
         raise MessageError(where, f"is not valid JSON ({err.msg} at character {err.pos}): {arguments[:80]!r}") from None
+    except (ValueError, RecursionError) as err:  # integer too long, nesting too deep
+        raise MessageError(where, f"is not usable JSON ({err})") from None
     if not isinstance(decoded, dict):
         raise MessageError(where, f"must be a JSON object, got {type(decoded).__name__}")
     return decoded
 
 
-class _ToolCallLedger:
+class ToolCallLedger:
     """Which tool calls of the latest assistant turn are still waiting for a result."""
 
     def __init__(self) -> None:
@@ -161,6 +163,15 @@ def _check_tools(tools: Any, where: str) -> None:
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise MessageError(f"{where}.tools[{i}]", 'must be {"type": "function", "function": {"name": ..., ...}}')
+        _check_json(fn, f"{where}.tools[{i}].function")
+
+
+def _check_json(value: Any, where: str) -> None:
+    """Values rendered with json.dumps (tool schemas, response formats) must be JSON data."""
+    try:
+        json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise MessageError(where, f"is not JSON-serialisable ({err})") from None
 
 
 def _check_tool_calls(calls: Any, where: str) -> None:
@@ -191,14 +202,14 @@ def _as_dict(message: Any, where: str) -> dict:
     raise MessageError(where, f"must be a dict or a pydantic message, got {type(message).__name__}")
 
 
-def as_message_dicts(messages: Any, name: str = "messages", ledger: _ToolCallLedger | None = None) -> list[dict]:
+def as_message_dicts(messages: Any, name: str = "messages", ledger: ToolCallLedger | None = None) -> list[dict]:
     """Check `messages` and return them as dicts (dicts are passed through, not copied).
 
     `ledger` carries the pending tool calls from an earlier list (the `context` before `messages`).
     """
     if not isinstance(messages, (list, tuple)):
         raise MessageError(name, f"must be a list of messages, got {type(messages).__name__}")
-    ledger = ledger if ledger is not None else _ToolCallLedger()
+    ledger = ledger if ledger is not None else ToolCallLedger()
     out = []
     for index, message in enumerate(messages):
         where = f"{name}[{index}]"
@@ -207,10 +218,12 @@ def as_message_dicts(messages: Any, name: str = "messages", ledger: _ToolCallLed
         if role not in ROLES:
             raise MessageError(f"{where}.role", f"unknown role {role!r}; expected one of {list(ROLES)}")
         task = msg.get("task")
-        if task is not None and task not in TASK_TOKENS:
+        if task is not None and (not isinstance(task, str) or task not in TASK_TOKENS):
             raise MessageError(f"{where}.task", f"unknown task {task!r}; expected one of {list(TASK_TOKENS)}")
         if msg.get("tools"):
             _check_tools(msg["tools"], where)
+        if msg.get("response_format"):
+            _check_json(msg["response_format"], f"{where}.response_format")
         if role == "tool":
             _check_tool_content(msg.get("content"), where)
             call_id = msg.get("tool_call_id")

@@ -35,9 +35,9 @@ strict=True accepts and rejects exactly what the official `parse_message_from_co
 does (raising `DSMLParseError` at the first point where the text can no longer be valid), and
 `End.message` equals its result. strict=False (the agent's mode) never raises on model output;
 it recovers what the model plainly meant: a tool block opened inside the reasoning (no
-`</think>`), a block without its leading blank line, a missing EOS, special tokens or junk where
-they do not belong (dropped, with a warning); a call cut off by the end of the text is reported
-as `incomplete_call`, never completed.
+`</think>`), a block without its leading blank line, an invoke without its block, a second block,
+a missing EOS, special tokens or junk where they do not belong (dropped, with a warning); a call
+cut off by the end of the text is reported as `incomplete_call`, never completed.
 """
 from __future__ import annotations
 
@@ -108,7 +108,6 @@ Event = Union[ReasoningDelta, ContentDelta, ToolCallStarted, ToolCallParameter, 
 
 TOOL_CALLS_BARE = f"<{DSML}tool_calls"  # a block start without the blank line before it
 # Stop markers per phase: (strict, tolerant). The first found in the text wins (list order on ties).
-_TEXT_FORBIDDEN = (BOS, EOS, THINK_START, THINK_END, DSML)
 _STOPS = {
     "reasoning": (
         (THINK_END, TOOL_CALLS_START, BOS, EOS, THINK_START, DSML),
@@ -116,7 +115,7 @@ _STOPS = {
     ),
     "content": (
         (EOS, TOOL_CALLS_START, BOS, THINK_START, THINK_END, DSML),
-        (EOS, TOOL_CALLS_START, TOOL_CALLS_BARE, BOS, THINK_START, THINK_END, DSML),
+        (EOS, TOOL_CALLS_START, TOOL_CALLS_BARE, INVOKE_OPEN, BOS, THINK_START, THINK_END, DSML),
     ),
     "block": ((INVOKE_OPEN, TOOL_CALLS_CLOSE), (INVOKE_OPEN, TOOL_CALLS_CLOSE, EOS)),
     "header": (
@@ -131,9 +130,10 @@ _STOPS = {
         (PARAMETER_OPEN, INVOKE_CLOSE),
         (PARAMETER_OPEN, INVOKE_CLOSE, INVOKE_OPEN, TOOL_CALLS_CLOSE, EOS),
     ),
-    "after_block": ((EOS,), (EOS,)),
+    "after_block": ((EOS,), (EOS, TOOL_CALLS_BARE)),
 }
 _MAX_STOP = max(len(s) for pair in _STOPS.values() for stops in pair for s in stops)
+_SPILL_CHARS = 4096
 _FIRST_CHARS = frozenset(s[0] for pair in _STOPS.values() for stops in pair for s in stops)
 
 LENIENT_HEADER = re.compile(r'\s*name\s*=\s*"(.*?)"\s*>?\s*$', re.DOTALL)
@@ -169,11 +169,14 @@ def find_stop(buf: str, start: int, stops: tuple[str, ...], final: bool) -> tupl
 class _OpenCall:
     index: int
     name: str
+    position: int  # of its invoke header in the completion
     params: list[tuple[str, str, bool, int]] = field(default_factory=list)  # (name, value, is_string, position)
     problems: list[str] = field(default_factory=list)
 
 
 class StreamParser:
+    """Incremental parser of one completion; see the module docstring for events and modes."""
+
     def __init__(self, thinking_mode: str, strict: bool = False, tool_names: set[str] | list[str] | None = None):
         if thinking_mode not in ("chat", "thinking"):
             raise ValueError(f"thinking_mode must be 'chat' or 'thinking', got {thinking_mode!r}")
@@ -181,7 +184,11 @@ class StreamParser:
         self.tool_names = frozenset(tool_names) if tool_names is not None else None
         self._phase = "reasoning" if thinking_mode == "thinking" else "content"
         self._buf = ""
-        self._base = 0  # offset in the completion of self._buf[0]
+        self._base = 0  # offset in the completion of the unresolved text (self._spill, then self._buf)
+        # A long header or parameter body moves to _spill as it arrives, so that feeding it in
+        # small chunks stays linear; no marker can begin there (see _find).
+        self._spill: list[str] = []
+        self._spilled = 0
         self._scan_from = 0  # no stop can begin before this offset of self._buf
         self._events: list[Event] = []
         self._reasoning: list[str] = []
@@ -225,9 +232,14 @@ class StreamParser:
         self._warnings.append(f"{problem} (at character {self._base + offset})")
 
     def _consume(self, n: int) -> None:
+        """Drop the spilled text and the first `n` characters of the buffer."""
         self._buf = self._buf[n:]
-        self._base += n
+        self._base += self._spilled + n
+        self._spill, self._spilled = [], 0
         self._scan_from = 0
+
+    def _unresolved(self, end: int) -> str:
+        return "".join(self._spill) + self._buf[:end] if self._spill else self._buf[:end]
 
     def _emit_text(self, text: str) -> None:
         if not text:
@@ -243,6 +255,12 @@ class StreamParser:
         stops = _STOPS[self._phase][0 if self.strict else 1]
         pos, stop, hold = find_stop(self._buf, self._scan_from, stops, final)
         if stop is None and not final:
+            safe = len(self._buf) - _MAX_STOP + 1  # a marker can only begin after this
+            if self._phase in ("header", "param") and safe >= _SPILL_CHARS:
+                self._spill.append(self._buf[:safe])
+                self._spilled += safe
+                self._buf = self._buf[safe:]
+                hold -= safe
             self._scan_from = max(0, len(self._buf) - _MAX_STOP + 1)
         return pos, stop, hold
 
@@ -287,6 +305,9 @@ class StreamParser:
             elif stop == TOOL_CALLS_BARE:
                 self._warn("tool block without the blank line before it", -len(stop))
             self._phase = "block"
+        elif stop == INVOKE_OPEN:  # tolerant content only: a call written without its block
+            self._warn("invoke without a tool_calls block around it", -len(stop))
+            self._phase = "header"
         elif stop == EOS and (not reasoning or not self.strict):
             if reasoning:
                 self._warn("EOS before </think>", -len(stop))
@@ -324,7 +345,7 @@ class StreamParser:
         if stop == EOS:
             if self._call is not None:
                 self._warn(f"EOS inside the call of {self._call.name!r}; it will not run")
-            elif self._phase in ("block",):
+            elif self._phase == "block":
                 self._warn("EOS before the tool block was closed")
             self._eos = True
             self._phase = "done"
@@ -343,12 +364,15 @@ class StreamParser:
             self._phase = "block"
         elif stop == PARAMETER_OPEN:
             self._phase = "param"
+        elif stop == TOOL_CALLS_BARE:  # tolerant, after a closed block: a second block
+            self._warn("a second tool block")
+            self._phase = "block"
 
     def _header_step(self, final: bool) -> bool:
         pos, stop, _ = self._find(final)
         if stop is None and not final:
             return False
-        header = self._buf if stop is None else self._buf[:pos]
+        header = self._unresolved(len(self._buf) if stop is None else pos)
         if self.strict:
             match = INVOKE_HEADER.match(header)
             if match is None:
@@ -358,7 +382,7 @@ class StreamParser:
             match = LENIENT_HEADER.match(header)
             name = match.group(1) if match else header.strip()[:60]
             problem = None if match else f"malformed invoke header {header[:60]!r}"
-        self._call = _OpenCall(self._n_calls, name)
+        self._call = _OpenCall(self._n_calls, name, self._base)
         self._n_calls += 1
         if problem:
             self._call.problems.append(problem)
@@ -379,7 +403,7 @@ class StreamParser:
         pos, stop, _ = self._find(final)
         if stop is None:
             return False  # at the end of the text, settled by _end
-        body = self._buf[:pos]
+        body = self._unresolved(pos)
         call = self._call
         pattern = PARAMETER_BODY if self.strict else LENIENT_PARAMETER
         match = pattern.match(body) if stop in (PARAMETER_END, PARAMETER_CLOSE) else None
@@ -408,12 +432,13 @@ class StreamParser:
         call, self._call = self._call, None
         problems = list(call.problems)
         if self.tool_names is not None and call.name not in self.tool_names:
-            problems.insert(0, f"unknown tool {call.name!r} (known: {', '.join(sorted(self.tool_names)) or 'none'})")
+            known = ", ".join(sorted(self.tool_names)) or "none"
+            problems.insert(0, f"unknown tool {call.name!r} (invoke at character {call.position}; known: {known})")
         for key, value, is_string, position in call.params:
             if not is_string:
                 try:
                     json.loads(value)
-                except ValueError as err:
+                except (ValueError, RecursionError) as err:  # RecursionError: absurdly deep nesting
                     at = position + getattr(err, "pos", 0)
                     problems.append(f"parameter {key!r}: string=\"false\" value is not valid JSON ({getattr(err, 'msg', err)} at character {at})")
         arguments = arguments_json([(k, v, s) for k, v, s, _ in call.params])
@@ -424,6 +449,7 @@ class StreamParser:
     def _end(self) -> End:
         """Settle the end of the text in the current phase; build the final message."""
         phase, buf, incomplete = self._phase, self._buf, None
+        at_end = self._spilled + len(buf)  # offset of the end of the text from self._base
         if self.strict:
             self._settle_strict_end(phase, buf)
             reason = "eos" if self._eos else "no_eos"
@@ -434,10 +460,10 @@ class StreamParser:
                 reason = "no_eos"
             else:
                 reason = "truncated"
-                self._warn(f"text ended inside the {'reasoning' if phase == 'reasoning' else 'tool block'}", len(buf))
+                self._warn(f"text ended inside the {'reasoning' if phase == 'reasoning' else 'tool block'}", at_end)
             if self._call is not None:
                 incomplete = self._call.name
-                self._warn(f"the call of {incomplete!r} is incomplete; it must not run", len(buf))
+                self._warn(f"the call of {incomplete!r} is incomplete; it must not run", at_end)
         message = {
             "role": "assistant",
             "content": "".join(self._content),

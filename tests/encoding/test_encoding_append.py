@@ -162,8 +162,18 @@ def test_invalid_json_call_stays_in_history_and_gets_its_result(tok):
         '</think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="bash">\n<｜DSML｜parameter name="n" string="false">{x'
         '</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>' + EOS))
     assert message["tool_calls"][0]["function"]["arguments"] == '{"n": {x}'
+    assert "'n'" in enc.last_call_errors["call_0_0"] and "not valid JSON" in enc.last_call_errors["call_0_0"]
     appended = enc.append([ToolMessage(tool_call_id="call_0_0", content="error: invalid JSON")])
     assert tok.decode(appended) == "<｜User｜><tool_result>error: invalid JSON</tool_result><｜Assistant｜><think>"
+
+
+def test_calls_of_undeclared_tools_are_flagged(tok):
+    enc = AppendOnlyEncoder(tok)
+    enc.prompt([{"role": "user", "content": "hi"}])  # no tools at all
+    message = enc.record_completion(tok.encode(
+        '</think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="bash">\n\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>' + EOS))
+    assert [c["id"] for c in message["tool_calls"]] == ["call_0_0"]
+    assert "unknown tool 'bash'" in enc.last_call_errors["call_0_0"]
 
 
 def test_call_order_and_bad_appends_are_rejected(tok):

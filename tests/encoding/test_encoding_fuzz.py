@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +26,7 @@ from encoding import (
     encode_messages,
     parse_message_from_completion_text,
 )
+from encoding import stream as stream_module
 from encoding.tokens import FORBIDDEN_IN_TEXT
 
 EOS = "<｜end▁of▁sentence｜>"
@@ -156,9 +158,12 @@ def test_fuzz_mutated_completions(drawn, mode, seed):
     check_completion(mutate(text, rng), mode, rng)
 
 
-def test_fuzz_random_markup_soup():
-    """Texts made only of markup pieces and junk: the hardest inputs for the state machine."""
-    rng = random.Random(1234)
+@pytest.mark.parametrize("spill_chars", [4096, 1])
+def test_fuzz_random_markup_soup(spill_chars, monkeypatch):
+    """Texts made only of markup pieces and junk: the hardest inputs for the state machine
+    (also with long-body spilling forced on at every chunk)."""
+    monkeypatch.setattr(stream_module, "_SPILL_CHARS", spill_chars)
+    rng = random.Random(1234 + spill_chars)
     pieces = MARKUP + ["a", " ", "name=", '"f"', 'string="true"', "</think>x", "\n\n"]
     for _ in range(1500):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))

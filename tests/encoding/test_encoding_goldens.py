@@ -208,6 +208,21 @@ GOLDENS = {
              thinking_mode="chat"),
         "<｜User｜><tool_result>P</tool_result>\n\n<tool_result>Q</tool_result><｜Assistant｜></think>",
     ),
+    # The worked strings of docs/dsv4-reference.md §5.2, produced there by running the official encoder.
+    "reference_multi_turn_thinking_without_tools": (
+        dict(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "reasoning_content": "r", "content": "b"},
+                       {"role": "user", "content": "c"}], thinking_mode="thinking"),
+        BOS + "<｜User｜>a<｜Assistant｜></think>b" + EOS + "<｜User｜>c<｜Assistant｜><think>",
+    ),
+    "reference_tool_results_out_of_order": (
+        dict(messages=[{"role": "user", "content": "go"},
+                       {"role": "assistant", "content": "", "tool_calls": [call("1", "run", {}), call("2", "run", {})]},
+                       {"role": "tool", "tool_call_id": "2", "content": "R2"}, {"role": "tool", "tool_call_id": "1", "content": "R1"},
+                       {"role": "user", "content": "more"}], thinking_mode="chat"),
+        BOS + "<｜User｜>go<｜Assistant｜></think>\n\n<｜DSML｜tool_calls>\n" + '<｜DSML｜invoke name="run">\n\n</｜DSML｜invoke>\n' * 2
+        + "</｜DSML｜tool_calls>" + EOS
+        + "<｜User｜><tool_result>R1</tool_result>\n\n<tool_result>R2</tool_result>\n\nmore<｜Assistant｜></think>",
+    ),
     # Upstream counts the turns to render after dropping; a dropped developer turn in the
     # context shifts that count, so nothing is rendered. Pinned as upstream does it.
     "context_with_a_dropped_developer_turn": (

@@ -55,3 +55,23 @@ def test_case2_drops_earlier_reasoning_and_parses_last_turn():
     last = parse_message_from_completion_text(_after(text, "<｜Assistant｜><think>", last=True), "thinking")
     assert last["reasoning_content"] == "The user asks about the capital of France. It is Paris."
     assert last["content"] == "The capital of France is Paris."
+
+
+@pytest.mark.parametrize("case, mode", [(1, "thinking"), (3, "thinking"), (4, "chat")])
+def test_official_outputs_round_trip_through_the_parser(case, mode):
+    """Replace every assistant turn by what the parser reads back from the official output:
+    encoding the parsed conversation reproduces the output byte for byte."""
+    messages, text = load_case(case)
+    segments = text.split("<｜end▁of▁sentence｜>")[:-1]
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    assert len(segments) == len(assistants)
+    rebuilt = [dict(m) for m in messages]
+    opener = "<｜Assistant｜><think>" if mode == "thinking" else "<｜Assistant｜></think>"
+    for index, segment in zip(assistants, segments):
+        after_action = messages[index - 1].get("task") == "action"
+        marker = "<｜action｜>" if after_action else opener
+        body = segment[segment.rindex(marker) + len(marker):]
+        parsed = parse_message_from_completion_text(body + "<｜end▁of▁sentence｜>", mode)
+        rebuilt[index] = {k: v for k, v in messages[index].items() if k not in ("content", "reasoning_content", "tool_calls")}
+        rebuilt[index].update(parsed)
+    assert encode_messages(rebuilt, thinking_mode=mode) == text

@@ -5,8 +5,6 @@ Expected results of the strict cases follow the official parser's reading, step 
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from encoding import (
@@ -174,9 +172,11 @@ def test_tolerant_missing_eos():
 
 
 def test_tolerant_unknown_tool_is_an_error_naming_it():
-    events = stream("</think>" + TC + invoke("nope", p("a", "1")) + "\n" + END_TC + EOS, tool_names={"bash"})
-    (complete,) = [e for e in events if isinstance(e, ToolCallComplete)]
+    text = "</think>" + TC + invoke("nope", p("a", "1")) + "\n" + END_TC + EOS
+    (complete,) = [e for e in stream(text, tool_names={"bash"}) if isinstance(e, ToolCallComplete)]
     assert "unknown tool 'nope'" in complete.error and "bash" in complete.error
+    position = int(complete.error.split("at character ")[1].split(";")[0])
+    assert text[position:].startswith(' name="nope"')
 
 
 def test_invalid_json_parameter_is_an_error_naming_tool_parameter_and_position():
@@ -221,11 +221,51 @@ def test_feed_after_close_is_a_usage_error():
         parser.feed("x")
 
 
-def test_long_parameter_fed_token_by_token_is_linear():
-    value = "x" * 200_000
-    text = "</think>" + TC + invoke("write", p("data", value)) + "\n" + END_TC + EOS
-    parser = StreamParser("thinking")
-    for i in range(0, len(text), 4):
-        parser.feed(text[i:i + 4])
-    end = parser.close()[-1]
-    assert json.loads(end.message["tool_calls"][0]["function"]["arguments"]) == {"data": value}
+@pytest.mark.parametrize("strict", [True, False])
+def test_long_parameter_fed_token_by_token(strict):
+    value = "x<y\n" * 50_000
+    text = "</think>" + TC + invoke("write", p("data", value), p("n", "[" + "1," * 5000 + "}", False)) + "\n" + END_TC + EOS
+    events = stream(text, strict=strict, chunk=4)
+    assert events[-1].message == parse_message_from_completion_text(text, "thinking")
+    params = [e for e in events if isinstance(e, ToolCallParameter)]
+    assert params[0] == ToolCallParameter(0, "data", value, True)
+    (complete,) = [e for e in events if isinstance(e, ToolCallComplete)]
+    position = int(complete.error.rsplit("at character ", 1)[1].split(")")[0])
+    assert text[position] == "}" and text[position - 1] == ","
+
+
+def test_tolerant_eos_inside_an_invoke_is_an_incomplete_call():
+    end = stream("</think>" + TC + '<｜DSML｜invoke name="rm">\n' + p("path", "/") + EOS, tool_names={"rm"})[-1]
+    assert end.reason == "eos" and end.incomplete_call == "rm" and end.message["tool_calls"] == []
+
+
+def test_empty_completion():
+    assert stream("", mode="chat")[-1].reason == "no_eos"
+    assert stream("")[-1].reason == "truncated"
+    for mode in ("chat", "thinking"):
+        with pytest.raises(DSMLParseError):
+            stream("", mode=mode, strict=True)
+
+
+def test_no_declared_tools_means_every_call_is_unknown():
+    events = stream("</think>" + TC + invoke("f") + "\n" + END_TC + EOS, tool_names=[])
+    assert "unknown tool 'f'" in next(e for e in events if isinstance(e, ToolCallComplete)).error
+
+
+def test_absurdly_nested_json_value_is_a_call_error_not_a_crash():
+    text = "</think>" + TC + invoke("f", p("v", "[" * 100_000, False)) + "\n" + END_TC + EOS
+    for strict in (True, False):
+        (complete,) = [e for e in stream(text, strict=strict, chunk=4096) if isinstance(e, ToolCallComplete)]
+        assert "'v'" in complete.error
+
+
+def test_tolerant_invoke_without_block_and_second_block():
+    text = "r</think>ok\n" + invoke("f", p("a", "1")) + "\n" + EOS
+    end = stream(text, chunk=3)[-1]
+    assert end.message == msg("ok\n", "r", [("f", '{"a": "1"}')]) and end.reason == "eos"
+    text = "</think>" + TC + invoke("f") + "\n" + END_TC + TC + invoke("g") + "\n" + END_TC + EOS
+    end = stream(text, chunk=2)[-1]
+    assert [c["function"]["name"] for c in end.message["tool_calls"]] == ["f", "g"]
+    assert any("second tool block" in w for w in end.warnings)
+    with pytest.raises(DSMLParseError):
+        stream(text, strict=True)
