@@ -198,10 +198,21 @@ async def edit_file(
     )
 
 
-def _in_workspace(ctx: ToolContext, command: str) -> str:
-    """Run `command` in a subshell started in the workspace (when known), leaving the session's cwd alone."""
+def _workspace(ctx: ToolContext) -> str | None:
+    """The workspace path inside the sandbox: the context's, else the sandbox's own `workspace`
+    attribute (LocalSandbox: the host folder it runs in), else unknown."""
     if ctx.workspace:
-        return f"( cd -- {shlex.quote(ctx.workspace)} && {command} )"
+        return ctx.workspace
+    own = getattr(ctx.sandbox, "workspace", None)
+    return str(own) if own is not None else None
+
+
+def _in_workspace(ctx: ToolContext, command: str) -> str:
+    """Run `command` in a subshell started in the workspace (when known, else in the shell's current
+    folder), leaving the session's cwd alone."""
+    workspace = _workspace(ctx)
+    if workspace:
+        return f"( cd -- {shlex.quote(workspace)} && {command} )"
     return f"( {command} )"
 
 

@@ -17,8 +17,9 @@ class ToolContext:
     sandbox: Sandbox | None = None
     """Where commands and file operations run; built-in tools refuse to run without one."""
     workspace: str | None = None
-    """The workspace folder inside the sandbox. Relative paths are joined onto it; when None they go
-    to the sandbox as they are and it resolves them against its own workspace."""
+    """The workspace folder inside the sandbox, where the search tools (list_dir, find, grep) start.
+    When None: the sandbox's `workspace` attribute if it has one, else the shell's current folder.
+    File tools pass relative paths to the sandbox, which resolves them against its workspace."""
     run_id: str = ""
     step: int = 0
     call_id: str = ""

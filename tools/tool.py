@@ -127,7 +127,7 @@ def tool(
     parallel_safe: bool = False,
     max_output_bytes: int = DEFAULT_OUTPUT_CAP_BYTES,
 ) -> Any:
-    """Turn a function (sync or async) into a `Tool`. Use as `@tool` or `@tool(timeout_s=30, ...)`.
+    """Turn a function (sync or async) into a `Tool`: `@tool`, `@tool(timeout_s=30, ...)` or `tool(fn)`.
 
     Every parameter needs a type hint. A parameter annotated `ToolContext` is injected at call time
     and hidden from the model. A function whose only other parameter is a pydantic model takes that
@@ -135,28 +135,20 @@ def tool(
     """
 
     def build(f: Callable[..., Any]) -> Tool:
-        return function_tool(
-            f,
-            name=name,
-            description=description,
-            timeout_s=timeout_s,
-            parallel_safe=parallel_safe,
-            max_output_bytes=max_output_bytes,
-        )
+        return _from_function(f, name, description, timeout_s, parallel_safe, max_output_bytes)
 
     return build(fn) if fn is not None else build
 
 
-def function_tool(
+def _from_function(
     fn: Callable[..., Any],
-    *,
-    name: str | None = None,
-    description: str | None = None,
-    timeout_s: float | None = None,
-    parallel_safe: bool = False,
-    max_output_bytes: int = DEFAULT_OUTPUT_CAP_BYTES,
+    name: str | None,
+    description: str | None,
+    timeout_s: float | None,
+    parallel_safe: bool,
+    max_output_bytes: int,
 ) -> Tool:
-    """The non-decorator form of `@tool`."""
+    """The work of `tool`: read the signature and docstring, build the arguments model and the handler."""
     tool_name = name or fn.__name__
     doc = docstring_parser.parse(inspect.getdoc(fn) or "")
     try:

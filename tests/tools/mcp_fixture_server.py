@@ -3,7 +3,7 @@
 It is a low-level `mcp.server.Server` so the tests control what the SDK's high-level server hides:
 paginated tool listings, JSON-RPC errors, slow calls, a crash, and a grandchild process.
 
-    python tests/tools/mcp_fixture_server.py stdio [--page-size N] [--tools N]
+    python tests/tools/mcp_fixture_server.py stdio [--page-size N] [--tools N] [--start-once MARKER]
     python tests/tools/mcp_fixture_server.py http --port PORT
 """
 from __future__ import annotations
@@ -104,7 +104,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--page-size", type=int, default=100)
     parser.add_argument("--tools", type=int, default=0, help="filler tools beyond the fixed ones")
+    parser.add_argument("--start-once", metavar="MARKER", help="exit with code 4 if MARKER exists, else create it")
     opts = parser.parse_args()
+    if opts.start_once:
+        if os.path.exists(opts.start_once):
+            print("refusing to start twice", file=sys.stderr)
+            sys.exit(4)
+        open(opts.start_once, "w").close()
     server = build_server(opts.page_size, opts.tools)
     if opts.transport == "stdio":
         anyio.run(_serve_stdio, server)

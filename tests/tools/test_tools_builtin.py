@@ -21,7 +21,7 @@ async def ctx(request, tmp_path):
         from sandboxes import LocalSandbox
 
         async with LocalSandbox(tmp_path / "ws") as sandbox:
-            yield ToolContext(sandbox=sandbox, workspace=str(sandbox.workspace), run_id="t")
+            yield ToolContext(sandbox=sandbox, run_id="t")  # workspace: taken from LocalSandbox.workspace
     else:
         from sandboxes import DockerSandbox
         from sandboxes.container import WORKSPACE
@@ -186,9 +186,8 @@ async def test_builtins_refuse_to_run_without_a_sandbox(tools):
 
 
 @pytest.mark.docker
+@pytest.mark.parametrize("ctx", ["docker"], indirect=True)
 async def test_docker_builtins_run_inside_the_container(tools, ctx):
-    if ctx.workspace != "/workspace":
-        pytest.skip("Docker variant only")
     import socket
 
     where = await tools.invoke("python", {"code": "import os, socket; print(socket.gethostname(), os.getuid(), os.getcwd())"}, ctx)

@@ -144,6 +144,17 @@ async def test_a_crashed_server_is_reported_and_restarted_once():
 
 
 @pytest.mark.anyio
+async def test_a_restart_that_fails_marks_the_server_down(tmp_path):
+    async with fixture_stdio("--start-once", str(tmp_path / "started")) as server:
+        crash = await server.call_tool("crash", {})
+        assert crash.is_error and "being restarted" in crash.content
+        refused = await server.call_tool("echo", {"text": "x"})
+        assert refused.is_error and refused.metadata["server_down"]
+        assert "exited with code 4 (stderr: refusing to start twice)" in refused.content
+        assert server.restarts == 1 and len(server.crash_reports) == 2
+
+
+@pytest.mark.anyio
 async def test_no_server_process_outlives_the_context():
     async with fixture_stdio() as server:
         server_pid = server.pid

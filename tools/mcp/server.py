@@ -185,21 +185,22 @@ class MCPServer:
                         task_status.started()
                         return
                     failure = exc
-                if waiting is not None and not waiting.done.is_set():
-                    waiting.error, waiting = MCPConnectionLost(self._lost_message()), None
-                    waiting.done.set()
                 loss = self._describe_loss(failure)
                 self.crash_reports.append(loss)
                 if self.restarts >= MAX_RESTARTS:
                     self._down = f"{loss}; it was restarted {self.restarts} time(s) already and is now down"
                     logger.error("%s", self._down)
+                    if waiting is not None and not waiting.done.is_set():  # the reconnect it asked for failed
+                        waiting.error = MCPServerDown(self._down)
+                        waiting.done.set()
                     break
                 self.restarts += 1
                 logger.warning("%s; it will be restarted (%d of %d) for the next call", loss, self.restarts, MAX_RESTARTS)
-                try:
-                    waiting = await requests.receive()
-                except anyio.EndOfStream:
-                    return
+                if waiting is None or waiting.done.is_set():
+                    try:
+                        waiting = await requests.receive()
+                    except anyio.EndOfStream:
+                        return
             # Down: answer whatever still arrives until the context closes.
             async for request in requests:
                 request.error = MCPServerDown(self._down)
