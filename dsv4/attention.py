@@ -103,6 +103,8 @@ class Attention(nn.Module):
         prev_slots = torch.arange(start - n_prev, start, device=q.device) % W
         keys = torch.cat((cache.window[prev_slots].to(kv.dtype), kv))          # [n_prev+S, d]
         entries = cache.compressed.view() if self.ratio else None             # [N, d]
+        if self.kind == "hca":
+            entries = entries.float()            # HCA reads all of them (N = length / 128)
         self._write_ring(cache, kv, start)
 
         n_extra = picks.shape[1] if picks is not None else (entries.shape[0] if self.ratio else 0)
@@ -129,7 +131,7 @@ class Attention(nn.Module):
                 values.append(comp)
             elif self.ratio:                                                    # HCA: all visible
                 visible = (start + torch.arange(t0 + 1, t1 + 1, device=q.device)) // self.ratio
-                comp = entries[: int(visible[-1])].float()                      # [N,d]
+                comp = entries[: int(visible[-1])]                              # [N,d]
                 ok = torch.arange(comp.shape[0], device=q.device) < visible[:, None]
                 logits.append(torch.einsum("thd,nd->thn", qb, comp).masked_fill(~ok[:, None], float("-inf")))
                 values.append(comp)

@@ -39,6 +39,10 @@ class GrowingRows:
         """The filled rows [n, width] (a view, not a copy)."""
         return self.data[: self.n]
 
+    def stored(self) -> torch.Tensor:
+        """The filled rows as stored (what is saved); `view()` for plain rows."""
+        return self.data[: self.n]
+
     def append(self, rows: torch.Tensor) -> None:
         need = self.n + rows.shape[0]
         if need > self.max_rows:
@@ -96,12 +100,18 @@ class LayerCache:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, layer_id: int, device: torch.device | str,
-              dtype: torch.dtype) -> LayerCache:
+              dtype: torch.dtype, kv_fp8: bool = False) -> LayerCache:
+        """kv_fp8: compressed entries stored in the 584-byte FP8 layout (dsv4/kv_fp8.py)."""
         ratio = cfg.compress_ratios[layer_id]
         cache = cls(window=torch.zeros(cfg.window_size, cfg.head_dim, dtype=dtype, device=device))
         if ratio:
             cache.compressor = CompressorState.empty(ratio, cfg.head_dim, device)
-            cache.compressed = GrowingRows(cfg.head_dim, cfg.max_seq_len // ratio, dtype, device)
+            if kv_fp8:
+                from dsv4.kv_fp8 import Fp8KVLayout, Fp8Rows
+                layout = Fp8KVLayout(cfg.head_dim, cfg.rope_head_dim)
+                cache.compressed = Fp8Rows(layout, cfg.max_seq_len // ratio, dtype, device)
+            else:
+                cache.compressed = GrowingRows(cfg.head_dim, cfg.max_seq_len // ratio, dtype, device)
         if ratio == 4:
             cache.indexer_compressor = CompressorState.empty(ratio, cfg.index_head_dim, device)
             cache.indexer_keys = GrowingRows(cfg.index_head_dim, cfg.max_seq_len // ratio, dtype, device)
@@ -112,7 +122,7 @@ class LayerCache:
         out = {"window": self.window}
         if self.compressor is not None:
             out |= {"compressor.kv_state": self.compressor.kv, "compressor.score_state": self.compressor.score,
-                    "compressed": self.compressed.view()}
+                    "compressed": self.compressed.stored()}
         if self.indexer_compressor is not None:
             out |= {"indexer.compressor.kv_state": self.indexer_compressor.kv,
                     "indexer.compressor.score_state": self.indexer_compressor.score,
@@ -148,8 +158,8 @@ class ModelCache:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> ModelCache:
-        return cls(cfg, [LayerCache.empty(cfg, i, device, dtype) for i in range(cfg.n_layers)])
+              dtype: torch.dtype = torch.float32, kv_fp8: bool = False) -> ModelCache:
+        return cls(cfg, [LayerCache.empty(cfg, i, device, dtype, kv_fp8) for i in range(cfg.n_layers)])
 
     @property
     def device(self) -> torch.device:
@@ -239,7 +249,8 @@ class ModelCache:
             raise ValueError("cache state lacks 'length'")
         device = device or tensors["length"].device
         dtype = tensors["layers.0.window"].dtype if "layers.0.window" in tensors else torch.float32
-        cache = cls.empty(cfg, device, dtype)
+        kv_fp8 = any(k.endswith(".compressed") and t.dtype == torch.uint8 for k, t in tensors.items())
+        cache = cls.empty(cfg, device, dtype, kv_fp8)
         cache.length = int(tensors["length"].item())
         expected = cache.state_tensors()
         extra = sorted(set(tensors) - set(expected))

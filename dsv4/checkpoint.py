@@ -213,32 +213,38 @@ def _read_index(path: Path) -> dict[str, str]:
     raise FileNotFoundError(f"{path} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
 
 
-def _read_headers(path: Path, weight_map: dict[str, str]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (safetensors dtype code, shape) from the shard headers, no tensor data read."""
+def _read_headers(path: Path, weight_map: dict[str, str]
+                  ) -> tuple[dict[str, tuple[str, tuple[int, ...]]], list[str]]:
+    """name -> (safetensors dtype code, shape) for every tensor the index names, read from the
+    shard headers (no tensor data), and the index entries that point nowhere."""
     headers: dict[str, tuple[str, tuple[int, ...]]] = {}
     problems = []
-    for file in sorted(set(weight_map.values())):
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in sorted(by_file.items()):
         if not (path / file).is_file():
             problems.append(f"shard {file} named in {INDEX_FILE} is missing")
             continue
         with safe_open(path / file, "pt") as f:
-            for name in f.keys():
+            stored = set(f.keys())
+            for name in names:
+                if name not in stored:
+                    problems.append(f"{name}: listed in {INDEX_FILE} under {file} but not stored there")
+                    continue
                 sl = f.get_slice(name)
                 headers[name] = (sl.get_dtype(), tuple(sl.get_shape()))
-    for name, file in weight_map.items():
-        if (path / file).is_file() and name not in headers:
-            problems.append(f"{name}: listed in {INDEX_FILE} under {file} but not stored there")
-    if problems:
-        raise CheckpointError("checkpoint is incomplete:\n  " + "\n  ".join(problems))
-    return headers
+    return headers, problems
 
 
-def _check_against_model(model: nn.Module,
-                         headers: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+def _check_against_model(model: nn.Module, headers: dict[str, tuple[str, tuple[int, ...]]],
+                         problems: list[str] | None = None) -> None:
     """Set each Linear's format from the stored weight dtype, then compare names, shapes and
-    dtype kinds with the model; raise one CheckpointError listing every problem."""
+    dtype kinds with the model; raise one CheckpointError listing every problem (`problems`
+    found earlier, such as index entries pointing nowhere, included)."""
     linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
-    problems: list[str] = []
+    problems = list(problems or [])
+    absent = {p.partition(":")[0] for p in problems}      # already reported via the index
     for name, layer in linears.items():
         stored = headers.get(f"{name}.weight")
         fmt = _QUANTISED_WEIGHT.get(stored[0]) if stored else None
@@ -248,7 +254,7 @@ def _check_against_model(model: nn.Module,
             except ValueError as e:
                 problems.append(f"{name}.weight: stored as {stored[0]} but {e}")
     expected = {name: t for name, t in model.state_dict(keep_vars=True).items()}
-    missing = sorted(set(expected) - set(headers))
+    missing = sorted(set(expected) - set(headers) - absent)
     unexpected = sorted(set(headers) - set(expected))
     problems += [f"missing: {n} {list(expected[n].shape)} {ST_CODES.get(expected[n].dtype, '')}"
                  for n in missing]
@@ -326,17 +332,19 @@ def _populate(model: nn.Module, batches: Iterable[Iterable[tuple[str, torch.Tens
 def build_model(cfg: ModelConfig, headers: dict[str, tuple[str, tuple[int, ...]]],
                 batches: Iterable[Iterable[tuple[str, torch.Tensor]]], *,
                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-                dequantize: bool = False, quant_sim: bool | None = None) -> nn.Module:
+                dequantize: bool = False, quant_sim: bool | None = None,
+                problems: list[str] | None = None) -> nn.Module:
     """A `dsv4.Transformer` for `cfg` filled from stored tensors: `headers` gives each one's
-    (safetensors dtype, shape) up front so everything is checked before any data is read;
-    `batches` then yields (name, tensor) pairs (one batch a shard). See `load_model`."""
+    (safetensors dtype, shape) up front so everything is checked before any data is read
+    (`problems`: ones the caller found already, reported in the same error); `batches` then
+    yields (name, tensor) pairs (one batch a shard). See `load_model`."""
     device = torch.device(device)
     # buffers and attributes made in __init__ (RoPE frequencies) are created on `device`; the
     # device context costs a one-off torch._dynamo import, so the CPU path goes without it
     on_device = contextlib.nullcontext() if device.type == "cpu" else device
     with _parameters_on_meta(), on_device:
         model = Transformer(cfg)
-    _check_against_model(model, headers)
+    _check_against_model(model, headers, problems)
     _populate(model, batches, device=device, dtype=dtype, dequantize=dequantize)
     if quant_sim is None:
         quant_sim = device.type == "cuda" and not dequantize
@@ -357,9 +365,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     quantised weights on a CUDA device, so a CPU float load computes the exact float network.
     `config` overrides the folder's config.json."""
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    if config is None and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json (or pass config=ModelConfig(...))")
     cfg = config if config is not None else ModelConfig.from_hf_config(path)
     weight_map = _read_index(path)
-    headers = _read_headers(path, weight_map)
+    headers, problems = _read_headers(path, weight_map)
     by_file: dict[str, list[str]] = {}
     for name, file in weight_map.items():
         by_file.setdefault(file, []).append(name)
@@ -370,7 +382,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                 yield ((name, f.get_tensor(name)) for name in names)
 
     return build_model(cfg, headers, shard_batches(), device=device, dtype=dtype,
-                       dequantize=dequantize, quant_sim=quant_sim)
+                       dequantize=dequantize, quant_sim=quant_sim, problems=problems)
 
 
 # ---- saving -------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import anyio
 import torch
 
 from . import session_io
+from .cache import ModelCache
 from .errors import ContextLengthExceeded, KVBudgetExceeded, SessionStateError
 from .kv_fp8 import Fp8KVLayout
 from .sampling import DecodeState, SamplingParams, StopChecker, make_generator, sample_next
@@ -57,7 +58,8 @@ class Engine:
                     model's blocked attention and indexer, memory stays bounded at any length
     snapshot_every  take a roll-back snapshot whenever a session's cache length hits a multiple
     max_snapshots   snapshots kept per session (the newest)
-    kv_fp8          store the main KV in the 584-byte FP8 layout (needs cache support)
+    kv_fp8          store compressed main-KV entries in the 584-byte FP8 layout (lossless when the
+                    model's quantisation simulation is on, as it is for FP8 checkpoints on GPU)
     """
 
     def __init__(self, model_or_path: Any, *, device: str | torch.device | None = None,
@@ -128,7 +130,7 @@ class Engine:
         logits = tensors.pop(_LAST_LOGITS, None)
         needed = sum(t.numel() * t.element_size() for t in tensors.values())
         self._check_budget(needed)
-        cache = self.cache_class.from_state_tensors(self.cfg, tensors).to(self.device)
+        cache = ModelCache.from_state_tensors(self.cfg, tensors).to(self.device)
         if int(cache.length) != manifest["cache_length"]:
             from .errors import SessionFormatError
 
@@ -144,14 +146,9 @@ class Engine:
 
     # ---- cache and model --------------------------------------------------------------------
     def new_cache(self):
-        kwargs = {"kv_fp8": True} if self.kv_fp8 else {}
-        return self.model.new_cache(device=self.device, **kwargs)
-
-    @property
-    def cache_class(self):
-        from .cache import ModelCache
-
-        return ModelCache
+        if self.kv_fp8:
+            return ModelCache.empty(self.cfg, self.device, self.model.dtype, kv_fp8=True)
+        return self.model.new_cache(device=self.device)
 
     @property
     def fingerprint(self) -> str:

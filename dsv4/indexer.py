@@ -63,6 +63,7 @@ class Indexer(nn.Module):
         if k == 0:
             return torch.empty(S, 0, dtype=torch.long, device=q.device)
         block = max(1, SCORE_BUDGET // (self.n_heads * keys.shape[0]))
+        keys = keys.float()
         out = []
         for t0 in range(0, S, block):
             t1 = min(S, t0 + block)
@@ -71,7 +72,7 @@ class Indexer(nn.Module):
             if kb == 0:
                 out.append(torch.full((t1 - t0, k), -1, dtype=torch.long, device=q.device))
                 continue
-            scores = torch.einsum("thd,nd->thn", q[t0:t1].float(), keys[:n_vis].float()).relu_()
+            scores = torch.einsum("thd,nd->thn", q[t0:t1].float(), keys[:n_vis]).relu_()
             scores = torch.einsum("thn,th->tn", scores, weights[t0:t1])       # [T, n_vis]
             hidden = torch.arange(n_vis, device=q.device) >= visible[t0:t1, None]
             # ReLU makes exact ties (all heads at 0) common: a stable sort breaks them towards the

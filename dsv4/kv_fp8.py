@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv4.cache import GrowingRows
+
 TILE, FP8_MAX = 64, 448.0
 
 
@@ -83,3 +85,24 @@ class Fp8KVLayout:
 
 
 DSV4_LAYOUT = Fp8KVLayout(512, 64)
+
+
+class Fp8Rows(GrowingRows):
+    """A cache's growing buffer of compressed entries stored in the FP8 layout: `append` packs
+    [n, head_dim] rows (or takes packed uint8 rows as saved), `view()` returns them dequantised
+    to the cache dtype, `stored()` the packed bytes [n, entry_bytes]."""
+
+    def __init__(self, layout: Fp8KVLayout, max_rows: int, dtype: torch.dtype, device: torch.device | str):
+        super().__init__(layout.entry_bytes, max_rows, torch.uint8, device)
+        self.layout, self.out_dtype = layout, dtype
+
+    def view(self) -> torch.Tensor:
+        return self.layout.unpack(self.stored(), self.out_dtype)
+
+    def append(self, rows: torch.Tensor) -> None:
+        super().append(rows if rows.dtype == torch.uint8 else self.layout.pack(rows))
+
+    def copy(self, device: torch.device | str | None = None) -> Fp8Rows:
+        out = Fp8Rows(self.layout, self.max_rows, self.out_dtype, device or self.data.device)
+        out.append(self.stored())
+        return out

@@ -135,6 +135,7 @@ class Transformer(nn.Module):
         if len({id(c) for c in caches}) != len(caches):
             raise ValueError("the same cache appears in two rows")
 
+    @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor, caches: list[ModelCache] | None = None) -> torch.Tensor:
         """input_ids [B,S] -> final residual streams [B,S,hc,D] (before the collapse). With
         `caches`, row b continues caches[b] and the S tokens are appended to it."""
@@ -150,6 +151,7 @@ class Transformer(nn.Module):
             c.length += input_ids.shape[1]
         return h
 
+    @torch.no_grad()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Streams [B,S,hc,D] -> logits [B,S,V] fp32."""
         x = hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base,

@@ -28,7 +28,8 @@ def _client() -> docker.DockerClient:
         client.ping()
         return client
     except docker.errors.DockerException as exc:
-        console.print(f"[red]no Docker engine reachable:[/] {exc}\nstart dockerd (scripts/setup.sh does) or set DOCKER_HOST")
+        console.print(f"[red]no Docker engine reachable:[/] {exc}\n"
+                      "start dockerd (scripts/setup.sh does) or set DOCKER_HOST")
         raise typer.Exit(SANDBOX_ERROR) from exc
 
 

@@ -6,11 +6,12 @@ filesystem with tmpfs /tmp, and only the workspace mounted. The workspace is a s
 host folder is given; a file-size ulimit bounds any single file either way (a host folder has no total
 quota: Docker's `storage_opt` needs xfs project quotas, which ordinary hosts lack).
 
-Leaks: PID 1's child is a deadline process (root without capabilities, so commands can neither signal it
-nor stop it). It ends the container - which is auto-removed - at the hard expiry (`ttl`) and a few seconds
-after the last session shell exits; a shell exits when its owner closes it or dies (the daemon closes the
-exec's stdin). A paused pool container cannot run that check, so every container also carries owner labels
-that the reaper (owner.py) checks at the next start.
+Leaks: PID 1's child is a deadline process (root without capabilities, so commands can neither signal nor
+stop it). It ends the container - which is auto-removed - at the hard expiry (`ttl`) or as soon as the owner
+process dies, however it dies: it reads a fifo that only the owner holds open for writing (owner.py), and
+the kernel closes that end when the owner exits, SIGKILL included. A paused pool container cannot read, and
+a remote engine cannot mount the fifo, so every container also carries owner labels that the reaper checks
+at the next start and in `dsv4-agent sandbox gc`.
 
 Every docker-py call blocks, so each runs in a worker thread; the event loop never waits on Docker.
 """
@@ -34,37 +35,34 @@ from sandboxes.base import CommandResult
 from sandboxes.driver import ShellDriver
 from sandboxes.image import DEFAULT_IMAGE, SANDBOX_UID, require_image
 from sandboxes.output import DEFAULT_OUTPUT_CAP
-from sandboxes.owner import owner_labels, reap, remove_container
-from sandboxes.paths import WorkspaceEscapeError, container_path_in_workspace
+from sandboxes.owner import owner_fifo, owner_labels, reap, remove_container
+from sandboxes.paths import (MAX_READ_BYTES, WorkspaceEscapeError, container_path_in_workspace,
+                             file_too_big)
 from sandboxes.shell import SHELL_ARGV, ShellSession
 
 WORKSPACE = "/workspace"
 SHELL_STATE = "/tmp/.dsv4-shell"
-LIVE_DIR = "/tmp/.dsv4-live"  # one non-empty file per live session shell, watched by the deadline process
+OWNER_FIFO = "/run/dsv4-owner"  # the owner process's fifo, read by the deadline process
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_TTL_S = 4 * 3600.0
 _EXEC_ENV = {"HOME": "/tmp", "LANG": "C.UTF-8", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
 # PID 1's child, as root without capabilities; only bash builtins in the loop, so a fork bomb cannot stall it.
-# Ends the container at the hard expiry ($1), when session shells existed and none is live for 3 s, or when
-# no shell ever started within 120 s.
+# Ends the container (then auto-removed) at the hard expiry ($1), or when the owner fifo reads EOF: the
+# kernel closed the owner's end, so the owner process is gone, however it died.
 _DEADLINE = r"""
-end=$1
-printf -v born '%(%s)T' -1
-mkdir -m 700 /tmp/.dsv4-pid1 && mkfifo /tmp/.dsv4-pid1/tick && exec 3<>/tmp/.dsv4-pid1/tick || exit 1
-mkdir -m 1777 /tmp/.dsv4-live || exit 1
-shopt -s nullglob
-seen=0 idle=0
+end=$1 watch=0
+if [ -p /run/dsv4-owner ]; then
+    exec 3< /run/dsv4-owner || exit 1
+    watch=1
+else  # a remote engine: no owner fifo; a private one serves as a sleep that needs no process
+    mkdir -m 700 /tmp/.dsv4-pid1 && mkfifo /tmp/.dsv4-pid1/tick && exec 3<>/tmp/.dsv4-pid1/tick || exit 1
+fi
 while :; do
     printf -v now '%(%s)T' -1
     (( now >= end )) && exit 0
-    alive=0
-    for f in /tmp/.dsv4-live/*; do [ -s "$f" ] && alive=1; done
-    if (( alive )); then seen=1 idle=0
-    elif (( seen )); then (( ++idle >= 3 )) && exit 0
-    elif (( now - born > 120 )); then exit 0
-    fi
     read -t 1 -u 3
+    (( $? <= 128 && watch )) && exit 0
 done
 """
 
@@ -76,7 +74,8 @@ p=$(realpath -m -- "$1") || exit 91
 case $p in {WORKSPACE}|{WORKSPACE}/*) ;; *) echo "$p" >&2; exit 92;; esac
 """
 _WRITE = _CONFINE + 'mkdir -p -- "$(dirname -- "$p")" && exec cat > "$p"'
-_READ = _CONFINE + '[ -d "$p" ] && { echo "is a directory" >&2; exit 93; }; exec cat -- "$p"'
+_READ = _CONFINE + (f'[ -d "$p" ] && {{ echo "is a directory" >&2; exit 93; }}; '
+                    f'exec head -c {MAX_READ_BYTES + 1} -- "$p"')
 
 
 class SandboxError(RuntimeError):
@@ -128,6 +127,9 @@ class ExecTransport:
         del self._buffer[:8 + size]
         return stream, payload
 
+    def alive(self) -> bool:
+        return bool(self.api.exec_inspect(self.exec_id)["Running"])
+
     def finish_input(self) -> None:
         self.sock.shutdown(socket.SHUT_WR)  # stdin EOF for the exec'd process
 
@@ -163,6 +165,7 @@ class DockerSandbox:
         tmp_size: str = "256m",
         ttl: float = DEFAULT_TTL_S,
         output_cap: int = DEFAULT_OUTPUT_CAP,
+        read_only: bool = True,
         user: str | None = None,
         env: dict[str, str] | None = None,
         client: docker.DockerClient | None = None,
@@ -181,13 +184,14 @@ class DockerSandbox:
         self.tmp_size = tmp_size
         self.ttl = ttl  # hard lifetime of the container
         self.output_cap = output_cap
-        self.user = user or self._default_user()
+        self.read_only = read_only  # False only for images that must write outside /tmp and /workspace
+        self.uid, self.gid = _parse_user(user) if user else self._default_owner()
+        self.user = f"{self.uid}:{self.gid}"
         self.env = {**_EXEC_ENV, **(env or {})}
         self.name = f"dsv4-sbx-{secrets.token_hex(4)}"
         self._client = client
         self._pooled = _pooled
         self.container_id: str | None = None
-        self._sessions = 0
         self._driver = ShellDriver(self._open_session, self._interrupt)
 
     # --- lifecycle ---------------------------------------------------------------------------------
@@ -226,11 +230,12 @@ class DockerSandbox:
         tmpfs = {"/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777"}
         volumes = {}
         if self.host_workspace is None:
-            uid, gid = self.user.split(":") if ":" in self.user else (self.user, self.user)
-            tmpfs[WORKSPACE] = f"rw,nosuid,nodev,size={self.disk},uid={uid},gid={gid},mode=0755"
+            tmpfs[WORKSPACE] = f"rw,nosuid,nodev,size={self.disk},uid={self.uid},gid={self.gid},mode=0755"
         else:
             self._check_host_workspace()
             volumes[str(self.host_workspace)] = {"bind": WORKSPACE, "mode": "rw"}
+        if self.client.api.base_url.startswith("http+docker://localhost"):  # the engine shares our filesystem
+            volumes[owner_fifo()] = {"bind": OWNER_FIFO, "mode": "ro"}
         file_limit = _bytes(self.disk)
         try:
             container = self.client.containers.run(
@@ -243,7 +248,7 @@ class DockerSandbox:
                 mem_limit=self.memory, memswap_limit=self.memory, pids_limit=self.pids,
                 nano_cpus=int(self.cpus * 1e9),
                 cap_drop=["ALL"], security_opt=["no-new-privileges"],
-                read_only=True, tmpfs=tmpfs, volumes=volumes,
+                read_only=self.read_only, tmpfs=tmpfs, volumes=volumes,
                 ulimits=[docker.types.Ulimit(name="fsize", soft=file_limit, hard=file_limit),
                          docker.types.Ulimit(name="nofile", soft=4096, hard=4096)],
                 labels=owner_labels(self.name, self.ttl, pooled=self._pooled),
@@ -252,30 +257,28 @@ class DockerSandbox:
             raise SandboxError(f"could not start a sandbox from {self.image!r}: {exc.explanation or exc}") from exc
         self.container_id = container.id
 
-    def _default_user(self) -> str:
+    def _default_owner(self) -> tuple[int, int]:
         """Commands run as uid 1000, or as the owner of a host workspace when that is not root."""
         if self.host_workspace is not None and self.host_workspace.exists():
             info = self.host_workspace.stat()
             if info.st_uid != 0:
-                return f"{info.st_uid}:{info.st_gid}"
-        return f"{SANDBOX_UID}:{SANDBOX_UID}"
+                return info.st_uid, info.st_gid
+        return SANDBOX_UID, SANDBOX_UID
 
     def _check_host_workspace(self) -> None:
         ws = self.host_workspace
-        uid = int(self.user.split(":")[0])
         if not ws.exists():
             ws.mkdir(parents=True)
             if os.geteuid() == 0:
-                os.chown(ws, uid, int(self.user.split(":")[-1]))
+                os.chown(ws, self.uid, self.gid)
             return
         if not ws.is_dir():
             raise SandboxError(f"workspace {ws} is not a folder")
         info = ws.stat()
-        writable = info.st_uid == uid or info.st_mode & stat.S_IWOTH
-        if not writable:
+        if info.st_uid != self.uid and not info.st_mode & stat.S_IWOTH:
             raise SandboxError(
-                f"workspace {ws} is owned by uid {info.st_uid}, but sandbox commands run as uid {uid} "
-                f"(never as root): `chown -R {uid}:{uid} {ws}`, or pass user='<uid>:<gid>' of its owner"
+                f"workspace {ws} is owned by uid {info.st_uid}, but sandbox commands run as uid {self.uid} "
+                f"(never as root): `chown -R {self.uid}:{self.gid} {ws}`, or pass user='<uid>:<gid>' of its owner"
             )
 
     async def close(self) -> None:
@@ -300,22 +303,45 @@ class DockerSandbox:
     # --- commands ----------------------------------------------------------------------------------
 
     def _open_session(self) -> ShellSession:
-        self._sessions += 1
-        transport = ExecTransport(self.client.api, self._require_started(), SHELL_ARGV, self.user, self.env)
-        live = f"{LIVE_DIR}/session-{self._sessions}"
-        return ShellSession(transport, SHELL_STATE, alive_file=live, output_cap=self.output_cap)
+        try:
+            transport = ExecTransport(self.client.api, self._require_started(), SHELL_ARGV, self.user, self.env)
+        except docker.errors.APIError as exc:
+            raise SandboxError(
+                f"sandbox {self.name} cannot run commands ({exc.explanation or exc}); it may have passed its "
+                f"ttl of {self.ttl:.0f}s or been removed (`dsv4-agent sandbox gc`): start a new one") from exc
+        return ShellSession(transport, SHELL_STATE, output_cap=self.output_cap)
 
     def _interrupt(self) -> None:
         if self.container_id is None:
             return
-        self.client.api.exec_start(self.client.api.exec_create(
-            self.container_id, ["bash", "-c", f'read -r g < {SHELL_STATE}/current; kill -KILL -- -"$g"'],
-            user=self.user))
+        try:
+            self.client.api.exec_start(self.client.api.exec_create(
+                self.container_id, ["bash", "-c", f'read -r g < {SHELL_STATE}/current; kill -KILL -- -"$g"'],
+                user=self.user))
+        except docker.errors.APIError:
+            pass  # container gone or out of pids: the driver replaces the shell if it does not come back
 
     async def run(self, command: str, timeout: float | None = None) -> CommandResult:
         """Run `command` in the persistent shell; `timeout` defaults to the sandbox's `timeout`."""
         self._require_started()
         return await self._driver.run(command, self.timeout if timeout is None else timeout)
+
+    async def reset(self) -> None:
+        """Kill every process of the sandbox user (background jobs, a fork bomb) and forget the shell state;
+        the next command starts a fresh shell. Files stay."""
+        self._require_started()
+        await self._driver.reset(self._kill_everything)
+
+    def _kill_everything(self) -> None:
+        argv = ["bash", "-c", f"rm -f {SHELL_STATE}/state; kill -KILL -1"]  # -1: all we may signal but ourselves
+        for attempt in range(20):  # under a pids-limit siege the exec itself may fail to fork; retry
+            try:
+                self.client.api.exec_start(self.client.api.exec_create(self.container_id, argv, user=self.user))
+                return
+            except docker.errors.APIError as exc:
+                failure = exc
+                time.sleep(0.05 * (attempt + 1))
+        raise SandboxError(f"could not reset the sandbox ({failure}); close it and start a new one")
 
     # --- files -------------------------------------------------------------------------------------
 
@@ -329,6 +355,8 @@ class DockerSandbox:
         target = container_path_in_workspace(WORKSPACE, path)
         code, out, err = await anyio.to_thread.run_sync(self._file_exec, _READ, target, b"")
         self._raise_file_error(path, code, err, "read")
+        if len(out) > MAX_READ_BYTES:
+            raise file_too_big(path)
         return out
 
     def _file_exec(self, script: str, target: str, stdin: bytes) -> tuple[int, bytes, str]:
@@ -374,6 +402,18 @@ def _reap_once(client: docker.DockerClient) -> None:
     if not _reaped_in_this_process:
         reap(client)
         _reaped_in_this_process = True
+
+
+def _parse_user(user: str) -> tuple[int, int]:
+    """'1000' or '1000:1000' -> (uid, gid); root is refused: commands never run as root."""
+    uid_text, _, gid_text = user.partition(":")
+    try:
+        uid, gid = int(uid_text), int(gid_text or uid_text)
+    except ValueError:
+        raise ValueError(f"user must be numeric 'uid' or 'uid:gid', got {user!r}") from None
+    if uid == 0:
+        raise ValueError("sandbox commands never run as root (uid 0): pass a non-root user='uid:gid'")
+    return uid, gid
 
 
 def _bytes(size: str) -> int:

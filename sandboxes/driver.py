@@ -7,6 +7,7 @@ dies or hangs is replaced, and the command's result says the session state was l
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 import anyio
@@ -38,6 +39,7 @@ class ShellDriver:
                 self._session = await anyio.to_thread.run_sync(self._open_session)
             session = self._session
             finished = threading.Event()
+            started = time.monotonic()
             outcome: list[CommandResult | BaseException] = []
 
             def work() -> None:
@@ -60,12 +62,20 @@ class ShellDriver:
             if isinstance(result, ShellDied):
                 await self._replace(session)
                 return CommandResult(
-                    exit_code=-1, stdout="", timed_out=timeout is not None,
+                    exit_code=-1, stdout="", timed_out=result.hung, duration_s=time.monotonic() - started,
                     stderr=f"[sandbox error: {result}; a new shell was started, the session state (cwd, env) is lost]",
                 )
             if isinstance(result, BaseException):
                 raise result
             return result
+
+    async def reset(self, kill_everything: Callable[[], None]) -> None:
+        """Close the shell, run `kill_everything` (blocking), and let the next command open a fresh shell."""
+        async with self._lock:
+            with anyio.CancelScope(shield=True):
+                if self._session is not None:
+                    await self._replace(self._session)
+                await anyio.to_thread.run_sync(kill_everything)
 
     async def _replace(self, session: ShellSession) -> None:
         await anyio.to_thread.run_sync(session.close)

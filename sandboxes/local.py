@@ -20,7 +20,7 @@ import anyio.to_thread
 from sandboxes.base import CommandResult
 from sandboxes.driver import ShellDriver
 from sandboxes.output import DEFAULT_OUTPUT_CAP
-from sandboxes.paths import host_path_in_workspace
+from sandboxes.paths import MAX_READ_BYTES, file_too_big, host_path_in_workspace
 from sandboxes.shell import SHELL_ARGV, ShellSession
 
 DEFAULT_TIMEOUT_S = 120.0
@@ -54,6 +54,9 @@ class PipeTransport:
                 return key.data, data
             self._selector.unregister(key.fileobj)
         return None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
     def close(self) -> None:
         try:
@@ -112,6 +115,14 @@ class LocalSandbox:
         """Run `command` in the persistent shell; `timeout` defaults to the sandbox's `timeout`."""
         return await self._driver.run(command, self.timeout if timeout is None else timeout)
 
+    async def reset(self) -> None:
+        """End the shell and the background jobs it left, forget the shell state; the next command starts fresh."""
+        await self._driver.reset(self._forget_state)
+
+    def _forget_state(self) -> None:
+        if self._state_dir is not None:
+            Path(self._state_dir, "state").unlink(missing_ok=True)
+
     async def write_file(self, path: str, data: bytes | str) -> None:
         target = host_path_in_workspace(self.workspace, path)
         payload = data.encode() if isinstance(data, str) else bytes(data)
@@ -126,6 +137,8 @@ class LocalSandbox:
         target = host_path_in_workspace(self.workspace, path)
         if not target.exists():
             raise FileNotFoundError(f"no file {path!r} in the workspace {self.workspace}")
+        if target.is_file() and target.stat().st_size > MAX_READ_BYTES:
+            raise file_too_big(path)
         return await anyio.to_thread.run_sync(target.read_bytes)
 
     async def close(self) -> None:

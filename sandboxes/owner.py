@@ -3,12 +3,15 @@
 Every container carries labels naming its owner process (host, boot id, pid, start time, so a recycled
 pid is never mistaken for the owner) and its expiry. `reap` removes containers whose owner on this host is
 gone, whose expiry passed, or that stopped; it runs before the first sandbox of a process starts and from
-`dsv4-agent sandbox gc`. `atexit` and `__del__` alone cannot do this: they never run after SIGKILL.
+`dsv4-agent sandbox gc`. `atexit` and `__del__` alone cannot do this: they never run after SIGKILL. The
+owner fifo lets a running container notice its owner's death by itself (see `owner_fifo`).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,23 +63,60 @@ def owner_labels(name: str, ttl_s: float, pooled: bool = False) -> dict[str, str
 
 def owner_state(labels: dict[str, str]) -> str:
     """'alive', 'dead', or 'unknown' (another host: only its expiry can end it here)."""
-    if labels.get(OWNER_HOST) != socket.gethostname() or labels.get(OWNER_BOOT) != _boot_id():
-        # Same host name but another boot: the owner died with that boot.
-        return "dead" if labels.get(OWNER_HOST) == socket.gethostname() else "unknown"
+    if labels.get(OWNER_HOST) != socket.gethostname():
+        return "unknown"
+    if labels.get(OWNER_BOOT) != _boot_id():
+        return "dead"  # this host rebooted since: the owner went with the old boot
     try:
         pid = int(labels.get(OWNER_PID, ""))
     except ValueError:
         return "dead"
-    start = process_start(pid)
-    if not start:
+    started = process_start(pid)
+    if not started:  # the pid is gone (or no /proc: then only "does it exist" can be asked)
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return "dead"
         except PermissionError:
             pass
-        return "alive" if not labels.get(OWNER_START) else "dead"
-    return "alive" if start == labels.get(OWNER_START) else "dead"
+        return "dead" if labels.get(OWNER_START) else "alive"
+    return "alive" if started == labels.get(OWNER_START) else "dead"  # else: a recycled pid
+
+
+_held_fifo: tuple[str, int] | None = None  # (path, fd) of this process's owner fifo
+
+
+def owner_fifo() -> str:
+    """A fifo this process holds open for writing until it exits; containers mount it read-only and read it.
+
+    Nothing is ever written: a reader blocks until the last writer - this process - is gone, SIGKILL included,
+    and then reads EOF. Mode 0644: a sandbox may open it to read (harmless) but never to write (to keep it open).
+    """
+    global _held_fifo
+    if _held_fifo is None or _held_fifo[0] != _fifo_path(os.getpid(), process_start(os.getpid())):  # new after fork
+        path = _fifo_path(os.getpid(), process_start(os.getpid()))
+        path.parent.mkdir(mode=0o755, exist_ok=True)
+        if not path.exists():
+            os.mkfifo(path, 0o644)
+        _held_fifo = (str(path), os.open(path, os.O_RDWR | os.O_CLOEXEC))  # RDWR: opening never blocks
+        atexit.register(_unlink_quietly, path)  # after SIGKILL the reaper removes it instead
+    return _held_fifo[0]
+
+
+def _unlink_quietly(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _fifo_path(pid: int, start: str) -> Path:
+    return Path(tempfile.gettempdir()) / "dsv4-owners" / f"{pid}-{start or 0}.fifo"
+
+
+def _remove_dead_owner_fifos() -> None:
+    folder = Path(tempfile.gettempdir()) / "dsv4-owners"
+    for fifo in folder.glob("*.fifo") if folder.is_dir() else []:
+        pid, _, start = fifo.stem.partition("-")
+        if process_start(int(pid)) != start and not (start == "0" and Path(f"/proc/{pid}").exists()):
+            fifo.unlink(missing_ok=True)
 
 
 @dataclass
@@ -125,6 +165,7 @@ def list_sandboxes(client: docker.DockerClient) -> list[SandboxInfo]:
 
 def reap(client: docker.DockerClient, everything: bool = False) -> list[tuple[SandboxInfo, str]]:
     """Remove orphaned, expired and stopped sandboxes (all of ours with `everything`); returns (info, reason)."""
+    _remove_dead_owner_fifos()
     reaped = []
     for info in list_sandboxes(client):
         reason = "removed on request" if everything else info.reap_reason()

@@ -5,6 +5,14 @@ import posixpath
 from pathlib import Path
 
 
+MAX_READ_BYTES = 256 * 2**20  # read_file refuses bigger files rather than pull them all into memory
+
+
+def file_too_big(path: str) -> ValueError:
+    return ValueError(f"{path!r} is larger than {MAX_READ_BYTES} bytes: read parts of it with a command "
+                      "(head -c, tail -c, sed -n) instead")
+
+
 class WorkspaceEscapeError(ValueError):
     """A file path points outside the sandbox workspace (by `..`, an absolute path or a symlink)."""
 

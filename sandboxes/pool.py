@@ -32,6 +32,7 @@ class SandboxPool:
         self._ready: list[tuple[float, DockerSandbox]] = []  # (paused at, sandbox)
         self._task_group: anyio.abc.TaskGroup | None = None
         self._wanted = anyio.Event()
+        self._filling = anyio.Lock()  # one filler at a time, so the pool never overshoots its size
 
     async def __aenter__(self) -> SandboxPool:
         self._task_group = anyio.create_task_group()
@@ -47,8 +48,9 @@ class SandboxPool:
 
     async def fill(self) -> None:
         """Wait until the pool holds `size` ready sandboxes (the background filler does this on its own)."""
-        while len(self._ready) < self.size:
-            self._ready.append((time.monotonic(), await self._new_paused()))
+        async with self._filling:
+            while len(self._ready) < self.size:
+                self._ready.append((time.monotonic(), await self._new_paused()))
 
     async def _keep_filled(self) -> None:
         while True:

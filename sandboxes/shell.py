@@ -1,7 +1,7 @@
 """The persistent shell both sandboxes speak: one bash process, one line per command, a sentinel per result.
 
 Why this shape:
-- A persistent shell costs a fraction of a millisecond per command where a fresh `docker exec` costs ~60 ms.
+- A persistent shell costs a few milliseconds per command where a fresh `docker exec` costs ~60 ms.
 - Each command runs in a child bash in its own process group, so a timeout can kill the command and
   everything it started (`kill -KILL -- -pgid`) while the session shell lives on. The child restores the
   session state (cwd, exported variables, functions, aliases, shell options) saved by the previous command
@@ -10,8 +10,8 @@ Why this shape:
 - The watchdog is a subshell blocked in the builtin `read -t` on a private fifo: no `sleep` process, so a
   fork bomb that exhausts the pids limit cannot stop the timeout from firing.
 - Commands read /dev/null as stdin: an interactive program gets EOF instead of eating the protocol.
-- When the session shell reads EOF (the owner closed it or died), its EXIT trap kills the process group
-  of every command that outlived its run and empties `alive_file` (the Docker deadline process watches it).
+- When the session shell reads EOF (its owner closed it), its EXIT trap kills the process group of every
+  command that outlived its run (background jobs).
 
 Protocol: Python writes `__dsv4_run TOKEN TIMEOUT 'COMMAND'` (COMMAND shell-quoted, TIMEOUT 0 = none); the
 shell answers `TOKEN EXIT_CODE TIMED_OUT` on stdout and `TOKEN` on stderr after the command's output.
@@ -44,14 +44,13 @@ eval "$__dsv4_cmd"
 """
 
 
-def boot_script(state_dir: str, alive_file: str = "") -> str:
+def boot_script(state_dir: str) -> str:
     """The script fed to the session shell once: defines `__dsv4_run`, then bash reads command lines."""
     return f"""
 set +o history
-exec 3>&1 4>&2 2>/dev/null   # fd 3/4: the channel to the owner; the shell's own notices go nowhere
+exec 3>&1 4>&2 1>/dev/null 2>&1  # fd 3/4: the channel to the owner; the shell's own output goes nowhere
 set -m                       # each command gets its own process group
 __dsv4_dir={shlex.quote(state_dir)}
-__dsv4_alive={shlex.quote(alive_file)}
 __dsv4_runner={shlex.quote(_RUNNER)}
 __dsv4_groups=()
 mkdir -p -- "$__dsv4_dir" && [ -p "$__dsv4_dir/tick" ] || mkfifo -- "$__dsv4_dir/tick"
@@ -59,10 +58,8 @@ exec 5<>"$__dsv4_dir/tick"   # never written: `read -t` on it is a sleep without
 __dsv4_exit() {{
     local g
     for g in "${{__dsv4_groups[@]}}"; do kill -KILL -- -"$g"; done
-    if [ -n "$__dsv4_alive" ]; then : > "$__dsv4_alive"; fi
 }}
 trap __dsv4_exit EXIT
-if [ -n "$__dsv4_alive" ]; then printf '%s' "$$" > "$__dsv4_alive"; fi
 __dsv4_run() {{
     local tok=$1 limit=$2 pid wd= rc mark= timed_out=0 i live=() g
     bash --noprofile --norc -c "$__dsv4_runner" bash "$__dsv4_dir" "$3" </dev/null >&3 2>&4 3>&- 4>&- 5>&- &
@@ -98,24 +95,31 @@ class Transport(Protocol):
     def recv(self, timeout: float | None) -> tuple[int, bytes] | None:
         """(1 for stdout | 2 for stderr, bytes); None when `timeout` passed; raises EOFError when closed."""
 
+    def alive(self) -> bool:
+        """Whether the shell process still runs (its output may outlive it, held open by its children)."""
+
     def close(self) -> None: ...
 
 
 class ShellDied(RuntimeError):
     """The session shell closed or stopped answering; the sandbox must start a new one."""
 
+    def __init__(self, message: str, hung: bool = False):
+        super().__init__(message)
+        self.hung = hung  # it outlived the command's timeout rather than dying
+
 
 GRACE_S = 10.0  # beyond a command's own timeout, how long the owner waits before calling the shell hung
+LIVENESS_CHECK_S = 1.0  # while a command is silent, how often to check that the shell itself still runs
 
 
 class ShellSession:
     """Runs commands one at a time over a transport. Blocking: call it from a worker thread."""
 
-    def __init__(self, transport: Transport, state_dir: str, alive_file: str = "",
-                 output_cap: int = DEFAULT_OUTPUT_CAP):
+    def __init__(self, transport: Transport, state_dir: str, output_cap: int = DEFAULT_OUTPUT_CAP):
         self.transport = transport
         self.output_cap = output_cap
-        transport.send(boot_script(state_dir, alive_file).encode())
+        transport.send(boot_script(state_dir).encode())
         # A first round trip proves the shell is up and the boot script was accepted.
         probe = self.run("true", timeout=30.0)
         if probe.exit_code != 0:
@@ -124,6 +128,8 @@ class ShellSession:
     def run(self, command: str, timeout: float | None) -> CommandResult:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive seconds or None, got {timeout}")
+        if "\x00" in command:
+            raise ValueError("a shell command cannot contain NUL characters")
         self._drain()
         token = f"__dsv4_{secrets.token_hex(8)}"
         limit = "0" if timeout is None else f"{timeout:.3f}"
@@ -135,14 +141,17 @@ class ShellSession:
         while not (out.done and err.done):
             wait = None if give_up is None else give_up - time.monotonic()
             if wait is not None and wait <= 0:
-                raise ShellDied(f"the shell gave no result {GRACE_S:.0f}s past the command's {timeout}s timeout")
+                raise ShellDied(f"the shell gave no result {GRACE_S:.0f}s past the command's {timeout}s timeout",
+                                hung=True)
             try:
-                chunk = self.transport.recv(wait)
+                chunk = self.transport.recv(LIVENESS_CHECK_S if wait is None else min(wait, LIVENESS_CHECK_S))
             except EOFError as exc:
                 raise ShellDied("the session shell exited") from exc
             if chunk is not None:
                 stream, data = chunk
                 (out if stream == 1 else err).feed(data)
+            elif not self.transport.alive():
+                raise ShellDied("the session shell was killed")
         code, timed_out = (int(x) for x in out.trailer.split())
         return CommandResult(
             exit_code=-1 if timed_out else code,

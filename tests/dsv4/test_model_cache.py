@@ -200,3 +200,32 @@ def test_max_seq_len_enforced(make_model):
     short(_ids(10, 1), caches=[cache])
     with pytest.raises(ValueError, match="max_seq_len=16"):
         short(_ids(7, 1), caches=[cache])
+
+
+def test_flash_cache_bytes_at_one_million_tokens():
+    # the Flash cache on the meta device (shapes only), filled as a 1M-token chunked prefill
+    # would: entries per layer grow linearly, 6,880 B/token in bf16 (reference §3.2)
+    flash = ModelConfig.flash()
+    cache = ModelCache.empty(flash, device="meta", dtype=torch.bfloat16)
+    fixed = cache.nbytes()
+    assert 17.0 * 2**20 < fixed < 17.1 * 2**20                   # ~17 MiB rings + compressor states
+    chunk, total = 8192, 1 << 20
+    for _ in range(total // chunk):
+        for ratio, layer in zip(flash.compress_ratios, cache.layers):
+            if ratio:
+                layer.compressed.append(torch.empty(chunk // ratio, flash.head_dim, device="meta"))
+            if ratio == 4:
+                layer.indexer_keys.append(torch.empty(chunk // 4, flash.index_head_dim, device="meta"))
+    assert cache.nbytes() - fixed == 6880 * total                  # 6.72 GiB: doubling ends exactly full
+    with pytest.raises(RuntimeError, match="cache full"):
+        cache.layers[2].compressed.append(torch.empty(1, flash.head_dim, device="meta"))
+
+
+def test_tiny_workspace_blocks_give_the_same_logits(model, long_run, monkeypatch):
+    # one query per block everywhere (the path a 1M-token context takes) == the default blocks
+    import dsv4.attention
+    import dsv4.indexer
+    ids, full = long_run
+    monkeypatch.setattr(dsv4.attention, "LOGIT_BUDGET", 1)
+    monkeypatch.setattr(dsv4.indexer, "SCORE_BUDGET", 1)
+    torch.testing.assert_close(_run_chunked(model, ids[:, :260], [200, 60]), full[:, :260], atol=ATOL, rtol=0)
