@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsv4 import Engine, ModelConfig, SamplingParams  # noqa: E402
+from dsv4 import attention, indexer  # noqa: E402
 from dsv4.model import Transformer  # noqa: E402
 
 
@@ -49,6 +50,7 @@ def bench_config(args) -> ModelConfig:
         return base.replace(n_mtp_layers=0, compress_ratios=base.compress_ratios[:base.n_layers])
     ratios = tuple(4 if i % 2 == 0 else 128 for i in range(args.layers))
     return ModelConfig.flash().replace(n_layers=args.layers, n_mtp_layers=0, compress_ratios=ratios,
+                                       n_hash_layers=min(3, args.layers),
                                        n_routed_experts=args.experts, dtype="bf16", expert_dtype=None)
 
 
@@ -128,6 +130,17 @@ def matmul_flops_per_token(model: Transformer, cfg: ModelConfig) -> int:
     return int(flops)
 
 
+def stored_kv_bytes(session) -> int:
+    """Bytes of the compressed entries and indexer keys a session holds (growing buffers counted
+    by their filled rows, not their doubled capacity)."""
+    total = 0
+    for layer in session._ref.cache.layers:
+        for rows in (layer.compressed, layer.indexer_keys):
+            if rows is not None:
+                total += rows.stored().nbytes
+    return total
+
+
 def random_ids(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -149,6 +162,34 @@ def decode_rate(engine: Engine, sessions, steps: int, clock: Clock) -> float:
 
     t, _ = clock.time(anyio.run, run)
     return len(sessions) * steps / t
+
+
+def model_only_decode(model, caches, steps: int, clock: Clock) -> float:
+    """Greedy decode straight through the model (no engine): the floor the engine adds to."""
+    nxt = torch.zeros(len(caches), 1, dtype=torch.long, device=caches[0].device)
+
+    def run():
+        nonlocal nxt
+        with torch.inference_mode():
+            for _ in range(steps):
+                nxt = model(nxt, caches=caches, last_only=True)[:, -1].argmax(-1, keepdim=True)
+
+    run_t, _ = clock.time(run)
+    return len(caches) * steps / run_t
+
+
+def profile_decode(model, caches, path: Path) -> None:
+    """Top operators of 3 decode steps (torch.profiler), written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    nxt = torch.zeros(len(caches), 1, dtype=torch.long, device=caches[0].device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.inference_mode():
+        for _ in range(3):
+            nxt = model(nxt, caches=caches, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    table += "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    path.write_text(table)
 
 
 def bench_engine(args, cfg, model, device, clock, results, save):
@@ -178,7 +219,8 @@ def bench_engine(args, cfg, model, device, clock, results, save):
         row = {"tokens": length, "seconds": t_pre, "tokens_per_s": length / t_pre,
                "matmul_TFLOPs_lower_bound": flops_tok * length / t_pre / 1e12,
                "kv_bytes": kv, "kv_fixed_bytes": fixed,
-               "kv_bytes_per_token_measured": (kv - fixed) / length}
+               "kv_bytes_per_token_allocated": (kv - fixed) / length,
+               "kv_bytes_per_token_stored": stored_kv_bytes(session) / length}
         if device.type == "cuda":
             row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
         prefill[str(length)] = row
@@ -223,11 +265,16 @@ def bench_engine(args, cfg, model, device, clock, results, save):
         sessions = [base.fork() for _ in range(batch)]
         decode_rate(engine, sessions, 2, clock)  # warm-up; forks take their own copies here
         rate = decode_rate(engine, sessions, args.decode_steps, clock)
+        caches = [s._ref.cache for s in sessions]
+        floor = model_only_decode(model, caches, args.decode_steps, clock)
+        if args.profile and device.type == "cuda":
+            profile_decode(model, caches, args.out.parent / f"profile_decode_b{batch}.txt")
         step_bytes = weight_bytes_per_decode_step(model, cfg, batch)
         decode[str(batch)] = {"batch": batch, "context": args.decode_context, "tokens_per_s": rate,
+                              "model_only_tokens_per_s": floor,
                               "step_ms": 1000 * batch / rate, "weight_bytes_per_step": step_bytes,
                               "weight_TBps": step_bytes * rate / batch / 1e12}
-        print(f"decode b={batch}: {rate:,.1f} tok/s", flush=True)
+        print(f"decode b={batch}: {rate:,.1f} tok/s (model alone {floor:,.1f})", flush=True)
         for s in sessions:
             s.close()
         save()
@@ -241,7 +288,8 @@ def bench_engine(args, cfg, model, device, clock, results, save):
             n = args.fp8_tokens
             s.append(random_ids(n, vocab, 5))
             results["kv_bytes_per_token_formula"]["fp8"] = fp8.kv_bytes_per_token
-            results["kv_fp8"] = {"tokens": n, "kv_bytes_per_token_measured": (s.kv_bytes() - fixed) / n}
+            results["kv_fp8"] = {"tokens": n, "kv_bytes_per_token_allocated": (s.kv_bytes() - fixed) / n,
+                                 "kv_bytes_per_token_stored": stored_kv_bytes(s) / n}
             s.close()
         except Exception as e:  # recorded, the other phases still count
             results["kv_fp8"] = {"error": repr(e)}
@@ -332,7 +380,9 @@ def summary(results) -> str:
         lines.append(f"turn at {int(k):>8} +{v['appended']}: TTFT {v['ttft_s']:.3f}s vs re-prefill "
                      f"{v['reprefill_s']:.2f}s ({v['speedup']:.0f}x)")
     f = results.get("kv_bytes_per_token_formula", {})
-    lines.append(f"KV bytes/token formula: {f}; fp8 measured: {results.get('kv_fp8')}")
+    stored = {k: round(v["kv_bytes_per_token_stored"], 1) for k, v in results.get("prefill", {}).items()
+              if "kv_bytes_per_token_stored" in v}
+    lines.append(f"KV bytes/token formula: {f}; bf16 stored: {stored}; fp8: {results.get('kv_fp8')}")
     return "\n".join(lines)
 
 
@@ -352,21 +402,28 @@ def main(argv=None):
     p.add_argument("--decode-context", type=int, default=4096)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--fp8", action="store_true", help="also measure the FP8 KV cache")
+    p.add_argument("--profile", action="store_true", help="write torch.profiler tables of decode")
     p.add_argument("--fp8-tokens", type=int, default=32768)
     p.add_argument("--hf", action="store_true", help="also run HF transformers' DeepseekV4")
     p.add_argument("--hf-prefill", type=ints, default=ints("4096,8192,16384"))
     p.add_argument("--hf-batch", type=int, default=32)
-    p.add_argument("--budget-s", type=float, default=0, help="skip phases started after this many s")
+    p.add_argument("--budget-s", type=float, default=0, help="skip engine phases started after this many s")
+    p.add_argument("--workspace-elems", type=int, default=1 << 28,
+                   help="fp32 elements of the model's attention / indexer score blocks")
+    p.add_argument("--no-tf32", action="store_true", help="keep fp32 matmuls in full fp32")
     p.add_argument("--out", type=Path, default=Path("bench/engine_results.json"))
     args = p.parse_args(argv)
     args.deadline = time.time() + args.budget_s if args.budget_s else 0
     device = torch.device(args.device)
     clock = Clock(device)
+    attention.LOGIT_BUDGET = indexer.SCORE_BUDGET = args.workspace_elems
+    torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
     cfg = bench_config(args)
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "command": " ".join(sys.argv), "torch": torch.__version__, "python": platform.python_version(),
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-               "config": cfg.model_dump()}
+               "config": cfg.model_dump(), "workspace_elems": args.workspace_elems,
+               "tf32": not args.no_tf32}
 
     def save():
         args.out.parent.mkdir(parents=True, exist_ok=True)
