@@ -47,45 +47,50 @@ class Compressor(nn.Module):
         xf = x.float()                                            # the compressor runs in fp32
         kv, score = self.wkv(xf).float(), self.wgate(xf).float()  # [B,S,c*d]
         seq = torch.arange(x.shape[1], device=x.device)
-        out = []
+        pooled, positions = [], []
         for b, (start, state) in enumerate(zip(starts, states)):
-            pooled, first_block = self._pool(kv[b], score[b] + self.ape[(start + seq) % self.ratio],
-                                             start, state)
-            out.append(self._finish(pooled.to(x.dtype), first_block, inv_freq))
-        return out
+            rows = self._pool(kv[b], score[b] + self.ape[(start + seq) % self.ratio], start, state)
+            pooled.append(rows)
+            first = start // self.ratio                           # index of the first new entry
+            positions.append(torch.arange(first, first + rows.shape[0], device=x.device) * self.ratio)
+        # all rows' new entries at once: norm, RoPE at each block's first position, simulation
+        entries = self._finish(torch.cat(pooled).to(x.dtype), torch.cat(positions), inv_freq)
+        return list(entries.split([r.shape[0] for r in pooled]))
 
     def _pool(self, kv: torch.Tensor, score: torch.Tensor, start: int,
-              state: CompressorState) -> tuple[torch.Tensor, int]:
-        """kv, score [S, c*d] (score incl. ape) of one row -> pooled entries [n, d] fp32 and the
-        index of the first one. Updates the state with the leftover tokens."""
+              state: CompressorState) -> torch.Tensor:
+        """kv, score [S, c*d] (score incl. ape) of one row -> pooled entries [n, d] fp32 of the
+        blocks completed now. Keeps the tokens of the unfinished block in the state."""
         m, d = self.ratio, self.head_dim
         cur = m if self.overlap else 0                 # first slot of the current block
         done = start % m                               # tokens of the current block already seen
+        if done + kv.shape[0] < m:                     # no block completes (most decode steps)
+            state.kv[cur + done: cur + done + kv.shape[0]] = kv
+            state.score[cur + done: cur + done + kv.shape[0]] = score
+            return kv.new_zeros(0, d)
         kv = torch.cat((state.kv[cur: cur + done], kv))            # starts at a block boundary
         score = torch.cat((state.score[cur: cur + done], score))
-        n = kv.shape[0] // m                                        # blocks completed now
+        n = kv.shape[0] // m                                        # blocks completed now (>= 1)
         blocks_kv = kv[: n * m].view(n, m, kv.shape[-1])            # [n, m, c*d]
         blocks_score = score[: n * m].view(n, m, kv.shape[-1])
         if self.overlap:
             # entry j: "a" halves of block j-1 (the state's previous block for the first one)
             # next to "b" halves of block j; softmax over the 2m candidates of each channel
-            prev_kv = torch.cat((state.kv[None, :m], blocks_kv))[:n, :, :d]
-            prev_score = torch.cat((state.score[None, :m], blocks_score))[:n, :, :d]
+            prev_kv = torch.cat((state.kv[None, :m], blocks_kv[:-1]))[..., :d]
+            prev_score = torch.cat((state.score[None, :m], blocks_score[:-1]))[..., :d]
             blocks_kv = torch.cat((prev_kv, blocks_kv[..., d:]), dim=1)           # [n, 2m, d]
             blocks_score = torch.cat((prev_score, blocks_score[..., d:]), dim=1)
-            if n:
-                state.kv[:m], state.score[:m] = kv[n * m - m: n * m], score[n * m - m: n * m]
+            state.kv[:m], state.score[:m] = kv[n * m - m: n * m], score[n * m - m: n * m]
         pooled = (blocks_kv * blocks_score.softmax(dim=1)).sum(dim=1)            # [n, d]
         rest = kv.shape[0] - n * m
         state.kv[cur: cur + rest], state.score[cur: cur + rest] = kv[n * m:], score[n * m:]
         state.kv[cur + rest: cur + m], state.score[cur + rest: cur + m] = 0.0, float("-inf")
-        return pooled, start // m
+        return pooled
 
-    def _finish(self, entries: torch.Tensor, first_block: int, inv_freq: torch.Tensor) -> torch.Tensor:
-        """Norm, RoPE at each block's first position, quantisation simulation. [n, d] -> [n, d]."""
-        entries = self.norm(entries)
-        positions = (first_block + torch.arange(entries.shape[0], device=entries.device)) * self.ratio
-        entries = apply_rope(entries, *rope_angles(positions, inv_freq))
+    def _finish(self, entries: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Norm, RoPE at `positions` (each block's first token), quantisation simulation.
+        entries [n, d], positions [n] -> [n, d]."""
+        entries = apply_rope(self.norm(entries), *rope_angles(positions, inv_freq))
         if self.quant_sim:
             if self.rotate:
                 entries = fp4_fake_quant(hadamard_rotate(entries), 32)

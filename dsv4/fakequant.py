@@ -6,8 +6,10 @@ the rounding the model saw in training (reference §2.10), and `quant_sim=True` 
   power-of-two (UE8M0) scale per 64 values; the RoPE dims stay in the activation dtype.
 - Lightning Indexer queries and keys: Hadamard rotation, then FP4 e2m1 with one power-of-two
   scale per 32 values.
-- `fp8_act_fake_quant(x, 128)` is the activation rounding of the FP8/FP4 GEMMs (per-token
-  1x128 blocks) for weight-storage code that wants it.
+- `fp8_fake_quant(x, 128)` is also the activation rounding of the official FP8/FP4 GEMMs (per-token
+  1x128 blocks), for weight-storage code that simulates it.
+Scales follow the official kernels: s = 2^ceil(log2(amax * (1 / qmax))) in fp32, the exponent
+taken exactly (as their bit manipulation does), and the cast rounds to nearest, ties to even.
 All functions return a new tensor in x's dtype; block sizes must divide the last dim.
 """
 from __future__ import annotations
@@ -22,8 +24,10 @@ FP4_MIN_AMAX = 6.0 * 2.0**-126
 
 
 def _pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    """UE8M0 scale: the smallest power of two s with amax / s <= qmax."""
-    return torch.exp2(torch.ceil(torch.log2(amax / qmax)))
+    """UE8M0 scale 2^ceil(log2(amax * (1 / qmax))), amax fp32 > 0. frexp gives r = m * 2^e with
+    m in [0.5, 1): ceil(log2 r) is e, or e - 1 when r is exactly 2^(e-1)."""
+    mantissa, exponent = torch.frexp(amax * (1.0 / qmax))
+    return torch.ldexp(torch.ones_like(amax), exponent - (mantissa == 0.5).to(exponent.dtype))
 
 
 def fp8_fake_quant(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -48,11 +52,6 @@ def fp4_fake_quant(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     scale = _pow2_scale(blocks.abs().amax(-1, keepdim=True).clamp_min(FP4_MIN_AMAX), FP4_MAX)
     q = round_to_e2m1((blocks / scale).clamp(-FP4_MAX, FP4_MAX))
     return (q * scale).flatten(-2).to(x.dtype)
-
-
-def fp8_act_fake_quant(x: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """The FP8 activation rounding of the quantised GEMMs (1 x 128 blocks, UE8M0 scales)."""
-    return fp8_fake_quant(x, block)
 
 
 @functools.lru_cache(maxsize=8)

@@ -39,7 +39,7 @@ def inv_frequencies(cfg: ModelConfig, compressed: bool) -> torch.Tensor:
 
 def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """positions [...] int -> (cos, sin) [..., rope_head_dim // 2] fp32."""
-    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
+    angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 

@@ -80,3 +80,35 @@ def test_hf_missing_key_named():
     del hf["o_groups"]
     with pytest.raises(ValueError, match="o_groups"):
         ModelConfig.from_hf_config(hf)
+
+
+def test_release_hf_config_json_gives_flash():
+    # the HF config.json of DeepSeek-V4-Flash as released (keys per reference §1.1)
+    release = {
+        "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4", "vocab_size": 129280,
+        "hidden_size": 4096, "moe_intermediate_size": 2048, "num_hidden_layers": 43,
+        "num_nextn_predict_layers": 1, "num_attention_heads": 64, "num_key_value_heads": 1,
+        "head_dim": 512, "qk_rope_head_dim": 64, "q_lora_rank": 1024, "o_groups": 8, "o_lora_rank": 1024,
+        "sliding_window": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000, "compress_rope_theta": 160000,
+        "rope_scaling": {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536,
+                         "beta_fast": 32, "beta_slow": 1},
+        "max_position_embeddings": 1048576, "n_routed_experts": 256, "n_shared_experts": 1,
+        "num_experts_per_tok": 6, "scoring_func": "sqrtsoftplus", "routed_scaling_factor": 1.5,
+        "norm_topk_prob": True, "topk_method": "noaux_tc", "num_hash_layers": 3, "swiglu_limit": 10.0,
+        "index_n_heads": 64, "index_head_dim": 128, "index_topk": 512, "hc_mult": 4,
+        "hc_sinkhorn_iters": 20, "hc_eps": 1e-6, "hidden_act": "silu", "attention_bias": False,
+        "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "bfloat16",
+        "compress_ratios": [0, 0] + [4, 128] * 20 + [4, 0], "expert_dtype": "fp4",
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "scale_fmt": "ue8m0", "weight_block_size": [128, 128]},
+    }
+    assert ModelConfig.from_hf_config(release) == ModelConfig.flash()
+
+
+def test_pro_preset_values():
+    pro = ModelConfig.pro()
+    assert (pro.dim, pro.n_layers, pro.n_heads, pro.n_routed_experts, pro.moe_inter_dim) == (7168, 61, 128, 384, 3072)
+    assert (pro.q_lora_rank, pro.o_groups, pro.index_topk, pro.route_scale) == (1536, 16, 1024, 2.5)
+    kinds = [s.kind for s in pro.layers]
+    assert kinds[:3] == ["hca", "hca", "csa"] and kinds.count("csa") == 30 and kinds.count("hca") == 31
+    assert pro.layer_spec(61).kind == "sliding"
