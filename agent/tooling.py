@@ -10,6 +10,7 @@ calls and runs alone. Results go back to the model in call order.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -20,6 +21,7 @@ from agent.trajectory import ParsedCall
 from tools import Tool, ToolContext, ToolResult
 
 Approver = Callable[[ParsedCall], Awaitable[bool]]
+_RAISED = re.compile(r"tool '[^']*' failed: ")  # `Tool.invoke`'s wording for an exception it caught
 
 
 @dataclass
@@ -42,7 +44,9 @@ def error_kind(result: ToolResult) -> str:
         return "command_failed"
     if result.content.startswith("invalid arguments"):  # `Tool.invoke`'s wording for an ArgumentError
         return "bad_arguments"
-    return "exception"
+    if _RAISED.match(result.content):
+        return "exception"  # `Tool.invoke` caught what the tool raised
+    return "tool_error"  # the tool itself answered with an error
 
 
 class ToolRunner:

@@ -114,7 +114,8 @@ class ToolResultEvent(_Event):
     content: str
     is_error: bool
     error_kind: str | None = Field(
-        None, description="malformed, unknown_tool, denied, bad_arguments, timeout, mcp, command_failed, exception"
+        None,
+        description="malformed, unknown_tool, denied, bad_arguments, timeout, mcp, command_failed, exception, tool_error",
     )
     wall_s: float = 0.0
 
