@@ -11,6 +11,7 @@ A run, step by step:
      those ids into the same session, and go to 2 — until the model answers without a call or a stop
      rule fires (budgets, format errors, stuck, Ctrl-C).
 """
+
 from __future__ import annotations
 
 import sys
@@ -168,7 +169,9 @@ class Agent:
                 with self._interruptible(), anyio.CancelScope(deadline=budget.deadline or float("inf")) as wall:
                     state.pending = await self._begin(writer, run_id, task, encoder, runner, tools, history, state)
                     if state.pending is not None:
-                        state.final_answer = await self._steps(writer, tokenizer, encoder, runner, budget, thinking, state)
+                        state.final_answer = await self._steps(
+                            writer, tokenizer, encoder, runner, budget, thinking, state
+                        )
                     status = ExitStatus.completed
                 if wall.cancelled_caught and not self._cancelled:
                     status, message = ExitStatus.timeout, f"wall-clock budget spent ({self.config.max_wall_s:g} s)"
@@ -187,7 +190,17 @@ class Agent:
 
     def _finish(self, writer, state, run_id, task, status: ExitStatus, message: str, started: float) -> RunResult:
         if not state.run_started_written:  # failed before the prompt: keep "the log starts with run_started"
-            writer.write(RunStarted(run_id=run_id, task=task, spec=self.spec, backend=self.backend.label, tools=[], system_prompt="", prompt_tokens=0))
+            writer.write(
+                RunStarted(
+                    run_id=run_id,
+                    task=task,
+                    spec=self.spec,
+                    backend=self.backend.label,
+                    tools=[],
+                    system_prompt="",
+                    prompt_tokens=0,
+                )
+            )
         wall_s = time.monotonic() - started
         writer.write(
             ExitEvent(
@@ -201,7 +214,9 @@ class Agent:
             )
         )
         writer.close()
-        result = RunResult(status, state.final_answer, writer.path, run_id, state.steps_done, state.usage, wall_s, message)
+        result = RunResult(
+            status, state.final_answer, writer.path, run_id, state.steps_done, state.usage, wall_s, message
+        )
         self.observer.run_finished(result)
         return result
 
@@ -212,7 +227,9 @@ class Agent:
             detail = f"{type(self.sandbox).__name__} started"
             writer.write(SandboxEvent(kind="started", detail=detail))
             self.observer.sandbox("started", detail)
-            resources.callback(lambda: writer.write(SandboxEvent(kind="stopped", detail=f"{type(self.sandbox).__name__} closed")))
+            resources.callback(
+                lambda: writer.write(SandboxEvent(kind="stopped", detail=f"{type(self.sandbox).__name__} closed"))
+            )
         tools = list(self.tools) if self.tools is not None else _default_tools(self.sandbox)
         for server in self.mcp_servers:
             # Connects and lists the tools once. Not shielded on exit: its owner task must leave its
@@ -341,7 +358,9 @@ class Agent:
                 if turn.stop_reason == "max_tokens" and cap < self.config.max_turn_tokens:
                     group.cancel_scope.cancel()
                     budget.check_tokens(state.usage)
-                    raise RunStopped(ExitStatus.max_tokens, f"token budget spent ({state.usage.processed} tokens computed)")
+                    raise RunStopped(
+                        ExitStatus.max_tokens, f"token budget spent ({state.usage.processed} tokens computed)"
+                    )
                 outcomes = await calls.finish()
             record = StepRecord.live(call_event, outcomes)
             record.record_into(encoder)
@@ -360,7 +379,13 @@ class Agent:
     def _record_call(self, writer: TrajectoryWriter, step: int, runner: ToolRunner, call: ParsedCall) -> None:
         if call.error is None:
             writer.write(
-                ToolCall(step=step, call_id=call.call_id, name=call.name, arguments=call.arguments or {}, parallel_safe=runner.parallel_safe(call))
+                ToolCall(
+                    step=step,
+                    call_id=call.call_id,
+                    name=call.name,
+                    arguments=call.arguments or {},
+                    parallel_safe=runner.parallel_safe(call),
+                )
             )
 
     def _record_outcome(self, writer: TrajectoryWriter, step: int, outcome: ToolOutcome) -> None:
