@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4 import quant
-from dsv4.fakequant import fp8_act_fake_quant
+from dsv4.fakequant import fp8_fake_quant
 
 WeightFormat = Literal["float", "fp8", "fp4"]
 
@@ -151,5 +151,5 @@ def _act_fake_quant(x: torch.Tensor) -> torch.Tensor:
     (small test configs) is padded with zeros, which change no block maximum."""
     pad = -x.shape[-1] % ACT_BLOCK
     if not pad:
-        return fp8_act_fake_quant(x, ACT_BLOCK)
-    return fp8_act_fake_quant(F.pad(x, (0, pad)), ACT_BLOCK)[..., : x.shape[-1]]
+        return fp8_fake_quant(x, ACT_BLOCK)
+    return fp8_fake_quant(F.pad(x, (0, pad)), ACT_BLOCK)[..., : x.shape[-1]]
