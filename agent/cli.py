@@ -88,7 +88,7 @@ def run(
     scripted: Optional[Path] = typer.Option(
         None, "--scripted", help="JSON list of completion texts: a scripted backend instead of a model"
     ),
-    device: str = typer.Option("cpu", "--device", help="engine device (cpu, cuda, cuda:1)"),
+    device: Optional[str] = typer.Option(None, "--device", help="engine device: cpu, cuda, cuda:1 (default: cuda if present)"),
     sandbox: str = typer.Option("docker", "--sandbox", help="docker, local (no isolation) or none"),
     image: Optional[str] = typer.Option(None, "--image", help="docker image for the sandbox"),
     network: bool = typer.Option(False, "--network", help="give the docker sandbox network access"),
@@ -155,7 +155,7 @@ def run(
     _finish(_run_agent(spec, output_dir, lambda agent: agent.run(task, run_id=run_id)))
 
 
-def _backend_spec(model: Path | None, scripted: Path | None, device: str) -> BackendSpec:
+def _backend_spec(model: Path | None, scripted: Path | None, device: str | None) -> BackendSpec:
     if model and scripted:
         raise _usage_error("--model and --scripted are two different backends; pick one")
     if scripted:
@@ -169,6 +169,10 @@ def _backend_spec(model: Path | None, scripted: Path | None, device: str) -> Bac
     if model:
         if not model.is_dir():
             raise _usage_error(f"--model {model} is not a checkpoint directory")
+        if device is None:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         return BackendSpec(kind="engine", model=str(model.absolute()), device=device)
     raise _usage_error("no model: pass --model PATH (a DSV4 checkpoint), --scripted FILE, or --demo")
 

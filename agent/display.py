@@ -177,7 +177,7 @@ class RichDisplay(Observer):
         self._print(
             Text(
                 f"decoded {turn.decoded:,} tokens (reasoning {turn.reasoning:,}, content {turn.content:,}, "
-                f"tool calls {turn.tool_call:,}) in {decode_s:.2f} s{extra}",
+                f"tool calls {turn.tool_call:,}) in {decode_s:.2f} s ({turn.decoded / max(decode_s, 1e-9):,.0f} tok/s){extra}",
                 style="dim cyan",
             )
         )
