@@ -88,7 +88,9 @@ def run(
     scripted: Optional[Path] = typer.Option(
         None, "--scripted", help="JSON list of completion texts: a scripted backend instead of a model"
     ),
-    device: str = typer.Option("cpu", "--device", help="engine device (cpu, cuda, cuda:1)"),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="engine device: cpu, cuda, cuda:1 (default: cuda if present)"
+    ),
     sandbox: str = typer.Option("docker", "--sandbox", help="docker, local (no isolation) or none"),
     image: Optional[str] = typer.Option(None, "--image", help="docker image for the sandbox"),
     network: bool = typer.Option(False, "--network", help="give the docker sandbox network access"),
@@ -97,7 +99,9 @@ def run(
     ),
     mcp: List[str] = typer.Option([], "--mcp", help="an MCP server, NAME=COMMAND ARGS or NAME=URL; repeatable"),
     mcp_config: Optional[Path] = typer.Option(None, "--mcp-config", help='JSON file {"mcpServers": {...}}'),
-    effort: str = typer.Option("max", "--effort", help="max (Think Max), high (thinking) or none (chat)"),
+    effort: Optional[str] = typer.Option(
+        None, "--effort", help="max (Think Max, the default), high (thinking), none (chat)"
+    ),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="turn budget"),
     max_tokens: Optional[int] = typer.Option(
         None, "--max-tokens", help="budget of tokens computed (new prefill + decode)"
@@ -126,8 +130,13 @@ def run(
         raise _usage_error("--approve and --yolo contradict each other")
     if sandbox not in ("docker", "local", "none"):
         raise _usage_error(f"--sandbox must be docker, local or none, got {sandbox!r}")
-    overrides: dict[str, Any] = {"effort": effort}
-    for key, value in (("max_steps", max_steps), ("max_tokens", max_tokens), ("max_wall_s", max_wall)):
+    overrides: dict[str, Any] = {}
+    for key, value in (
+        ("effort", effort),
+        ("max_steps", max_steps),
+        ("max_tokens", max_tokens),
+        ("max_wall_s", max_wall),
+    ):
         if value is not None:
             overrides[key] = value
     # Tools run freely in a docker sandbox; on the host (a local sandbox, MCP servers without a sandbox)
@@ -155,7 +164,7 @@ def run(
     _finish(_run_agent(spec, output_dir, lambda agent: agent.run(task, run_id=run_id)))
 
 
-def _backend_spec(model: Path | None, scripted: Path | None, device: str) -> BackendSpec:
+def _backend_spec(model: Path | None, scripted: Path | None, device: str | None) -> BackendSpec:
     if model and scripted:
         raise _usage_error("--model and --scripted are two different backends; pick one")
     if scripted:
@@ -169,6 +178,10 @@ def _backend_spec(model: Path | None, scripted: Path | None, device: str) -> Bac
     if model:
         if not model.is_dir():
             raise _usage_error(f"--model {model} is not a checkpoint directory")
+        if device is None:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         return BackendSpec(kind="engine", model=str(model.absolute()), device=device)
     raise _usage_error("no model: pass --model PATH (a DSV4 checkpoint), --scripted FILE, or --demo")
 

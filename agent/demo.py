@@ -71,14 +71,22 @@ def engine_available() -> bool:
     return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("dsv4.engine") is not None
 
 
-def docker_available() -> bool:
+def docker_sandbox_ready() -> str | None:
+    """None when a Docker engine and the sandbox image are here; otherwise why not."""
     try:
         import docker
 
-        docker.from_env(timeout=5).ping()
-        return True
+        from sandboxes.container import DEFAULT_IMAGE
+
+        client = docker.from_env(timeout=5)
+        client.ping()
     except Exception:  # noqa: BLE001 - no engine, no socket, no permission: all mean "not here"
-        return False
+        return "no Docker engine here"
+    try:
+        client.images.get(DEFAULT_IMAGE)
+    except docker.errors.ImageNotFound:
+        return f"the sandbox image {DEFAULT_IMAGE} is not built (dsv4-agent sandbox build)"
+    return None
 
 
 def demo_spec(output_dir: Path, run_id: str) -> tuple[RunSpec, str, list[str]]:
@@ -98,15 +106,16 @@ def demo_spec(output_dir: Path, run_id: str) -> tuple[RunSpec, str, list[str]]:
             "        prefill, decode steps and the resident KV cache are real; the counts below are measured by the session"
         )
     else:
-        backend = BackendSpec(kind="scripted", completions=DEMO_COMPLETIONS, token_delay_s=0.01)
+        backend = BackendSpec(kind="scripted", completions=DEMO_COMPLETIONS, token_delay_s=0.005)
         notes.append("model: NONE, the scripted backend replays pre-written completions (no torch / engine here)")
     workspace = str((output_dir / run_id / "workspace").absolute())
-    if docker_available():
+    missing = docker_sandbox_ready()
+    if missing is None:
         sandbox = SandboxSpec(kind="docker", workspace=workspace)
         notes.append("sandbox: hardened Docker container (no network, capped memory/cpus/pids), workspace bind-mounted")
     else:
         sandbox = SandboxSpec(kind="local", workspace=workspace)
-        notes.append("sandbox: NO Docker engine here, so commands run on the host in a local workspace folder")
+        notes.append(f"sandbox: NOT Docker ({missing}): commands run on the host in a local workspace folder")
     mcp = [f"time={sys.executable} -m mcp_server_time --local-timezone UTC"]
     notes.append("MCP: mcp-server-time (third-party) over stdio")
     return RunSpec(backend=backend, sandbox=sandbox, mcp=mcp), DEMO_TASK, notes

@@ -44,6 +44,9 @@ class Observer:
     def token(self, usage: Usage) -> None:
         """Called once per decoded token with the run's running totals."""
 
+    def tool_call_started(self, name: str) -> None:
+        """The parser read an invoke header; its arguments are still being decoded."""
+
     def tool_call(self, call: ParsedCall) -> None: ...
 
     def turn_finished(
@@ -72,7 +75,7 @@ def _short(value: Any, limit: int = 160) -> str:
 class RichDisplay(Observer):
     """Terminal display for the CLI."""
 
-    STYLES = {"reasoning": "dim italic", "content": "bold"}
+    STYLES = {"reasoning": "dim italic", "content": "bold", "call": "yellow"}
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(highlight=False)
@@ -158,7 +161,14 @@ class RichDisplay(Observer):
         self._usage = usage
         self._refresh()
 
+    def tool_call_started(self, name: str) -> None:
+        # Shown in the live footer until the call closes: long arguments (a file's content) take a while.
+        self._flush_partial()
+        self._section, self._partial = "call", f"→ {name}(… writing the arguments"
+        self._refresh()
+
     def tool_call(self, call: ParsedCall) -> None:
+        self._partial, self._section = "", None
         self._flush_partial()
         if call.error:
             self._print(Text(f"✗ malformed tool call {call.name}: {call.error}", style="red"))
@@ -177,7 +187,7 @@ class RichDisplay(Observer):
         self._print(
             Text(
                 f"decoded {turn.decoded:,} tokens (reasoning {turn.reasoning:,}, content {turn.content:,}, "
-                f"tool calls {turn.tool_call:,}) in {decode_s:.2f} s{extra}",
+                f"tool calls {turn.tool_call:,}) in {decode_s:.2f} s ({turn.decoded / max(decode_s, 1e-9):,.0f} tok/s){extra}",
                 style="dim cyan",
             )
         )

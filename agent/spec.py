@@ -1,7 +1,7 @@
 """What the CLI needs to rebuild an agent: saved in `run_started`, so `resume` and `replay` need only the run.
 
 spec = RunSpec(backend=BackendSpec(kind="engine", model="/ckpt"), sandbox=SandboxSpec(kind="docker"))
-agent = build_agent(spec, output_dir)      # the same agent, in this process or a later one
+agent = build_agent(spec, output_dir=Path("runs"))   # the same agent, in this process or a later one
 """
 
 from __future__ import annotations

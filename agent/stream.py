@@ -97,7 +97,7 @@ async def decode_turn(
     on_call: Callable[[ParsedCall], None],
 ) -> DecodedTurn:
     """Decode until EOS or `max_tokens`; `running_total` is updated live for the progress display."""
-    from encoding import ContentDelta, End, ReasoningDelta, ToolCallComplete
+    from encoding import ContentDelta, End, ReasoningDelta, ToolCallComplete, ToolCallStarted
 
     turn = DecodedTurn()
     detok = IncrementalDetokenizer(tokenizer)
@@ -112,6 +112,8 @@ async def decode_turn(
             elif isinstance(event, ContentDelta):
                 turn.content += event.text
                 observer.content(event.text)
+            elif isinstance(event, ToolCallStarted):
+                observer.tool_call_started(event.name)
             elif isinstance(event, ToolCallComplete):
                 arguments, error = _arguments(event.arguments), event.error
                 if arguments is None and error is None:

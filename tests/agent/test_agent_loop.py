@@ -328,3 +328,19 @@ async def test_bad_settings_are_rejected_before_running(tmp_path):
     with pytest.raises(TypeError, match="list of completion"):
         ScriptedBackend("one string")
     assert json.loads(AgentConfig().model_dump_json())["effort"] == "max"
+
+
+@pytest.mark.parametrize("effort", ["high", "none"])
+async def test_other_efforts_render_and_parse_their_own_format(tmp_path, effort):
+    thinking = effort != "none"
+    turns = [
+        completion("Look.", calls=[("bash", {"command": "echo hi"})], thinking=thinking),
+        completion("Done.", content="said hi", thinking=thinking),
+    ]
+    result = await make_agent(tmp_path, turns, effort=effort).run("say hi")
+    assert result.status is ExitStatus.completed and result.final_answer == "said hi"
+    calls = events_of(result, EngineCall)
+    assert (calls[0].usage.reasoning > 0) is thinking
+    max_prompt = (await make_agent(tmp_path / "max", [completion("x", content="y")]).run("say hi")).trajectory_path
+    # Think Max adds the max-effort prefix to the prompt; high and none do not
+    assert events_of(result, RunStarted)[0].prompt_tokens < read_events(max_prompt)[0].prompt_tokens
