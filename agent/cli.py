@@ -3,6 +3,7 @@
 Exit codes (also written to each trajectory's exit event): 0 completed, 1 error, 2 usage,
 3 max_steps, 4 max_tokens, 5 timeout, 6 format_error, 7 stuck, 130 interrupted.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,14 @@ from agent.config import AgentConfig
 from agent.display import RichDisplay
 from agent.spec import BackendSpec, RunSpec, SandboxSpec, build_agent, build_mcp_servers
 from agent.status import ExitStatus
-from agent.trajectory import TRAJECTORY_FILE, RunStarted, TrajectoryError, new_run_id, read_events, resolve_run
+from agent.trajectory import (
+    TRAJECTORY_FILE,
+    RunStarted,
+    TrajectoryError,
+    new_run_id,
+    read_events,
+    resolve_run,
+)
 from sandboxes.cli import sandbox_app
 
 app = typer.Typer(
@@ -51,7 +59,9 @@ async def _with_interrupts(agent: Any, body: Callable[[], Awaitable[Any]]) -> An
                 async for _ in signals:
                     count += 1
                     if count == 1:
-                        err.print("\n[yellow]interrupting: closing sandboxes and MCP servers (Ctrl-C again to exit now)[/]")
+                        err.print(
+                            "\n[yellow]interrupting: closing sandboxes and MCP servers (Ctrl-C again to exit now)[/]"
+                        )
                         agent.cancel()
                     else:
                         os._exit(ExitStatus.interrupted.exit_code)
@@ -69,19 +79,29 @@ def _finish(result: Any) -> None:
 @app.command()
 def run(
     task: str = typer.Argument("", help="what the agent should do (empty with --demo)"),
-    demo: bool = typer.Option(False, "--demo", help="the built-in end-to-end demo (tiny random DSV4 + forced tokens, or scripted)"),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="DSV4 checkpoint directory for the embedded engine"),
-    scripted: Optional[Path] = typer.Option(None, "--scripted", help="JSON list of completion texts: a scripted backend instead of a model"),
+    demo: bool = typer.Option(
+        False, "--demo", help="the built-in end-to-end demo (tiny random DSV4 + forced tokens, or scripted)"
+    ),
+    model: Optional[Path] = typer.Option(
+        None, "--model", "-m", help="DSV4 checkpoint directory for the embedded engine"
+    ),
+    scripted: Optional[Path] = typer.Option(
+        None, "--scripted", help="JSON list of completion texts: a scripted backend instead of a model"
+    ),
     device: str = typer.Option("cpu", "--device", help="engine device (cpu, cuda, cuda:1)"),
     sandbox: str = typer.Option("docker", "--sandbox", help="docker, local (no isolation) or none"),
     image: Optional[str] = typer.Option(None, "--image", help="docker image for the sandbox"),
     network: bool = typer.Option(False, "--network", help="give the docker sandbox network access"),
-    workspace: Optional[Path] = typer.Option(None, "--workspace", help="host folder of the sandbox's workspace (default: <run>/workspace)"),
+    workspace: Optional[Path] = typer.Option(
+        None, "--workspace", help="host folder of the sandbox's workspace (default: <run>/workspace)"
+    ),
     mcp: List[str] = typer.Option([], "--mcp", help="an MCP server, NAME=COMMAND ARGS or NAME=URL; repeatable"),
     mcp_config: Optional[Path] = typer.Option(None, "--mcp-config", help='JSON file {"mcpServers": {...}}'),
     effort: str = typer.Option("max", "--effort", help="max (Think Max), high (thinking) or none (chat)"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="turn budget"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="budget of tokens computed (new prefill + decode)"),
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens", help="budget of tokens computed (new prefill + decode)"
+    ),
     max_wall: Optional[float] = typer.Option(None, "--max-wall", help="wall-clock budget in seconds"),
     approve: bool = typer.Option(False, "--approve", help="confirm each tool call before it runs"),
     yolo: bool = typer.Option(False, "--yolo", help="run tool calls without asking even outside a docker sandbox"),
@@ -115,9 +135,13 @@ def run(
     on_host = sandbox == "local" or (sandbox == "none" and bool(mcp or mcp_config or spec.mcp))
     overrides["approval"] = "confirm" if approve or (on_host and not yolo and not demo) else "auto"
     try:
-        agent_config = AgentConfig.from_yaml(config, **overrides) if config else spec.config.model_copy(update=overrides)
+        agent_config = (
+            AgentConfig.from_yaml(config, **overrides) if config else spec.config.model_copy(update=overrides)
+        )
         AgentConfig.model_validate(agent_config.model_dump())
-        spec = spec.model_copy(update={"mcp": spec.mcp + list(mcp), "mcp_config": str(mcp_config.absolute()) if mcp_config else None})
+        spec = spec.model_copy(
+            update={"mcp": spec.mcp + list(mcp), "mcp_config": str(mcp_config.absolute()) if mcp_config else None}
+        )
         build_mcp_servers(spec)  # reject a bad flag or file now, with its message
     except ValueError as e:
         raise _usage_error(str(e)) from None
@@ -182,7 +206,11 @@ def resume(
     """Continue an interrupted run (Ctrl-C, a crash, SIGKILL, a spent budget) in place."""
     run_dir, events = _load(run_arg, output_dir)
     spec = _spec_of(events[0])
-    updates = {k: v for k, v in (("max_steps", max_steps), ("max_tokens", max_tokens), ("max_wall_s", max_wall)) if v is not None}
+    updates = {
+        k: v
+        for k, v in (("max_steps", max_steps), ("max_tokens", max_tokens), ("max_wall_s", max_wall))
+        if v is not None
+    }
     spec = spec.model_copy(update={"config": spec.config.model_copy(update=updates)})
     try:
         _finish(_run_agent(spec, run_dir.parent, lambda agent: agent.resume(run_dir)))

@@ -1,4 +1,5 @@
 """Agent settings: limits, effort, approval and the system prompt. One pydantic model, unknown keys rejected."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,11 +24,17 @@ class AgentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    effort: Effort = Field("max", description="max = Think Max (thinking + the max-effort prefix), high = thinking, none = chat mode")
+    effort: Effort = Field(
+        "max", description="max = Think Max (thinking + the max-effort prefix), high = thinking, none = chat mode"
+    )
     max_steps: int = Field(50, ge=1, description="engine calls (turns) before the run stops with max_steps")
-    max_tokens: int | None = Field(None, ge=1, description="tokens the engine may compute (new prefill + decode) before max_tokens")
+    max_tokens: int | None = Field(
+        None, ge=1, description="tokens the engine may compute (new prefill + decode) before max_tokens"
+    )
     max_wall_s: float | None = Field(None, gt=0, description="wall-clock seconds before the run stops with timeout")
-    max_turn_tokens: int = Field(32768, ge=1, description="decode cap of one turn; a cut-off turn is reported to the model")
+    max_turn_tokens: int = Field(
+        32768, ge=1, description="decode cap of one turn; a cut-off turn is reported to the model"
+    )
     max_format_errors: int = Field(3, ge=1, description="consecutive malformed or empty turns before format_error")
     stuck_repeats: int = Field(3, ge=2, description="identical consecutive tool-call turns that count as stuck")
     tool_timeout_s: float = Field(120.0, gt=0, description="default per-call timeout for tools that set none")

@@ -13,6 +13,7 @@ model's own log-probability of every forced token to show the engine computed th
 Without torch and the engine, or when asked (`DSV4_DEMO_BACKEND=scripted`), the same task runs on the
 scripted backend, and the output says so.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -43,10 +44,19 @@ print(*primes(50))
 DEMO_COMPLETIONS = [
     completion(
         "Two independent things first: write primes.py, and ask the time server for the UTC time.",
-        calls=[("write_file", {"path": "primes.py", "content": PRIMES_PY}), ("time__get_current_time", {"timezone": "UTC"})],
+        calls=[
+            ("write_file", {"path": "primes.py", "content": PRIMES_PY}),
+            ("time__get_current_time", {"timezone": "UTC"}),
+        ],
     ),
-    completion("The script is written. Run it and keep its output.", calls=[("bash", {"command": "python3 primes.py > primes.txt && wc -w primes.txt"})]),
-    completion("Read the file back and list the workspace; both are read-only.", calls=[("read_file", {"path": "primes.txt"}), ("list_dir", {})]),
+    completion(
+        "The script is written. Run it and keep its output.",
+        calls=[("bash", {"command": "python3 primes.py > primes.txt && wc -w primes.txt"})],
+    ),
+    completion(
+        "Read the file back and list the workspace; both are read-only.",
+        calls=[("read_file", {"path": "primes.txt"}), ("list_dir", {})],
+    ),
     completion(
         "primes.txt holds the 15 primes below 50; the time came from the MCP server.",
         content="primes.py printed the 15 primes below 50 (2 3 5 7 11 13 17 19 23 29 31 37 41 43 47) into primes.txt; "
@@ -78,9 +88,15 @@ def demo_spec(output_dir: Path, run_id: str) -> tuple[RunSpec, str, list[str]]:
     if use_engine:
         model = write_demo_model(output_dir / DEMO_MODEL_DIR)
         backend = BackendSpec(kind="demo", model=str(model), completions=DEMO_COMPLETIONS)
-        notes.append(f"model: a random-weight DSV4 checkpoint in the official layout ({model}), run by the embedded engine")
-        notes.append("tokens: FORCED to pre-written completions by a logits processor (a random model cannot write tool calls);")
-        notes.append("        prefill, decode steps and the resident KV cache are real; the counts below are measured by the session")
+        notes.append(
+            f"model: a random-weight DSV4 checkpoint in the official layout ({model}), run by the embedded engine"
+        )
+        notes.append(
+            "tokens: FORCED to pre-written completions by a logits processor (a random model cannot write tool calls);"
+        )
+        notes.append(
+            "        prefill, decode steps and the resident KV cache are real; the counts below are measured by the session"
+        )
     else:
         backend = BackendSpec(kind="scripted", completions=DEMO_COMPLETIONS, token_delay_s=0.01)
         notes.append("model: NONE, the scripted backend replays pre-written completions (no torch / engine here)")

@@ -4,6 +4,7 @@ The loop reports to an `Observer`; the base class ignores everything (the SDK de
 draws to the terminal. Streamed text is committed line by line above a live footer that holds the
 partial line and the progress (step, tokens, time), so output appears token by token without tearing.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,9 @@ class Observer:
 
     def tool_call(self, call: ParsedCall) -> None: ...
 
-    def turn_finished(self, step: int, turn: Usage, total: Usage, prefill_s: float, decode_s: float, info: dict) -> None: ...
+    def turn_finished(
+        self, step: int, turn: Usage, total: Usage, prefill_s: float, decode_s: float, info: dict
+    ) -> None: ...
 
     def tool_result(self, outcome: ToolOutcome) -> None: ...
 
@@ -138,7 +141,12 @@ class RichDisplay(Observer):
         self._print(Text(f"── step {step}", style="bold blue"))
 
     def prefilled(self, step: int, new: int, reused: int, seconds: float) -> None:
-        self._print(Text(f"prefill: {new:,} new tokens, {reused:,} reused from the KV cache ({seconds * 1000:.0f} ms)", style="dim cyan"))
+        self._print(
+            Text(
+                f"prefill: {new:,} new tokens, {reused:,} reused from the KV cache ({seconds * 1000:.0f} ms)",
+                style="dim cyan",
+            )
+        )
 
     def reasoning(self, text: str) -> None:
         self._stream("reasoning", text)
@@ -157,10 +165,15 @@ class RichDisplay(Observer):
         else:
             self._print(Text(f"→ {call.name}({_short(call.arguments)})", style="yellow"))
 
-    def turn_finished(self, step: int, turn: Usage, total: Usage, prefill_s: float, decode_s: float, info: dict) -> None:
+    def turn_finished(
+        self, step: int, turn: Usage, total: Usage, prefill_s: float, decode_s: float, info: dict
+    ) -> None:
         self._flush_partial()
         self._usage = total
-        extra = "".join(f" · {k.replace('_', ' ')} {v:,}" if isinstance(v, int) else f" · {k.replace('_', ' ')} {v}" for k, v in info.items())
+        extra = "".join(
+            f" · {k.replace('_', ' ')} {v:,}" if isinstance(v, int) else f" · {k.replace('_', ' ')} {v}"
+            for k, v in info.items()
+        )
         self._print(
             Text(
                 f"decoded {turn.decoded:,} tokens (reasoning {turn.reasoning:,}, content {turn.content:,}, "

@@ -2,6 +2,7 @@
 
 Each rule raises `RunStopped` with its status; the loop catches it in one place.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,9 @@ class Budget:
     def check_tokens(self, usage: Usage) -> None:
         limit = self.config.max_tokens
         if limit is not None and usage.processed >= limit:
-            raise RunStopped(ExitStatus.max_tokens, f"token budget spent ({usage.processed} of {limit} tokens computed)")
+            raise RunStopped(
+                ExitStatus.max_tokens, f"token budget spent ({usage.processed} of {limit} tokens computed)"
+            )
 
     def decode_cap(self, usage: Usage) -> int:
         """How many tokens the next turn may decode: the per-turn cap, or what is left of the budget."""

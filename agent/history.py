@@ -3,6 +3,7 @@
 The live loop and `resume` build the appended messages with the same functions from the same records,
 so a resumed session holds exactly the tokens the interrupted one held.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,9 +11,30 @@ from typing import Any
 
 from agent.status import ExitStatus
 from agent.tooling import ToolOutcome
-from agent.trajectory import EngineCall, ExitEvent, Notice, RunResumed, RunStarted, ToolResultEvent, TrajectoryError, Usage
+from agent.trajectory import (
+    EngineCall,
+    ExitEvent,
+    Notice,
+    RunResumed,
+    RunStarted,
+    ToolResultEvent,
+    TrajectoryError,
+    Usage,
+)
 
 RESUMABLE_NOTICE_KINDS = ("tools_changed",)  # notices that are not derived from the turn itself
+
+
+def result_event(step: int, outcome: ToolOutcome) -> ToolResultEvent:
+    return ToolResultEvent(
+        step=step,
+        call_id=outcome.call_id,
+        name=outcome.name,
+        content=outcome.content,
+        is_error=outcome.is_error,
+        error_kind=outcome.error_kind,
+        wall_s=outcome.wall_s,
+    )
 
 
 @dataclass
@@ -23,11 +45,7 @@ class StepRecord:
 
     @classmethod
     def live(cls, call: EngineCall, outcomes: list[ToolOutcome]) -> StepRecord:
-        results = {
-            o.call_id: ToolResultEvent(step=call.step, call_id=o.call_id, name=o.name, content=o.content, is_error=o.is_error, error_kind=o.error_kind, wall_s=o.wall_s)
-            for o in outcomes
-        }
-        return cls(call, results)
+        return cls(call, {o.call_id: result_event(call.step, o) for o in outcomes})
 
     @property
     def step(self) -> int:
@@ -77,9 +95,19 @@ def turn_notices(call: EngineCall) -> list[tuple[str, str]]:
             + ". Think more briefly, then write the tool call or the final answer.",
         )]  # fmt: skip
     if call.incomplete_call:
-        return [("format_error", f"Your call of {call.incomplete_call!r} was not closed before the end of your turn, so it did not run. Write it again, complete.")]
+        return [
+            (
+                "format_error",
+                f"Your call of {call.incomplete_call!r} was not closed before the end of your turn, so it did not run. Write it again, complete.",
+            )
+        ]
     if not call.calls and not call.content.strip():
-        return [("empty_turn", "Your last turn had neither a tool call nor an answer. Call a tool, or write the final answer.")]
+        return [
+            (
+                "empty_turn",
+                "Your last turn had neither a tool call nor an answer. Call a tool, or write the final answer.",
+            )
+        ]
     return []
 
 
@@ -126,14 +154,19 @@ class History:
     def prompt_messages(self) -> list[dict[str, Any]]:
         """The first prompt, rendered from the recorded schemas so the history's tokens are exactly as before."""
         started = self.started
-        return [{"role": "system", "content": started.system_prompt, "tools": started.tools}, {"role": "user", "content": started.task}]
+        return [
+            {"role": "system", "content": started.system_prompt, "tools": started.tools},
+            {"role": "user", "content": started.task},
+        ]
 
     def replay_into(self, encoder: Any) -> list[int]:
         """Feed the recorded run to a fresh `AppendOnlyEncoder`; return every id the session held:
         the prompt, each turn, and the ids appended after every turn but the last."""
         ids = encoder.prompt(self.prompt_messages())
         if len(ids) != self.started.prompt_tokens:
-            raise TrajectoryError(f"the re-rendered prompt has {len(ids)} tokens, the trajectory {self.started.prompt_tokens}")
+            raise TrajectoryError(
+                f"the re-rendered prompt has {len(ids)} tokens, the trajectory {self.started.prompt_tokens}"
+            )
         for record in self.steps:
             record.record_into(encoder)
             ids += record.call.token_ids

@@ -11,6 +11,7 @@ A run, step by step:
      those ids into the same session, and go to 2 — until the model answers without a call or a stop
      rule fires (budgets, format errors, stuck, Ctrl-C).
 """
+
 from __future__ import annotations
 
 import sys
@@ -29,7 +30,7 @@ from agent.backends.base import Backend
 from agent.config import AgentConfig
 from agent.display import Observer
 from agent.guards import Budget, FormatErrors, StuckDetector
-from agent.history import History, StepRecord, turn_notices
+from agent.history import History, StepRecord, result_event, turn_notices
 from agent.status import ExitStatus, RunStopped
 from agent.stream import DecodedTurn, decode_turn
 from agent.tooling import ToolOutcome, ToolRunner, TurnCalls
@@ -43,7 +44,6 @@ from agent.trajectory import (
     RunStarted,
     SandboxEvent,
     ToolCall,
-    ToolResultEvent,
     TrajectoryWriter,
     Usage,
     new_run_id,
@@ -169,7 +169,9 @@ class Agent:
                 with self._interruptible(), anyio.CancelScope(deadline=budget.deadline or float("inf")) as wall:
                     state.pending = await self._begin(writer, run_id, task, encoder, runner, tools, history, state)
                     if state.pending is not None:
-                        state.final_answer = await self._steps(writer, tokenizer, encoder, runner, budget, thinking, state)
+                        state.final_answer = await self._steps(
+                            writer, tokenizer, encoder, runner, budget, thinking, state
+                        )
                     status = ExitStatus.completed
                 if wall.cancelled_caught and not self._cancelled:
                     status, message = ExitStatus.timeout, f"wall-clock budget spent ({self.config.max_wall_s:g} s)"
@@ -188,7 +190,17 @@ class Agent:
 
     def _finish(self, writer, state, run_id, task, status: ExitStatus, message: str, started: float) -> RunResult:
         if not state.run_started_written:  # failed before the prompt: keep "the log starts with run_started"
-            writer.write(RunStarted(run_id=run_id, task=task, spec=self.spec, backend=self.backend.label, tools=[], system_prompt="", prompt_tokens=0))
+            writer.write(
+                RunStarted(
+                    run_id=run_id,
+                    task=task,
+                    spec=self.spec,
+                    backend=self.backend.label,
+                    tools=[],
+                    system_prompt="",
+                    prompt_tokens=0,
+                )
+            )
         wall_s = time.monotonic() - started
         writer.write(
             ExitEvent(
@@ -202,7 +214,9 @@ class Agent:
             )
         )
         writer.close()
-        result = RunResult(status, state.final_answer, writer.path, run_id, state.steps_done, state.usage, wall_s, message)
+        result = RunResult(
+            status, state.final_answer, writer.path, run_id, state.steps_done, state.usage, wall_s, message
+        )
         self.observer.run_finished(result)
         return result
 
@@ -213,7 +227,9 @@ class Agent:
             detail = f"{type(self.sandbox).__name__} started"
             writer.write(SandboxEvent(kind="started", detail=detail))
             self.observer.sandbox("started", detail)
-            resources.callback(lambda: writer.write(SandboxEvent(kind="stopped", detail=f"{type(self.sandbox).__name__} closed")))
+            resources.callback(
+                lambda: writer.write(SandboxEvent(kind="stopped", detail=f"{type(self.sandbox).__name__} closed"))
+            )
         tools = list(self.tools) if self.tools is not None else _default_tools(self.sandbox)
         for server in self.mcp_servers:
             # Connects and lists the tools once. Not shielded on exit: its owner task must leave its
@@ -292,7 +308,7 @@ class Agent:
             if call.call_id not in last.results:
                 outcome = await runner.run(call)
                 self._record_outcome(writer, last.step, outcome)
-                last.results[call.call_id] = _result_event(last.step, outcome)
+                last.results[call.call_id] = result_event(last.step, outcome)
         notices = history.extra_notices(last.step)
         if [s["function"] for s in schemas] != [s["function"] for s in history.started.tools]:
             text = _tools_changed_text(history.started.tools, schemas)
@@ -335,15 +351,18 @@ class Agent:
                 state.usage.engine_calls += 1
                 turn.usage.prefill_new, turn.usage.prefill_reused = computed, reused
                 turn.backend_info = self.backend.turn_info()
-                writer.write(_engine_call_event(step, turn, prefill_s))
+                call_event = _engine_call_event(step, turn, prefill_s)
+                writer.write(call_event)
                 self.observer.turn_finished(step, turn.usage, state.usage, prefill_s, turn.decode_s, turn.backend_info)
                 state.steps_done = step
                 if turn.stop_reason == "max_tokens" and cap < self.config.max_turn_tokens:
                     group.cancel_scope.cancel()
                     budget.check_tokens(state.usage)
-                    raise RunStopped(ExitStatus.max_tokens, f"token budget spent ({state.usage.processed} tokens computed)")
+                    raise RunStopped(
+                        ExitStatus.max_tokens, f"token budget spent ({state.usage.processed} tokens computed)"
+                    )
                 outcomes = await calls.finish()
-            record = StepRecord.live(_engine_call_event(step, turn, prefill_s), outcomes)
+            record = StepRecord.live(call_event, outcomes)
             record.record_into(encoder)
             if not turn.calls and turn.stop_reason == "eos" and turn.content.strip():
                 return turn.content.strip()
@@ -360,11 +379,17 @@ class Agent:
     def _record_call(self, writer: TrajectoryWriter, step: int, runner: ToolRunner, call: ParsedCall) -> None:
         if call.error is None:
             writer.write(
-                ToolCall(step=step, call_id=call.call_id, name=call.name, arguments=call.arguments or {}, parallel_safe=runner.parallel_safe(call))
+                ToolCall(
+                    step=step,
+                    call_id=call.call_id,
+                    name=call.name,
+                    arguments=call.arguments or {},
+                    parallel_safe=runner.parallel_safe(call),
+                )
             )
 
     def _record_outcome(self, writer: TrajectoryWriter, step: int, outcome: ToolOutcome) -> None:
-        writer.write(_result_event(step, outcome))
+        writer.write(result_event(step, outcome))
         self.observer.tool_result(outcome)
 
 
@@ -397,18 +422,6 @@ def _engine_call_event(step: int, turn: DecodedTurn, prefill_s: float) -> Engine
         incomplete_call=turn.incomplete_call,
         parse_warnings=turn.parse_warnings,
         backend_info=turn.backend_info,
-    )
-
-
-def _result_event(step: int, outcome: ToolOutcome) -> ToolResultEvent:
-    return ToolResultEvent(
-        step=step,
-        call_id=outcome.call_id,
-        name=outcome.name,
-        content=outcome.content,
-        is_error=outcome.is_error,
-        error_kind=outcome.error_kind,
-        wall_s=outcome.wall_s,
     )
 
 

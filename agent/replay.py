@@ -1,4 +1,5 @@
 """`dsv4-agent replay`: re-run a recorded run's exact tokens and compare what the loop and the tools did."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,7 +9,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from agent.trajectory import EngineCall, ExitEvent, ToolResultEvent
-
 
 # Exits that follow from the decoded tokens alone, so a faithful replay must end the same way.
 DETERMINED_BY_TOKENS = ("completed", "max_steps", "format_error", "stuck")
@@ -70,11 +70,17 @@ def compare(original: list[Any], replayed: list[Any]) -> ReplayReport:
             elif ra.is_error != rb.is_error or ra.error_kind != rb.error_kind:
                 report.differences.append(f"step {step} {c.name}: {ra.error_kind or 'ok'} vs {rb.error_kind or 'ok'}")
             elif ra.content != rb.content:
-                report.notes.append(f"step {step} {c.name}: output differs ({ra.content[:60]!r} vs {rb.content[:60]!r})")
+                report.notes.append(
+                    f"step {step} {c.name}: output differs ({ra.content[:60]!r} vs {rb.content[:60]!r})"
+                )
     ea, eb = _exit(original), _exit(replayed)
     if ea is None or ea.status not in DETERMINED_BY_TOKENS:
         # Ctrl-C, a kill, a clock or an error ended the original: the replay runs out of recorded turns.
-        report.notes.append(f"the original ended as {ea.status if ea else 'killed'}; only its recorded turns are compared")
+        report.notes.append(
+            f"the original ended as {ea.status if ea else 'killed'}; only its recorded turns are compared"
+        )
     elif eb is None or (ea.status, ea.final_answer) != (eb.status, eb.final_answer):
-        report.differences.append(f"exit: {ea.status} {ea.final_answer!r} vs {eb.status if eb else None} {eb.final_answer if eb else None!r}")
+        report.differences.append(
+            f"exit: {ea.status} {ea.final_answer!r} vs {eb.status if eb else None} {eb.final_answer if eb else None!r}"
+        )
     return report

@@ -1,8 +1,9 @@
 """What the CLI needs to rebuild an agent: saved in `run_started`, so `resume` and `replay` need only the run.
 
-    spec = RunSpec(backend=BackendSpec(kind="engine", model="/ckpt"), sandbox=SandboxSpec(kind="docker"))
-    agent = build_agent(spec, output_dir)      # the same agent, in this process or a later one
+spec = RunSpec(backend=BackendSpec(kind="engine", model="/ckpt"), sandbox=SandboxSpec(kind="docker"))
+agent = build_agent(spec, output_dir)      # the same agent, in this process or a later one
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,10 +17,14 @@ from agent.config import AgentConfig
 class BackendSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["engine", "scripted", "demo"] = Field(description="engine: a checkpoint; scripted: pre-written turns; demo: see agent.demo")
+    kind: Literal["engine", "scripted", "demo"] = Field(
+        description="engine: a checkpoint; scripted: pre-written turns; demo: see agent.demo"
+    )
     model: str | None = Field(None, description="checkpoint directory (engine)")
     device: str = Field("cpu", description="engine device")
-    completions: list[str | list[int]] = Field(default_factory=list, description="scripted turns: texts or exact token ids")
+    completions: list[str | list[int]] = Field(
+        default_factory=list, description="scripted turns: texts or exact token ids"
+    )
     token_delay_s: float = Field(0.0, description="scripted pacing, for demos")
     seed: int | None = Field(None, description="sampling seed (engine)")
 

@@ -1,4 +1,5 @@
 """How a run ends: one status, saved in the trajectory and mapped to a documented process exit code."""
+
 from __future__ import annotations
 
 from enum import Enum

@@ -3,6 +3,7 @@
 Tool calls are handed to `on_call` the moment the parser closes them, so parallel-safe ones can run
 while the engine is still decoding the rest of the turn.
 """
+
 from __future__ import annotations
 
 import json
@@ -115,7 +116,9 @@ async def decode_turn(
                 arguments, error = _arguments(event.arguments), event.error
                 if arguments is None and error is None:
                     error = f"tool call {event.name!r}: the parameters do not form a JSON object"
-                call = ParsedCall(call_id=f"call_{step}_{event.index}", step=step, name=event.name, arguments=arguments, error=error)
+                call = ParsedCall(
+                    call_id=f"call_{step}_{event.index}", step=step, name=event.name, arguments=arguments, error=error
+                )
                 turn.calls.append(call)
                 observer.tool_call(call)
                 on_call(call)

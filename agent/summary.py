@@ -1,4 +1,5 @@
 """`dsv4-agent inspect`: one run's trajectory summarised per step (tokens, calls, results) and overall."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -65,7 +66,16 @@ def summarise(events: list[Any]) -> RunSummary:
             for c in record.call.calls
         ]
         call = record.call
-        steps.append(StepSummary(step=call.step, usage=call.usage, stop_reason=call.stop_reason, prefill_s=call.prefill_s, decode_s=call.decode_s, calls=calls))
+        steps.append(
+            StepSummary(
+                step=call.step,
+                usage=call.usage,
+                stop_reason=call.stop_reason,
+                prefill_s=call.prefill_s,
+                decode_s=call.decode_s,
+                calls=calls,
+            )
+        )
     last = exits[-1] if exits else None
     killed = not isinstance(events[-1], ExitEvent)  # the process died after its last event
     return RunSummary(
@@ -88,18 +98,34 @@ def render(summary: RunSummary, console: Console) -> None:
     console.rule(f"run {summary.run_id}")
     console.print(f"[bold]task[/]     {escape(summary.task)}")
     console.print(f"[bold]backend[/]  {escape(summary.backend)}")
-    console.print(f"[bold]status[/]   {escape(summary.status)}" + (f" (exit code {summary.exit_code})" if summary.exit_code is not None else ""))
+    console.print(
+        f"[bold]status[/]   {escape(summary.status)}"
+        + (f" (exit code {summary.exit_code})" if summary.exit_code is not None else "")
+    )
     if summary.message:
         console.print(f"[bold]reason[/]   {escape(summary.message)}")
     if summary.resumes:
         console.print(f"[bold]resumed[/]  {summary.resumes} time(s)")
-    table = Table("step", "prefill new", "reused", "reasoning", "content", "tool-call", "stop", "decode s", box=box.SIMPLE)
+    table = Table(
+        "step", "prefill new", "reused", "reasoning", "content", "tool-call", "stop", "decode s", box=box.SIMPLE
+    )
     for st in summary.steps:
         u = st.usage
-        table.add_row(str(st.step), f"{u.prefill_new:,}", f"{u.prefill_reused:,}", f"{u.reasoning:,}", f"{u.content:,}", f"{u.tool_call:,}", st.stop_reason, f"{st.decode_s:.2f}")
+        table.add_row(
+            str(st.step),
+            f"{u.prefill_new:,}",
+            f"{u.prefill_reused:,}",
+            f"{u.reasoning:,}",
+            f"{u.content:,}",
+            f"{u.tool_call:,}",
+            st.stop_reason,
+            f"{st.decode_s:.2f}",
+        )
     console.print(table)
     for st in summary.steps:
-        calls = ", ".join(f"{c.name} → {c.outcome}" for c in st.calls) or ("(no call)" if st.stop_reason == "eos" else "(cut off)")
+        calls = ", ".join(f"{c.name} → {c.outcome}" for c in st.calls) or (
+            "(no call)" if st.stop_reason == "eos" else "(cut off)"
+        )
         console.print(f"  step {st.step}: {escape(calls)}")
     u = summary.usage
     console.print(

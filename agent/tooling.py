@@ -7,18 +7,21 @@ starts the moment the stream parser closes it, while the engine is still decodin
 long as every call before it in the turn is parallel-safe too; any other call waits for all earlier
 calls and runs alone. Results go back to the model in call order.
 """
+
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import anyio
-from tools import Tool, ToolContext, ToolResult
 
 from agent.trajectory import ParsedCall
+from tools import Tool, ToolContext, ToolResult
 
 Approver = Callable[[ParsedCall], Awaitable[bool]]
+_RAISED = re.compile(r"tool '[^']*' failed: ")  # `Tool.invoke`'s wording for an exception it caught
 
 
 @dataclass
@@ -41,7 +44,9 @@ def error_kind(result: ToolResult) -> str:
         return "command_failed"
     if result.content.startswith("invalid arguments"):  # `Tool.invoke`'s wording for an ArgumentError
         return "bad_arguments"
-    return "exception"
+    if _RAISED.match(result.content):
+        return "exception"  # `Tool.invoke` caught what the tool raised
+    return "tool_error"  # the tool itself answered with an error
 
 
 class ToolRunner:
@@ -84,9 +89,13 @@ class ToolRunner:
 
         tool = self.tools.get(call.name)
         if tool is None:
-            return error("unknown_tool", f"there is no tool named {call.name!r}; the tools are: {', '.join(sorted(self.tools))}")
+            return error(
+                "unknown_tool", f"there is no tool named {call.name!r}; the tools are: {', '.join(sorted(self.tools))}"
+            )
         if call.error is not None:
-            return error("malformed", f"{call.error}. Write the call again in the exact DSML format of the system prompt.")
+            return error(
+                "malformed", f"{call.error}. Write the call again in the exact DSML format of the system prompt."
+            )
         if self.approver is not None and not await self.approver(call):
             return error("denied", "the user did not approve this call; do not repeat it, choose another way")
         timeout = tool.timeout_s or self.default_timeout_s
@@ -106,7 +115,9 @@ class ToolRunner:
 class TurnCalls:
     """The calls of one turn, scheduled as they stream in; `finish()` returns their outcomes in call order."""
 
-    def __init__(self, runner: ToolRunner, task_group: anyio.abc.TaskGroup, on_start, on_done, *, overlap: bool) -> None:
+    def __init__(
+        self, runner: ToolRunner, task_group: anyio.abc.TaskGroup, on_start, on_done, *, overlap: bool
+    ) -> None:
         self.runner = runner
         self.task_group = task_group
         self.on_start = on_start  # (call) -> None: written to the trajectory when the call starts

@@ -8,9 +8,9 @@ Format versions (bump `TRAJECTORY_FORMAT` and add a line here when the event sch
   dsv4-agent.trajectory/1  run_started, engine_call, tool_call, tool_result, sandbox_event, notice,
                            run_resumed, exit
 """
+
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import time
@@ -29,7 +29,9 @@ class Usage(BaseModel):
 
     engine_calls: int = 0
     prefill_new: int = Field(0, description="tokens prefilled into the KV cache (computed)")
-    prefill_reused: int = Field(0, description="tokens already resident in the KV cache when a turn started (not recomputed)")
+    prefill_reused: int = Field(
+        0, description="tokens already resident in the KV cache when a turn started (not recomputed)"
+    )
     reasoning: int = Field(0, description="decoded tokens up to and including </think>")
     content: int = Field(0, description="decoded answer tokens")
     tool_call: int = Field(0, description="decoded tokens from the first DSML tag on")
@@ -67,7 +69,9 @@ class RunStarted(_Event):
     format: str = TRAJECTORY_FORMAT
     run_id: str
     task: str
-    spec: dict[str, Any] = Field(description="what `resume`/`replay` need to rebuild the agent (see agent.spec.RunSpec)")
+    spec: dict[str, Any] = Field(
+        description="what `resume`/`replay` need to rebuild the agent (see agent.spec.RunSpec)"
+    )
     backend: str = Field(description="honest label of what produced the tokens")
     tools: list[dict[str, Any]] = Field(description="the tool schemas rendered into the prompt, in prompt order")
     system_prompt: str
@@ -88,7 +92,9 @@ class EngineCall(_Event):
     content: str
     incomplete_call: str | None = Field(None, description="a call the output cut off; it did not run")
     parse_warnings: list[str] = Field(default_factory=list, description="what the tolerant parser recovered from")
-    backend_info: dict[str, Any] = Field(default_factory=dict, description="Backend.turn_info(): KV bytes, forced-token statistics")
+    backend_info: dict[str, Any] = Field(
+        default_factory=dict, description="Backend.turn_info(): KV bytes, forced-token statistics"
+    )
 
 
 class ToolCall(_Event):
@@ -107,7 +113,10 @@ class ToolResultEvent(_Event):
     name: str
     content: str
     is_error: bool
-    error_kind: str | None = Field(None, description="malformed, unknown_tool, denied, bad_arguments, timeout, mcp, command_failed, exception")
+    error_kind: str | None = Field(
+        None,
+        description="malformed, unknown_tool, denied, bad_arguments, timeout, mcp, command_failed, exception, tool_error",
+    )
     wall_s: float = 0.0
 
 

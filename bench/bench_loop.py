@@ -10,6 +10,7 @@
 
     python bench/bench_loop.py [--turns 40]      # writes bench/bench_loop.out too
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,9 @@ REASONING = (
     "The previous command listed the files; the failing test is in test_parser.py. "
     "I should read the function under test before changing anything, then run the test again. "
 ) * 4  # ~150 tokens of Think-Max reasoning per turn
-RESULT = "\n".join(f"src/module_{i:03d}.py: def handler_{i}(request): return respond(request, status={200 + i % 5})" for i in range(20))
+RESULT = "\n".join(
+    f"src/module_{i:03d}.py: def handler_{i}(request): return respond(request, status={200 + i % 5})" for i in range(20)
+)
 
 
 @tool(parallel_safe=True)
@@ -41,9 +44,13 @@ def noop(step: int) -> str:
 
 
 async def loop_overhead(turns: int, out_dir: Path) -> dict:
-    script = [completion(REASONING, calls=[("noop", {"step": i})]) for i in range(turns)] + [completion("Done.", content="done")]
+    script = [completion(REASONING, calls=[("noop", {"step": i})]) for i in range(turns)] + [
+        completion("Done.", content="done")
+    ]
     agent = Agent(backend=ScriptedBackend(script), tools=[noop], output_dir=out_dir, max_steps=turns + 1)
-    await Agent(backend=ScriptedBackend([completion("w", content="w")]), tools=[noop], output_dir=out_dir).run("warm up")
+    await Agent(backend=ScriptedBackend([completion("w", content="w")]), tools=[noop], output_dir=out_dir).run(
+        "warm up"
+    )
     started = time.perf_counter()
     result = await agent.run("call noop repeatedly")
     wall = time.perf_counter() - started
@@ -95,13 +102,15 @@ def encode_comparison(turns: int) -> list[dict]:
         full = tok.encode(encode_messages(enc.messages, "thinking", drop_thinking=False, reasoning_effort="max"))
         t_full = time.perf_counter() - t0
         assert full == session, f"turn {turn}: append-only ids differ from the full re-encode"
-        rows.append({
-            "turn": turn,
-            "history_tokens": len(session),
-            "new_tokens": len(new_ids),
-            "append_ms": 1000 * t_append,
-            "full_reencode_ms": 1000 * t_full,
-        })
+        rows.append(
+            {
+                "turn": turn,
+                "history_tokens": len(session),
+                "new_tokens": len(new_ids),
+                "append_ms": 1000 * t_append,
+                "full_reencode_ms": 1000 * t_full,
+            }
+        )
     return rows
 
 
@@ -115,32 +124,44 @@ def main() -> None:
         print(line)
         out.write(line + "\n")
 
-    say(f"bench_loop.py --turns {args.turns} · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · "
-        f"{platform.processor() or platform.machine()} · Python {platform.python_version()}")
+    say(
+        f"bench_loop.py --turns {args.turns} · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · "
+        f"{platform.processor() or platform.machine()} · Python {platform.python_version()}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         loop = anyio.run(loop_overhead, args.turns, Path(tmp))
     fsync_ms = fsync_cost()
     say(f"\n1. loop overhead (scripted backend, no model): {loop['turns']} turns in {loop['wall_s']:.2f} s")
-    say(f"   {loop['ms_per_turn']:.1f} ms per turn · {loop['us_per_decoded_token']:.0f} µs per decoded token "
-        f"({loop['decoded_tokens']} tokens) · trajectory {loop['trajectory_bytes'] / 1024:.0f} KiB")
+    say(
+        f"   {loop['ms_per_turn']:.1f} ms per turn · {loop['us_per_decoded_token']:.0f} µs per decoded token "
+        f"({loop['decoded_tokens']} tokens) · trajectory {loop['trajectory_bytes'] / 1024:.0f} KiB"
+    )
     say(f"   floor on this disk: one fsynced 1 kB event = {fsync_ms:.2f} ms (4 per turn = {4 * fsync_ms:.1f} ms)")
 
     rows = encode_comparison(args.turns)
     say("\n2. append-only vs full re-encode per turn (ids identical at every turn, checked)")
-    say(f"   {'turn':>4} {'history tok':>11} {'new tok':>7} {'append ms':>9} {'full ms':>8} {'speed-up':>8} {'prefill saved':>13}")
+    say(
+        f"   {'turn':>4} {'history tok':>11} {'new tok':>7} {'append ms':>9} {'full ms':>8} {'speed-up':>8} {'prefill saved':>13}"
+    )
     for r in rows:
         if r["turn"] in (1, 5, 10, 20, 30, 40) or r["turn"] == len(rows):
-            say(f"   {r['turn']:>4} {r['history_tokens']:>11,} {r['new_tokens']:>7} {r['append_ms']:>9.2f} "
+            say(
+                f"   {r['turn']:>4} {r['history_tokens']:>11,} {r['new_tokens']:>7} {r['append_ms']:>9.2f} "
                 f"{r['full_reencode_ms']:>8.2f} {r['full_reencode_ms'] / r['append_ms']:>7.0f}x "
-                f"{r['history_tokens'] / r['new_tokens']:>12.0f}x")
+                f"{r['history_tokens'] / r['new_tokens']:>12.0f}x"
+            )
     total_new = sum(r["new_tokens"] for r in rows)
     total_full = sum(r["history_tokens"] for r in rows)
-    say(f"   over {len(rows)} turns: append {sum(r['append_ms'] for r in rows):.0f} ms vs re-encode "
+    say(
+        f"   over {len(rows)} turns: append {sum(r['append_ms'] for r in rows):.0f} ms vs re-encode "
         f"{sum(r['full_reencode_ms'] for r in rows):.0f} ms; tokens to prefill {total_new:,} (append-only, resident KV) "
-        f"vs {total_full:,} (whole history every turn) = {total_full / total_new:.0f}x fewer")
+        f"vs {total_full:,} (whole history every turn) = {total_full / total_new:.0f}x fewer"
+    )
     say(f"   median append {statistics.median(r['append_ms'] for r in rows):.2f} ms")
     Path(__file__).with_suffix(".out").write_text(out.getvalue())
-    Path(__file__).with_suffix(".json").write_text(json.dumps({"loop": loop, "fsync_ms": fsync_ms, "encode": rows}, indent=1))
+    Path(__file__).with_suffix(".json").write_text(
+        json.dumps({"loop": loop, "fsync_ms": fsync_ms, "encode": rows}, indent=1)
+    )
 
 
 if __name__ == "__main__":

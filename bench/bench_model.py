@@ -3,8 +3,8 @@
 Both run the same random fp32 weights of `ModelConfig.tiny()` (every layer kind: sliding, CSA,
 HCA; hash and biased MoE) on one CPU thread, in the same process:
   - prefill: one forward over S tokens from position 0 (no cache kept);
-  - decode: a 128-token prompt, then 1-token steps with the cache (ours: ModelCache,
-    HF: its DynamicCache with the V4 compressor layers).
+  - decode: 1 or 8 sequences with a 128-token prompt, then batched 1-token steps with the cache
+    (ours: a ModelCache per row; HF: its DynamicCache with the V4 compressor layers).
 Reports tokens/s (median of `--repeats`, ours and HF timed alternately) and the median per-pair
 speed ratio ours / HF (= HF time / our time); checks the logits agree.
 
@@ -24,9 +24,9 @@ import torch
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "dsv4"))
-from test_model_hf_parity import PARITY_CFG, to_hf_state_dict  # noqa: E402  (name mapping to HF)
+from test_model_hf_parity import PARITY_CFG, to_hf_state_dict  # the name mapping to HF
 
-from dsv4.testing import random_model  # noqa: E402
+from dsv4.testing import random_model
 
 
 def paired(fn_ours, fn_hf, repeats: int) -> tuple[float, float, float]:
@@ -97,37 +97,44 @@ def main() -> None:
     with torch.no_grad():
         for seq in (128, 512, 1024):
             ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=gen)
-            t_ours, t_hf, ratio = paired(lambda: ours(ids), lambda: hf(ids), args.repeats)
+            t_ours, t_hf, ratio = paired(lambda ids=ids: ours(ids), lambda ids=ids: hf(ids), args.repeats)
             diff = (ours(ids) - hf(ids).logits).abs().max().item()
             print(f"| prefill | {seq} | {seq / t_ours:,.0f} | {seq / t_hf:,.0f} | {ratio:.2f} | {diff:.1e} |")
 
-        steps = args.decode_steps
-        ids = torch.randint(0, cfg.vocab_size, (1, 128 + steps), generator=gen)
-
-        def decode_ours() -> tuple[float, torch.Tensor]:
-            cache = ours.new_cache()
-            ours(ids[:, :128], caches=[cache])
-            t = time.perf_counter()
-            logits = [ours(ids[:, p:p + 1], caches=[cache]) for p in range(128, 128 + steps)]
-            return time.perf_counter() - t, torch.cat(logits, 1)
-
-        def decode_hf() -> tuple[float, torch.Tensor]:
-            cache = hf(ids[:, :128], use_cache=True).cache
-            t, logits = time.perf_counter(), []
-            for p in range(128, 128 + steps):
-                out = hf(ids[:, p:p + 1], cache=cache, use_cache=True)
-                cache = out.cache
-                logits.append(out.logits)
-            return time.perf_counter() - t, torch.cat(logits, 1)
-
-        runs = [(decode_ours(), decode_hf()) for _ in range(args.repeats)]
-        t_ours = statistics.median(o[0] for o, _ in runs)
-        t_hf = statistics.median(h[0] for _, h in runs)
-        ratio = statistics.median(h[0] / o[0] for o, h in runs)
-        diff = (runs[0][0][1] - runs[0][1][1]).abs().max().item()
-        print(f"| decode after a 128-token prompt | {steps} | {steps / t_ours:,.1f} | "
-              f"{steps / t_hf:,.1f} | {ratio:.2f} | {diff:.1e} |")
+        for batch in (1, 8):
+            decode_row(ours, hf, cfg, batch, args.decode_steps, args.repeats, gen)
     bench_load_model(args.repeats)
+
+
+def decode_row(ours, hf, cfg, batch: int, steps: int, repeats: int, gen: torch.Generator) -> None:
+    """`batch` sequences with a 128-token prompt each, then `steps` batched 1-token steps (ours:
+    one ModelCache per row; HF: one batched DynamicCache). Prints one table row."""
+    ids = torch.randint(0, cfg.vocab_size, (batch, 128 + steps), generator=gen)
+
+    def decode_ours() -> tuple[float, torch.Tensor]:
+        caches = [ours.new_cache() for _ in range(batch)]
+        ours(ids[:, :128], caches=caches)
+        t = time.perf_counter()
+        logits = [ours(ids[:, p:p + 1], caches=caches) for p in range(128, 128 + steps)]
+        return time.perf_counter() - t, torch.cat(logits, 1)
+
+    def decode_hf() -> tuple[float, torch.Tensor]:
+        cache = hf(ids[:, :128], use_cache=True).cache
+        t, logits = time.perf_counter(), []
+        for p in range(128, 128 + steps):
+            out = hf(ids[:, p:p + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            logits.append(out.logits)
+        return time.perf_counter() - t, torch.cat(logits, 1)
+
+    runs = [(decode_ours(), decode_hf()) for _ in range(repeats)]
+    t_ours = statistics.median(o[0] for o, _ in runs)
+    t_hf = statistics.median(h[0] for _, h in runs)
+    ratio = statistics.median(h[0] / o[0] for o, h in runs)
+    diff = (runs[0][0][1] - runs[0][1][1]).abs().max().item()
+    tokens = batch * steps
+    print(f"| decode, batch {batch}, after 128-token prompts | {tokens} | {tokens / t_ours:,.1f} | "
+          f"{tokens / t_hf:,.1f} | {ratio:.2f} | {diff:.1e} |")
 
 
 if __name__ == "__main__":

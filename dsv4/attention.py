@@ -15,9 +15,10 @@ of wo_a to o_lora_rank, and wo_b mixes the groups back to `dim`.
 RoPE: sliding-only layers plain theta=rope_theta; compressed layers (and their compressors and
 indexer) YaRN with compress_rope_theta. With `quant_sim`, the NoPE dims of the window K=V are
 rounded to FP8 (the compressor does the same for its entries).
-Queries are processed in blocks so the score workspace never grows with the square of the
-context: window keys per block <= block + window, compressed keys per query <= top-k (CSA) or
-the visible entries (HCA).
+All rows of a batch are attended to at once, whatever their positions (each row's keys are its
+ring's `window` tokens, oldest first, then its new tokens; masks do the rest). Queries go in
+blocks so the score workspace never grows with the square of the context: window keys per
+block <= block + window, compressed keys per query <= top-k (CSA) or the visible entries (HCA).
 """
 from __future__ import annotations
 
@@ -81,72 +82,79 @@ class Attention(nn.Module):
             nope = self.head_dim - self.rope_head_dim
             kv = torch.cat((fp8_fake_quant(kv[..., :nope], 64), kv[..., nope:]), -1)
 
-        picks = [None] * B
+        picks = None
         if self.ratio:
             entries = self.compressor(x, starts, [c.compressor for c in caches], self.inv_freq)
             for cache, new in zip(caches, entries):
                 cache.compressed.append(new)
         if self.kind == "csa":
-            picks = self.indexer(x, qr, starts, caches, (cos, sin), self.inv_freq)
+            picks = self.indexer(x, qr, starts, caches, (cos, sin), self.inv_freq)    # [B,S,k]
 
-        o = torch.stack([self._attend(q[b], kv[b], starts[b], caches[b], picks[b]) for b in range(B)])
-        o = apply_rope(o.to(x.dtype), cos, sin, inverse=True)                # [B,S,H,d]
+        o = self._attend(q, kv, starts, caches, picks)                        # [B,S,H,d] fp32
+        o = apply_rope(o.to(x.dtype), cos, sin, inverse=True)
         groups = o.reshape(B, S, self.n_groups, -1)                           # [B,S,G,H*d/G]
         wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)     # [G,R,H*d/G]
         z = torch.einsum("bsgi,gri->bsgr", groups, wo_a.to(groups.dtype))
         return self.wo_b(z.flatten(2))
 
-    def _attend(self, q: torch.Tensor, kv: torch.Tensor, start: int, cache: LayerCache,
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, starts: list[int], caches: list[LayerCache],
                 picks: torch.Tensor | None) -> torch.Tensor:
-        """One row: q [S,H,d], this chunk's K=V kv [S,d] -> output [S,H,d] fp32; writes kv into
-        the ring. picks [S,k]: the indexer's entry indices (CSA only)."""
-        S, W = q.shape[0], self.window
-        n_prev = min(start, W)                                 # window tokens from earlier calls
-        prev_slots = torch.arange(start - n_prev, start, device=q.device) % W
-        keys = torch.cat((cache.window[prev_slots].to(kv.dtype), kv))          # [n_prev+S, d]
-        entries = cache.compressed.view() if self.ratio else None             # [N, d]
-        if self.kind == "hca":
-            entries = entries.float()            # HCA reads all of them (N = length / 128)
-        self._write_ring(cache, kv, start)
-
-        n_extra = picks.shape[1] if picks is not None else (entries.shape[0] if self.ratio else 0)
-        # per block: logits [T, H, <= T + W + n_extra], compressed keys [T, n_extra, d]
-        block = min(256, max(1, LOGIT_BUDGET // ((self.n_heads + self.head_dim) * (256 + W + n_extra))))
+        """q [B,S,H,d], this chunk's K=V kv [B,S,d] -> attention output [B,S,H,d] fp32; writes kv
+        into the rings. picks [B,S,k]: the indexer's entry indices (CSA only)."""
+        B, S, W = q.shape[0], q.shape[1], self.window
+        # keys: each row's W tokens before the chunk (from its ring, oldest first), then the chunk;
+        # key i sits at position start - W + i, so query t sees keys i with t < i <= W + t
+        before = torch.tensor(starts, device=q.device)[:, None] - W + torch.arange(W, device=q.device)
+        rings = torch.stack([c.window for c in caches])                        # [B,W,d]
+        prev = rings.gather(1, (before % W)[..., None].expand(-1, -1, self.head_dim))
+        keys = torch.cat((prev.to(kv.dtype), kv), dim=1)                       # [B,W+S,d]
+        exists = torch.cat((before >= 0, torch.ones(B, S, dtype=torch.bool, device=q.device)), 1)
+        for cache, row, start in zip(caches, kv, starts):
+            self._write_ring(cache, row, start)
+        if self.kind == "hca":                  # all visible entries: pad the rows to one length
+            entries = nn.utils.rnn.pad_sequence(
+                [c.compressed.view()[: (s + S) // self.ratio].float() for c, s in zip(caches, starts)],
+                batch_first=True)                                               # [B,N,d]
+        n_extra = picks.shape[-1] if picks is not None else (entries.shape[1] if self.kind == "hca" else 0)
+        # per block: logits [B, T, H, W + T + n_extra], compressed keys [B, T, n_extra, d]
+        block = min(256, max(1, LOGIT_BUDGET // (B * (self.n_heads + self.head_dim) * (256 + W + n_extra))))
+        positions = torch.tensor(starts, device=q.device)[:, None]              # [B,1]
         out = []
         for t0 in range(0, S, block):
             t1 = min(S, t0 + block)
-            qb = q[t0:t1].float()                                              # [T,H,d]
-            # sliding window: key k of `keys` is visible to query t iff n_prev+t-W < k <= n_prev+t
-            lo, hi = max(0, n_prev + t0 - W + 1), n_prev + t1
-            win = keys[lo:hi].float()                                          # [Kw,d]
-            k_idx = torch.arange(lo, hi, device=q.device)
-            q_idx = n_prev + torch.arange(t0, t1, device=q.device)[:, None]
-            win_ok = (k_idx <= q_idx) & (k_idx > q_idx - W)                    # [T,Kw]
-            comp, comp_ok = self._compressed_keys(entries, picks, start, t0, t1, q.device)
+            t = torch.arange(t0, t1, device=q.device)                           # [T]
+            qb = q[:, t0:t1].float()                                            # [B,T,H,d]
+            i = torch.arange(t0 + 1, W + t1, device=q.device)                   # window key indices
+            win = keys[:, t0 + 1: W + t1].float()                               # [B,K,d]
+            win_ok = (i > t[:, None]) & (i <= W + t[:, None]) & exists[:, None, t0 + 1: W + t1]
+            if picks is not None:                                               # CSA: top-k entries
+                sel = picks[:, t0:t1]                                           # [B,T,k]
+                comp = torch.stack([self._gather(c, p) for c, p in zip(caches, sel)])   # [B,T,k,d]
+                comp_ok = sel >= 0
+            elif self.kind == "hca":                                            # HCA: j < (pos+1)//m
+                comp = entries[:, None].expand(-1, t1 - t0, -1, -1)             # [B,T,N,d]
+                visible = (positions + t + 1) // self.ratio                     # [B,T]
+                comp_ok = torch.arange(entries.shape[1], device=q.device) < visible[..., None]
+            else:
+                comp = q.new_zeros(B, t1 - t0, 0, self.head_dim, dtype=torch.float32)
+                comp_ok = torch.zeros(B, t1 - t0, 0, dtype=torch.bool, device=q.device)
             logits = torch.cat((
-                torch.einsum("thd,kd->thk", qb, win).masked_fill(~win_ok[:, None], float("-inf")),
-                torch.einsum("thd,tkd->thk", qb, comp).masked_fill(~comp_ok[:, None], float("-inf")),
+                torch.einsum("bthd,bkd->bthk", qb, win).masked_fill(~win_ok[:, :, None], float("-inf")),
+                torch.einsum("bthd,btkd->bthk", qb, comp).masked_fill(~comp_ok[:, :, None], float("-inf")),
             ), dim=-1) * self.scale
-            sink = self.attn_sink.float().view(1, -1, 1).expand(t1 - t0, -1, 1)
+            sink = self.attn_sink.float().view(1, 1, -1, 1).expand(B, t1 - t0, -1, 1)
             probs = torch.cat((logits, sink), dim=-1).softmax(-1)              # one joint softmax
-            p_win, p_comp = probs[..., : win.shape[0]], probs[..., win.shape[0]:-1]
-            out.append(torch.einsum("thk,kd->thd", p_win, win) + torch.einsum("thk,tkd->thd", p_comp, comp))
-        return torch.cat(out)
+            p_win, p_comp = probs[..., : win.shape[1]], probs[..., win.shape[1]:-1]
+            out.append(torch.einsum("bthk,bkd->bthd", p_win, win)
+                       + torch.einsum("bthk,btkd->bthd", p_comp, comp))
+        return torch.cat(out, dim=1)
 
-    def _compressed_keys(self, entries: torch.Tensor | None, picks: torch.Tensor | None, start: int,
-                         t0: int, t1: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compressed K=V a block of queries t0..t1-1 may attend to, per query: keys [T,K,d] fp32
-        and validity [T,K]. CSA: the indexer's picks; HCA: entries j < (pos + 1) // m; sliding: none."""
-        T = t1 - t0
-        if picks is not None:
-            sel = picks[t0:t1]                                                  # [T,k], -1 = none
-            return entries[sel.clamp(min=0)].float(), sel >= 0
-        if not self.ratio:
-            return torch.zeros(T, 0, self.head_dim, device=device), torch.zeros(T, 0, dtype=torch.bool, device=device)
-        visible = (start + torch.arange(t0 + 1, t1 + 1, device=device)) // self.ratio      # [T]
-        comp = entries[: (start + t1) // self.ratio]                            # [N,d]
-        ok = torch.arange(comp.shape[0], device=device) < visible[:, None]
-        return comp.expand(T, -1, -1), ok
+    def _gather(self, cache: LayerCache, sel: torch.Tensor) -> torch.Tensor:
+        """One row's compressed entries at indices sel [T,k] (-1 = none, read as zeros) -> [T,k,d] fp32."""
+        entries = cache.compressed.view()
+        if entries.shape[0] == 0:
+            return torch.zeros(*sel.shape, self.head_dim, device=sel.device)
+        return entries[sel.clamp(min=0)].float()
 
     def _write_ring(self, cache: LayerCache, kv: torch.Tensor, start: int) -> None:
         """Store the last min(S, W) tokens of kv [S,d] at ring slots pos % W."""

@@ -215,34 +215,34 @@ class ModelConfig(BaseModel):
             raise ValueError(f"num_key_value_heads: DeepSeek-V4 has one shared KV head, "
                              f"got {hf['num_key_value_heads']}")
         quant = hf.get("quantization_config") or {}
-        fields = dict(
-            max_seq_len=hf.get("max_position_embeddings", 1048576),
-            dtype="fp8" if quant.get("quant_method") == "fp8" else "bf16",
-            scale_fmt=quant.get("scale_fmt", "ue8m0" if quant else None),
-            expert_dtype=hf.get("expert_dtype", quant.get("expert_dtype")),
-            vocab_size=need("vocab_size"), dim=need("hidden_size"),
-            moe_inter_dim=need("moe_intermediate_size"), n_layers=n_layers,
-            n_hash_layers=n_hash, n_mtp_layers=n_mtp, n_heads=need("num_attention_heads"),
-            n_routed_experts=need("n_routed_experts"),
-            n_shared_experts=hf.get("n_shared_experts", 1),
-            n_activated_experts=need("num_experts_per_tok"),
-            score_func=hf.get("scoring_func", "sqrtsoftplus"),
-            route_scale=hf.get("routed_scaling_factor", 1.0),
-            swiglu_limit=hf.get("swiglu_limit", 0.0), q_lora_rank=need("q_lora_rank"),
-            head_dim=head_dim, rope_head_dim=rope_head_dim,
-            norm_eps=hf.get("rms_norm_eps", 1e-6), o_groups=need("o_groups"),
-            o_lora_rank=need("o_lora_rank"), window_size=hf.get("sliding_window", 128),
-            compress_ratios=ratios,
-            compress_rope_theta=hf.get("compress_rope_theta", yarn.get("rope_theta", 160000.0)),
-            original_seq_len=yarn.get("original_max_position_embeddings", 0),
-            rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("main", {})
+        fields = {
+            "max_seq_len": hf.get("max_position_embeddings", 1048576),
+            "dtype": "fp8" if quant.get("quant_method") == "fp8" else "bf16",
+            "scale_fmt": quant.get("scale_fmt", "ue8m0" if quant else None),
+            "expert_dtype": hf.get("expert_dtype", quant.get("expert_dtype")),
+            "vocab_size": need("vocab_size"), "dim": need("hidden_size"),
+            "moe_inter_dim": need("moe_intermediate_size"), "n_layers": n_layers,
+            "n_hash_layers": n_hash, "n_mtp_layers": n_mtp, "n_heads": need("num_attention_heads"),
+            "n_routed_experts": need("n_routed_experts"),
+            "n_shared_experts": hf.get("n_shared_experts", 1),
+            "n_activated_experts": need("num_experts_per_tok"),
+            "score_func": hf.get("scoring_func", "sqrtsoftplus"),
+            "route_scale": hf.get("routed_scaling_factor", 1.0),
+            "swiglu_limit": hf.get("swiglu_limit", 0.0), "q_lora_rank": need("q_lora_rank"),
+            "head_dim": head_dim, "rope_head_dim": rope_head_dim,
+            "norm_eps": hf.get("rms_norm_eps", 1e-6), "o_groups": need("o_groups"),
+            "o_lora_rank": need("o_lora_rank"), "window_size": hf.get("sliding_window", 128),
+            "compress_ratios": ratios,
+            "compress_rope_theta": hf.get("compress_rope_theta", yarn.get("rope_theta", 160000.0)),
+            "original_seq_len": yarn.get("original_max_position_embeddings", 0),
+            "rope_theta": hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("main", {})
                               .get("rope_theta", 10000.0)),
-            rope_factor=yarn.get("factor", 1.0),
-            beta_fast=yarn.get("beta_fast", 32), beta_slow=yarn.get("beta_slow", 1),
-            index_n_heads=need("index_n_heads"), index_head_dim=need("index_head_dim"),
-            index_topk=need("index_topk"), hc_mult=hf.get("hc_mult", 4),
-            hc_sinkhorn_iters=hf.get("hc_sinkhorn_iters", 20), hc_eps=hf.get("hc_eps", 1e-6),
-        )
+            "rope_factor": yarn.get("factor", 1.0),
+            "beta_fast": yarn.get("beta_fast", 32), "beta_slow": yarn.get("beta_slow", 1),
+            "index_n_heads": need("index_n_heads"), "index_head_dim": need("index_head_dim"),
+            "index_topk": need("index_topk"), "hc_mult": hf.get("hc_mult", 4),
+            "hc_sinkhorn_iters": hf.get("hc_sinkhorn_iters", 20), "hc_eps": hf.get("hc_eps", 1e-6),
+        }
         try:
             return cls(**fields)
         except ValidationError as e:

@@ -37,10 +37,10 @@ class Indexer(nn.Module):
         self.quant_sim = False
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, starts: list[int], caches: list[LayerCache],
-                rope: tuple[torch.Tensor, torch.Tensor], inv_freq: torch.Tensor) -> list[torch.Tensor]:
+                rope: tuple[torch.Tensor, torch.Tensor], inv_freq: torch.Tensor) -> torch.Tensor:
         """x [B,S,D], qr [B,S,q_lora_rank], rope = (cos, sin) [B,S,rd/2] of the query positions
-        -> per row the chosen entry indices [S, k_b] (int64, -1 = unused slot)."""
-        B, S, _ = x.shape
+        -> chosen entry indices [B, S, k] (int64, -1 = unused slot; k = the most any row has)."""
+        B = x.shape[0]
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))        # [B,S,Hi,di]
         q = apply_rope(q, *rope)
         if self.quant_sim:
@@ -48,11 +48,12 @@ class Indexer(nn.Module):
         weights = self.weights_proj(x).float() * self.weight_scale            # [B,S,Hi]
         new_keys = self.compressor(x, starts, [c.indexer_compressor for c in caches], inv_freq)
         picks = []
-        for b in range(B):
+        for b in range(B):            # rows hold different numbers of keys: one at a time
             caches[b].indexer_keys.append(new_keys[b])
             keys = caches[b].indexer_keys.view()                               # [N, di]
             picks.append(self._top_entries(q[b], weights[b], keys, starts[b]))
-        return picks
+        k = max(p.shape[1] for p in picks)
+        return torch.stack([nn.functional.pad(p, (0, k - p.shape[1]), value=-1) for p in picks])
 
     def _top_entries(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
                      start: int) -> torch.Tensor:

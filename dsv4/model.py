@@ -49,7 +49,7 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, token_ids: torch.Tensor, starts: list[int],
                 caches: list[LayerCache]) -> torch.Tensor:
         """h [B,S,hc,D] streams -> [B,S,hc,D]."""
-        mhc = dict(iters=self.cfg.hc_sinkhorn_iters, norm_eps=self.cfg.norm_eps, hc_eps=self.cfg.hc_eps)
+        mhc = {"iters": self.cfg.hc_sinkhorn_iters, "norm_eps": self.cfg.norm_eps, "hc_eps": self.cfg.hc_eps}
         x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, **mhc)
         h = hc_post(self.attn(self.attn_norm(x), starts, caches), h, post, comb)
         x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, **mhc)

@@ -7,6 +7,7 @@ dies or hangs is replaced, and the command's result says the session state was l
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 import anyio
@@ -23,10 +24,6 @@ class ShellDriver:
         self._session: ShellSession | None = None
         self._lock = anyio.Lock()
 
-    @property
-    def started(self) -> bool:
-        return self._session is not None
-
     async def start(self) -> None:
         async with self._lock:
             if self._session is None:
@@ -38,6 +35,7 @@ class ShellDriver:
                 self._session = await anyio.to_thread.run_sync(self._open_session)
             session = self._session
             finished = threading.Event()
+            started = time.monotonic()
             outcome: list[CommandResult | BaseException] = []
 
             def work() -> None:
@@ -60,7 +58,7 @@ class ShellDriver:
             if isinstance(result, ShellDied):
                 await self._replace(session)
                 return CommandResult(
-                    exit_code=-1, stdout="", timed_out=timeout is not None,
+                    exit_code=-1, stdout="", timed_out=result.hung, duration_s=time.monotonic() - started,
                     stderr=f"[sandbox error: {result}; a new shell was started, the session state (cwd, env) is lost]",
                 )
             if isinstance(result, BaseException):

@@ -55,6 +55,9 @@ class PipeTransport:
             self._selector.unregister(key.fileobj)
         return None
 
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
     def close(self) -> None:
         try:
             self.proc.stdin.close()  # EOF: the shell's exit trap kills the groups of leftover jobs

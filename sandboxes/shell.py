@@ -48,7 +48,7 @@ def boot_script(state_dir: str) -> str:
     """The script fed to the session shell once: defines `__dsv4_run`, then bash reads command lines."""
     return f"""
 set +o history
-exec 3>&1 4>&2 2>/dev/null   # fd 3/4: the channel to the owner; the shell's own notices go nowhere
+exec 3>&1 4>&2 1>/dev/null 2>&1  # fd 3/4: the channel to the owner; the shell's own output goes nowhere
 set -m                       # each command gets its own process group
 __dsv4_dir={shlex.quote(state_dir)}
 __dsv4_runner={shlex.quote(_RUNNER)}
@@ -95,14 +95,22 @@ class Transport(Protocol):
     def recv(self, timeout: float | None) -> tuple[int, bytes] | None:
         """(1 for stdout | 2 for stderr, bytes); None when `timeout` passed; raises EOFError when closed."""
 
+    def alive(self) -> bool:
+        """Whether the shell process still runs (its output may outlive it, held open by its children)."""
+
     def close(self) -> None: ...
 
 
 class ShellDied(RuntimeError):
     """The session shell closed or stopped answering; the sandbox must start a new one."""
 
+    def __init__(self, message: str, hung: bool = False):
+        super().__init__(message)
+        self.hung = hung  # it outlived the command's timeout rather than dying
+
 
 GRACE_S = 10.0  # beyond a command's own timeout, how long the owner waits before calling the shell hung
+LIVENESS_CHECK_S = 1.0  # while a command is silent, how often to check that the shell itself still runs
 
 
 class ShellSession:
@@ -120,6 +128,8 @@ class ShellSession:
     def run(self, command: str, timeout: float | None) -> CommandResult:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive seconds or None, got {timeout}")
+        if "\x00" in command:
+            raise ValueError("a shell command cannot contain NUL characters")
         self._drain()
         token = f"__dsv4_{secrets.token_hex(8)}"
         limit = "0" if timeout is None else f"{timeout:.3f}"
@@ -131,14 +141,17 @@ class ShellSession:
         while not (out.done and err.done):
             wait = None if give_up is None else give_up - time.monotonic()
             if wait is not None and wait <= 0:
-                raise ShellDied(f"the shell gave no result {GRACE_S:.0f}s past the command's {timeout}s timeout")
+                raise ShellDied(f"the shell gave no result {GRACE_S:.0f}s past the command's {timeout}s timeout",
+                                hung=True)
             try:
-                chunk = self.transport.recv(wait)
+                chunk = self.transport.recv(LIVENESS_CHECK_S if wait is None else min(wait, LIVENESS_CHECK_S))
             except EOFError as exc:
                 raise ShellDied("the session shell exited") from exc
             if chunk is not None:
                 stream, data = chunk
                 (out if stream == 1 else err).feed(data)
+            elif not self.transport.alive():
+                raise ShellDied("the session shell was killed")
         code, timed_out = (int(x) for x in out.trailer.split())
         return CommandResult(
             exit_code=-1 if timed_out else code,

@@ -3,9 +3,17 @@
 The loop speaks token ids, never messages: it appends only the ids of what is new since the last turn
 (`AppendOnlyEncoder.append`), so a backend that keeps its KV cache never recomputes the history.
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, Sequence, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    AsyncIterator,
+    Protocol,
+    Sequence,
+    runtime_checkable,
+)
 
 if TYPE_CHECKING:
     from encoding import Tokenizer
@@ -30,7 +38,8 @@ class Backend(Protocol):
         """Backend facts about the last turn for the trajectory (KV bytes, forced-token statistics...)."""
 
     async def restore(self, history: Sequence[int], turns_done: int) -> None:
-        """Rebuild the session of an interrupted run: `history` is every token so far, `turns_done` the decoded turns."""
+        """Rebuild the session of an interrupted run: `history` holds every id so far, `turns_done` counts
+        the decoded turns."""
 
     async def close(self) -> None:
         """Release resources; safe to call twice."""

@@ -9,6 +9,7 @@ masks every logit but the next scripted token. The engine still runs every forwa
 decode step per token, with its KV cache); only the choice of token is overridden. This is how the
 demo drives a real multi-turn task through a model with random weights, which could not write one.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,7 +36,9 @@ class ForcedTokens:
 
     def start_turn(self, tokenizer: Tokenizer) -> None:
         if self.turn >= len(self.completions):
-            raise ScriptExhausted(f"the forced script holds {len(self.completions)} completions; turn {self.turn + 1} asked for another")
+            raise ScriptExhausted(
+                f"the forced script holds {len(self.completions)} completions; turn {self.turn + 1} asked for another"
+            )
         script = self.completions[self.turn]
         self.turn += 1
         self.ids = list(script) if isinstance(script, list) else tokenizer.encode(script)
@@ -133,7 +136,11 @@ class EngineBackend:
         seed = None if self.seed is None else self.seed + self._turn  # reproducible, not the same draw each turn
         self._turn += 1
         tokens = self.session.generate(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=seed, logits_processors=processors
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=seed,
+            logits_processors=processors,
         )
         async with aclosing(tokens):  # releases the session even when the loop stops early
             async for token in tokens:

@@ -4,6 +4,7 @@ Each turn takes the next completion text, tokenizes it with the real DSV4 tokeni
 one by one, so the loop runs its real path: incremental detokenization, the streaming DSML parser,
 token accounting, `AppendOnlyEncoder.record_completion`. No model is involved, and the label says so.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, AsyncIterator, Sequence
@@ -79,7 +80,9 @@ class ScriptedBackend:
         return None
 
 
-def completion(reasoning: str = "", *, content: str = "", calls: Sequence[tuple[str, dict]] = (), thinking: bool = True) -> str:
+def completion(
+    reasoning: str = "", *, content: str = "", calls: Sequence[tuple[str, dict]] = (), thinking: bool = True
+) -> str:
     """A completion text in the DSV4 format: `reasoning</think>content` plus a DSML tool-call block.
 
     `calls` are (tool name, arguments) pairs, rendered by the encoding package exactly as the model

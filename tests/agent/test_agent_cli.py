@@ -1,4 +1,5 @@
 """The `dsv4-agent` CLI in-process (typer's runner): exit codes, run, inspect, replay, usage errors."""
+
 from __future__ import annotations
 
 import json
@@ -25,11 +26,14 @@ def run_cli(*args):
 
 @pytest.fixture
 def finished_run(tmp_path):
-    script = write_script(tmp_path, [
-        completion("Make a file.", calls=[("write_file", {"path": "n.txt", "content": "7"})]),
-        completion("Read it back and list.", calls=[("read_file", {"path": "n.txt"}), ("list_dir", {"path": "."})]),
-        completion("Done.", content="n.txt holds 7"),
-    ])
+    script = write_script(
+        tmp_path,
+        [
+            completion("Make a file.", calls=[("write_file", {"path": "n.txt", "content": "7"})]),
+            completion("Read it back and list.", calls=[("read_file", {"path": "n.txt"}), ("list_dir", {"path": "."})]),
+            completion("Done.", content="n.txt holds 7"),
+        ],
+    )
     out = tmp_path / "runs"
     result = run_cli("run", "store 7 in n.txt", "--scripted", script, "--sandbox", "local", "--yolo", "-o", out)
     assert result.exit_code == 0, result.output
@@ -70,7 +74,9 @@ def test_status_codes_reach_the_process(tmp_path):
     result = run_cli("run", "say nothing", "--scripted", script, "--sandbox", "none", "-o", tmp_path / "runs")
     assert result.exit_code == 6 and "format_error" in result.output
     script = write_script(tmp_path, [completion(f"{i}", calls=[("bash", {"command": f"echo {i}"})]) for i in range(3)])
-    result = run_cli("run", "count", "--scripted", script, "--sandbox", "local", "--yolo", "--max-steps", 2, "-o", tmp_path / "runs")
+    result = run_cli(
+        "run", "count", "--scripted", script, "--sandbox", "local", "--yolo", "--max-steps", 2, "-o", tmp_path / "runs"
+    )
     assert result.exit_code == 3 and "max_steps" in result.output
 
 
@@ -108,3 +114,16 @@ def test_bad_flags_are_usage_errors(tmp_path):
 def test_version():
     result = run_cli("version")
     assert result.exit_code == 0 and result.output.strip()
+
+
+def test_a_yaml_config_sets_the_limits_and_rejects_unknown_keys(tmp_path):
+    script = write_script(tmp_path, [completion(f"{i}", calls=[("bash", {"command": f"echo {i}"})]) for i in range(3)])
+    good = tmp_path / "agent.yaml"
+    good.write_text("max_steps: 1\nstuck_repeats: 2\n")
+    args = ["run", "count", "--scripted", script, "--sandbox", "local", "--yolo", "-o", tmp_path / "runs"]
+    result = run_cli(*args, "--config", good)
+    assert result.exit_code == 3, result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_stepz: 1\n")
+    result = run_cli(*args, "--config", bad)
+    assert result.exit_code == 2 and "max_stepz" in result.output

@@ -1,4 +1,5 @@
 """The loop with the hardened DockerSandbox: files written, run and read in a container, timeouts, cleanup."""
+
 from __future__ import annotations
 
 import docker
@@ -18,7 +19,11 @@ def docker_available() -> bool:
         return False
 
 
-pytestmark = [pytest.mark.docker, pytest.mark.anyio, pytest.mark.skipif(not docker_available(), reason="no Docker engine")]
+pytestmark = [
+    pytest.mark.docker,
+    pytest.mark.anyio,
+    pytest.mark.skipif(not docker_available(), reason="no Docker engine"),
+]
 
 
 def image_present() -> bool:
@@ -36,11 +41,20 @@ async def test_a_task_in_the_docker_sandbox(tmp_path):
         pytest.skip("the sandbox image is not built (dsv4-agent sandbox build)")
     sandbox = DockerSandbox(workspace=tmp_path / "ws")
     turns = [
-        completion("Write.", calls=[("write_file", {"path": "hello.py", "content": "import sys\nprint('hi from', sys.platform)\n"})]),
-        completion("Run, and try the network.", calls=[
-            ("bash", {"command": "python3 hello.py | tee out.txt"}),
-            ("bash", {"command": "python3 -c 'import socket; socket.create_connection((\"1.1.1.1\", 53), timeout=2)'"}),
-        ]),
+        completion(
+            "Write.",
+            calls=[("write_file", {"path": "hello.py", "content": "import sys\nprint('hi from', sys.platform)\n"})],
+        ),
+        completion(
+            "Run, and try the network.",
+            calls=[
+                ("bash", {"command": "python3 hello.py | tee out.txt"}),
+                (
+                    "bash",
+                    {"command": "python3 -c 'import socket; socket.create_connection((\"1.1.1.1\", 53), timeout=2)'"},
+                ),
+            ],
+        ),
         completion("A command that hangs.", calls=[("bash", {"command": "sleep 30", "timeout": 1})]),
         completion("Read back.", calls=[("read_file", {"path": "out.txt"})]),
         completion("Done.", content="hi from linux"),

@@ -1,5 +1,6 @@
 """EngineBackend on a tiny random DSV4 checkpoint: each turn prefills only its new tokens, the session
 holds exactly the conversation, resume rebuilds the same session, seeded sampling is reproducible."""
+
 from __future__ import annotations
 
 import anyio
@@ -77,7 +78,8 @@ async def test_resume_rebuilds_the_same_session(engine, tmp_path):
         group.start_soon(run)
         with anyio.fail_after(60):
             while not list((tmp_path / "b").glob("*/trajectory.jsonl")) or not any(
-                getattr(e, "event", "") == "tool_call" and e.step == 2 for e in read_events(next((tmp_path / "b").glob("*/trajectory.jsonl")))
+                getattr(e, "event", "") == "tool_call" and e.step == 2
+                for e in read_events(next((tmp_path / "b").glob("*/trajectory.jsonl")))
             ):
                 await anyio.sleep(0.05)
         agent.cancel()

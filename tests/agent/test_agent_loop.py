@@ -1,4 +1,5 @@
 """The real loop driven by scripted completions: tools in a LocalSandbox, failures as results, stop rules."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,14 @@ import anyio
 import pytest
 
 from agent import Agent, AgentConfig, ExitStatus, Observer, ScriptedBackend, completion
-from agent.trajectory import EngineCall, ExitEvent, Notice, RunStarted, ToolResultEvent, read_events
+from agent.trajectory import (
+    EngineCall,
+    ExitEvent,
+    Notice,
+    RunStarted,
+    ToolResultEvent,
+    read_events,
+)
 from sandboxes import LocalSandbox
 from tools import builtin_tools, tool
 
@@ -131,12 +139,14 @@ async def test_every_failure_goes_back_to_the_model(tmp_path):
         """Raises."""
         raise RuntimeError(f"kaboom {x}")
 
-    bad_json = completion("Bad JSON.").replace("</think>", "</think>") + (
+    bad_json = completion("Bad JSON.") + (  # a string="false" value that is not JSON
         '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="boom">\n'
         '<｜DSML｜parameter name="x" string="false">{not json</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>'
     )
     turns = [
-        completion("Try things.", calls=[("slow", {}), ("boom", {"x": 1}), ("missing_tool", {}), ("boom", {"x": "nan"})]),
+        completion(
+            "Try things.", calls=[("slow", {}), ("boom", {"x": 1}), ("missing_tool", {}), ("boom", {"x": "nan"})]
+        ),
         bad_json,
         completion("Recovered.", content="done despite errors"),
     ]
@@ -179,7 +189,14 @@ async def test_consecutive_format_errors_stop_the_run(tmp_path):
 
 
 async def test_a_good_turn_resets_the_format_error_count(tmp_path):
-    turns = [completion("Hmm."), completion("Hmm."), completion("Act.", calls=[("bash", {"command": "true"})]), completion("Hmm."), completion("Hmm."), completion("Ok.", content="fine")]
+    turns = [
+        completion("Hmm."),
+        completion("Hmm."),
+        completion("Act.", calls=[("bash", {"command": "true"})]),
+        completion("Hmm."),
+        completion("Hmm."),
+        completion("Ok.", content="fine"),
+    ]
     result = await make_agent(tmp_path, turns, max_format_errors=3).run("keep going")
     assert result.status is ExitStatus.completed and result.steps == 6
 
@@ -267,7 +284,10 @@ async def test_approval_mode_denies_and_the_model_hears_it(tmp_path):
 
     observer = Deny()
     turns = [
-        completion("Run.", calls=[("bash", {"command": "touch should_not_exist"}), ("write_file", {"path": "ok.txt", "content": "y"})]),
+        completion(
+            "Run.",
+            calls=[("bash", {"command": "touch should_not_exist"}), ("write_file", {"path": "ok.txt", "content": "y"})],
+        ),
         completion("Fine.", content="denied"),
     ]
     agent = Agent(

@@ -1,4 +1,5 @@
 """MCP servers in the loop: a real stdio fixture server and the third-party mcp-server-time."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from agent import Agent, AgentConfig, ExitStatus, ScriptedBackend, completion
+from agent import Agent, ExitStatus, ScriptedBackend, completion
 from agent.trajectory import RunStarted, ToolResultEvent, read_events
 from tools.mcp import MCPServer
 
@@ -37,13 +38,16 @@ def alive(pid: int) -> bool:
 async def test_mcp_tools_are_called_and_their_failures_reach_the_model(tmp_path):
     fx = fixture_server(timeout_s=0.5)
     turns = [
-        completion("Use the servers.", calls=[
-            ("fx__add", {"a": 2, "b": 40}),
-            ("time__get_current_time", {"timezone": "UTC"}),
-            ("fx__reject", {}),
-            ("fx__explode", {}),
-            ("fx__sleep", {"seconds": 5}),
-        ]),
+        completion(
+            "Use the servers.",
+            calls=[
+                ("fx__add", {"a": 2, "b": 40}),
+                ("time__get_current_time", {"timezone": "UTC"}),
+                ("fx__reject", {}),
+                ("fx__explode", {}),
+                ("fx__sleep", {"seconds": 5}),
+            ],
+        ),
         completion("Report.", content="42, and the time"),
     ]
     agent = Agent(backend=ScriptedBackend(turns), tools=[], mcp_servers=[fx, time_server()], output_dir=tmp_path)
@@ -90,7 +94,9 @@ async def test_cancel_during_an_mcp_call_closes_the_server(tmp_path):
 
 async def test_a_server_that_fails_to_start_ends_the_run_with_a_clear_error(tmp_path):
     broken = MCPServer.stdio(sys.executable, ["-c", "import sys; sys.exit(3)"], name="broken", timeout_s=5)
-    agent = Agent(backend=ScriptedBackend([completion("x", content="y")]), tools=[], mcp_servers=[broken], output_dir=tmp_path)
+    agent = Agent(
+        backend=ScriptedBackend([completion("x", content="y")]), tools=[], mcp_servers=[broken], output_dir=tmp_path
+    )
     result = await agent.run("use a broken server")
     assert result.status is ExitStatus.error and "broken" in result.message
     assert isinstance(read_events(result.trajectory_path)[0], RunStarted)

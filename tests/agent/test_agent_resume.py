@@ -1,4 +1,5 @@
 """Resume: an interrupted run continues from its trajectory, in this process or after SIGKILL."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,16 @@ import anyio
 import pytest
 
 from agent import Agent, ExitStatus, ScriptedBackend, completion
-from agent.trajectory import EngineCall, ExitEvent, RunResumed, RunStarted, ToolResultEvent, TrajectoryError, read_events
-from sandboxes import LocalSandbox
-from tools import builtin_tools, tool
+from agent.trajectory import (
+    EngineCall,
+    ExitEvent,
+    RunResumed,
+    RunStarted,
+    ToolResultEvent,
+    TrajectoryError,
+    read_events,
+)
+from tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +71,9 @@ async def test_resume_after_cancel_runs_only_what_is_missing(tmp_path):
     (resume_event,) = [e for e in events if isinstance(e, RunResumed)]
     started = events[0]
     # the rebuilt session holds exactly: prompt + turn 1 + its tool result + turn 2
-    assert resume_event.reprefill_tokens == started.prompt_tokens + len(calls[0].token_ids) + calls[1].usage.prefill_new + len(calls[1].token_ids)
+    assert resume_event.reprefill_tokens == started.prompt_tokens + len(calls[0].token_ids) + calls[
+        1
+    ].usage.prefill_new + len(calls[1].token_ids)
     # the step after the resume reuses the whole rebuilt session
     assert calls[2].usage.prefill_reused == resume_event.reprefill_tokens
     assert [e.status for e in events if isinstance(e, ExitEvent)] == ["interrupted", "completed"]
@@ -89,7 +99,9 @@ async def test_a_changed_tool_list_is_appended_as_a_notice_not_re_rendered(tmp_p
     first = Agent(backend=ScriptedBackend(turns), tools=[old_tool], output_dir=tmp_path, max_steps=1)
     stopped = await first.run("use the tools")
     assert stopped.status is ExitStatus.max_steps
-    resumed = await Agent(backend=ScriptedBackend(turns), tools=[old_tool, new_tool], output_dir=tmp_path).resume("last")
+    resumed = await Agent(backend=ScriptedBackend(turns), tools=[old_tool, new_tool], output_dir=tmp_path).resume(
+        "last"
+    )
     assert resumed.status is ExitStatus.completed
     events = read_events(resumed.trajectory_path)
     assert [t["function"]["name"] for t in events[0].tools] == ["old_tool"]  # the prefix was never re-rendered
@@ -123,21 +135,44 @@ def cli_env() -> dict[str, str]:
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, env=cli_env(), cwd=cwd, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args], capture_output=True, text=True, env=cli_env(), cwd=cwd, timeout=60
+    )
 
 
 def test_resume_after_sigkill_mid_run(tmp_path):
     script = tmp_path / "script.json"
-    script.write_text(json.dumps([
-        completion("Write a file.", calls=[("write_file", {"path": "a.txt", "content": "alpha"})]),
-        completion("A long command.", calls=[("bash", {"command": "sleep 2; cat a.txt > b.txt; echo copied"})]),
-        completion("Check.", calls=[("read_file", {"path": "b.txt"})]),
-        completion("Done.", content="b.txt holds alpha"),
-    ]))
+    script.write_text(
+        json.dumps(
+            [
+                completion("Write a file.", calls=[("write_file", {"path": "a.txt", "content": "alpha"})]),
+                completion("A long command.", calls=[("bash", {"command": "sleep 2; cat a.txt > b.txt; echo copied"})]),
+                completion("Check.", calls=[("read_file", {"path": "b.txt"})]),
+                completion("Done.", content="b.txt holds alpha"),
+            ]
+        )
+    )
     out = tmp_path / "runs"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "copy a to b", "--scripted", str(script), "--sandbox", "local", "--yolo", "-o", str(out)],
-        cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            "copy a to b",
+            "--scripted",
+            str(script),
+            "--sandbox",
+            "local",
+            "--yolo",
+            "-o",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 30
@@ -166,7 +201,11 @@ def test_resume_after_sigkill_mid_run(tmp_path):
     assert isinstance(events[0], RunStarted) and events[-1].status == "completed"
     assert [e.step for e in events if isinstance(e, EngineCall)] == [1, 2, 3, 4]
     results = [e for e in events if isinstance(e, ToolResultEvent)]
-    assert [(r.step, r.name, r.is_error) for r in results] == [(1, "write_file", False), (2, "bash", False), (3, "read_file", False)]
+    assert [(r.step, r.name, r.is_error) for r in results] == [
+        (1, "write_file", False),
+        (2, "bash", False),
+        (3, "read_file", False),
+    ]
     assert "alpha" in results[2].content
     workspace = next(out.glob("*/workspace"))
     assert (workspace / "b.txt").read_text() == "alpha"
@@ -174,14 +213,35 @@ def test_resume_after_sigkill_mid_run(tmp_path):
 
 def test_ctrl_c_stops_the_cli_with_130_and_closes_the_sandbox(tmp_path):
     script = tmp_path / "script.json"
-    script.write_text(json.dumps([
-        completion("Wait.", calls=[("bash", {"command": "sleep 20"})]),
-        completion("Done.", content="waited"),
-    ]))
+    script.write_text(
+        json.dumps(
+            [
+                completion("Wait.", calls=[("bash", {"command": "sleep 20"})]),
+                completion("Done.", content="waited"),
+            ]
+        )
+    )
     out = tmp_path / "runs"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "wait", "--scripted", str(script), "--sandbox", "local", "--yolo", "-o", str(out)],
-        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            "wait",
+            "--scripted",
+            str(script),
+            "--sandbox",
+            "local",
+            "--yolo",
+            "-o",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     deadline = time.monotonic() + 30
     while not any(getattr(e, "event", "") == "tool_call" for e in _events(out)):

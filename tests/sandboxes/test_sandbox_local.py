@@ -148,3 +148,26 @@ async def test_starts_on_first_use_without_a_context_manager(tmp_path):
 async def test_bad_timeout_is_a_clear_error(sandbox):
     with pytest.raises(ValueError, match="timeout"):
         await sandbox.run("true", timeout=-1)
+
+
+async def test_a_killed_session_shell_is_replaced_and_keeps_the_saved_state(sandbox):
+    await sandbox.run("cd / && export KEPT=yes")
+    r = await sandbox.run("kill -KILL $PPID; sleep 5")  # the session shell itself dies
+    assert r.exit_code == -1 and "sandbox error" in r.stderr
+    r = await sandbox.run('pwd; echo "$KEPT"')
+    assert (r.exit_code, r.stdout) == (0, "/\nyes\n")
+
+
+async def test_nul_in_a_command_is_a_clear_error(sandbox):
+    with pytest.raises(ValueError, match="NUL"):
+        await sandbox.run("echo a\x00b")
+
+
+async def test_reset_ends_background_jobs_and_forgets_state(sandbox):
+    r = await sandbox.run("cd /; export GONE=1; sleep 300 & echo $!")
+    pid = int(r.stdout)
+    assert (await sandbox.run('pwd; echo "[${GONE-}]"')).stdout == "/\n[1]\n"
+    await sandbox.reset()
+    r = await sandbox.run('pwd; echo "[${GONE-}]"')
+    assert r.stdout == f"{sandbox.workspace}\n[]\n"
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"

@@ -147,3 +147,12 @@ def test_cli_ls_lists_a_live_sandbox(sandbox_image, docker_client):
             assert (await sb.run("echo kept")).stdout == "kept\n"
 
     anyio.run(scenario)
+
+
+def test_the_owner_fifo_is_opened_once_per_process():
+    from sandboxes.owner import owner_fifo
+
+    first = owner_fifo()
+    fds_before = len(os.listdir("/proc/self/fd"))
+    assert owner_fifo() == first and Path(first).is_fifo()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
