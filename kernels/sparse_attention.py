@@ -201,8 +201,8 @@ def sparse_attention(q: torch.Tensor, window_kv: torch.Tensor, entries: torch.Te
         n_visible = n_visible[None] if n_visible is not None else None
     B, S, H, d = q.shape
     q, window_kv = q.contiguous(), window_kv.contiguous()
-    if entries is None:               # never read (MODE 0); any valid pointer will do
-        entries = window_kv
+    if entries is None or entries.shape[1] == 0:     # nothing compressed to see: window only
+        entries, mode = window_kv, 0                  # (never read; any valid pointer will do)
     entries = entries.contiguous()
     picks = picks.contiguous() if picks is not None else window_kv.new_empty((B, S, 0), dtype=torch.int32)
     n_visible = n_visible.contiguous() if n_visible is not None else window_kv.new_empty((B, S), dtype=torch.int32)
