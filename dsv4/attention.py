@@ -36,6 +36,20 @@ from dsv4.rope import apply_rope, inv_frequencies, rope_angles
 
 LOGIT_BUDGET = 1 << 24          # fp32 elements of one query block's [queries, heads, keys] logits
 
+# Dispatch of the core softmax to the Triton kernel (kernels/sparse_attention.py): "cuda" = for
+# CUDA tensors when Triton is installed; "always" = any device Triton runs on (CPU only under
+# TRITON_INTERPRET=1, for tests); "off" = always the torch path of `_attend`.
+SPARSE_KERNEL = "cuda"
+
+
+def _sparse_kernel_enabled(q: torch.Tensor) -> bool:
+    if SPARSE_KERNEL not in ("cuda", "always", "off"):
+        raise ValueError(f"dsv4.attention.SPARSE_KERNEL must be 'cuda', 'always' or 'off', got {SPARSE_KERNEL!r}")
+    if SPARSE_KERNEL == "off" or (SPARSE_KERNEL == "cuda" and not q.is_cuda):
+        return False
+    import kernels          # lazily: Triton must be imported after a test sets TRITON_INTERPRET
+    return kernels.triton_available()
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
@@ -111,6 +125,8 @@ class Attention(nn.Module):
         exists = torch.cat((before >= 0, torch.ones(B, S, dtype=torch.bool, device=q.device)), 1)
         for cache, row, start in zip(caches, kv, starts):
             self._write_ring(cache, row, start)
+        if _sparse_kernel_enabled(q):        # Triton (kernels/); the torch path below is its reference
+            return self._attend_kernel(q, keys, starts, caches, picks)
         if self.kind == "hca":                  # all visible entries: pad the rows to one length
             entries = nn.utils.rnn.pad_sequence(
                 [c.compressed.view()[: (s + S) // self.ratio].float() for c, s in zip(caches, starts)],
@@ -148,6 +164,24 @@ class Attention(nn.Module):
             out.append(torch.einsum("bthk,bkd->bthd", p_win, win)
                        + torch.einsum("bthk,btkd->bthd", p_comp, comp))
         return torch.cat(out, dim=1)
+
+    def _attend_kernel(self, q: torch.Tensor, keys: torch.Tensor, starts: list[int],
+                       caches: list[LayerCache], picks: torch.Tensor | None) -> torch.Tensor:
+        """_attend's softmax through kernels.sparse_attention, one launch per row (each row's
+        compressed entries are their own tensor): same keys [B,W+S,d], same fp32 output [B,S,H,d]."""
+        import kernels
+        S, W = q.shape[1], self.window
+        out = []
+        for b, (cache, start) in enumerate(zip(caches, starts)):
+            n_prev = min(start, W)                         # ring tokens that exist before the chunk
+            n_visible = None
+            if self.kind == "hca":                         # entries j < (pos + 1) // m
+                n_visible = (start + torch.arange(1, S + 1, device=q.device)) // self.ratio
+            out.append(kernels.sparse_attention(
+                q[b], keys[b, W - n_prev:], cache.compressed.view() if self.ratio else None,
+                self.attn_sink, scale=self.scale, window=W, n_prev=n_prev,
+                picks=None if picks is None else picks[b], n_visible=n_visible))
+        return torch.stack(out)
 
     def _gather(self, cache: LayerCache, sel: torch.Tensor) -> torch.Tensor:
         """One row's compressed entries at indices sel [T,k] (-1 = none, read as zeros) -> [T,k,d] fp32."""
