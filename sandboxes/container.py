@@ -217,6 +217,12 @@ class DockerSandbox:
                 raise
 
     @property
+    def workspace(self) -> str:
+        """The workspace as commands inside the container see it (search tools start there, not in
+        whatever folder an earlier `cd` left the shell in)."""
+        return WORKSPACE
+
+    @property
     def client(self) -> docker.DockerClient:
         if self._client is None:
             try:
