@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from functools import partial
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ import torch
 
 from . import session_io
 from .cache import ModelCache
-from .errors import ContextLengthExceeded, KVBudgetExceeded, SessionStateError
+from .checkpoint import load_model
+from .errors import ContextLengthExceeded, KVBudgetExceeded, SessionFormatError, SessionMismatch
 from .kv_fp8 import Fp8KVLayout
 from .sampling import DecodeState, SamplingParams, StopChecker, make_generator, sample_next
 from .session import _LAST_LOGITS, Session, tree_bytes
@@ -69,9 +71,8 @@ class Engine:
                  snapshot_every: int = 4096, max_snapshots: int = 4, kv_fp8: bool = False,
                  eos_token_ids: Iterable[int] | None = None):
         if isinstance(model_or_path, (str, os.PathLike)):
-            from . import load_model
-
-            model = load_model(model_or_path, device=device or "cuda", dtype=dtype)
+            model = load_model(model_or_path, device=device or "cuda",
+                               **({"dtype": dtype} if dtype is not None else {}))
             tokenizer = tokenizer if tokenizer is not None else _tokenizer_beside(model_or_path)
         else:
             model = model_or_path
@@ -114,17 +115,16 @@ class Engine:
     def load_session(self, path: str | os.PathLike) -> Session:
         """A session saved with `session.save(path)`; it must come from this very model."""
         session = Session(self, None)
-        tokens, cache, logits = self.read_session_state(path, reserve_for=None)
+        tokens, cache, logits = self.read_session_state(path)
         session._ref.cache = cache
         session._tokens, session._last_logits = tokens, logits
         self.register(session)
         return session
 
-    def read_session_state(self, path, reserve_for: Session | None):
+    def read_session_state(self, path: str | os.PathLike) -> tuple[list[int], ModelCache, torch.Tensor | None]:
+        """(token ids, cache on the engine's device, last logits or None) of a saved session."""
         manifest, tensors = session_io.read_session(path, fingerprint=self.fingerprint, device="cpu")
         if manifest.get("kv_dtype") != self.kv_dtype:
-            from .errors import SessionMismatch
-
             raise SessionMismatch(f"session {path} stores {manifest['kv_dtype']} KV; this engine "
                                   f"uses {self.kv_dtype} (Engine(kv_fp8=...))")
         logits = tensors.pop(_LAST_LOGITS, None)
@@ -132,8 +132,6 @@ class Engine:
         self._check_budget(needed)
         cache = ModelCache.from_state_tensors(self.cfg, tensors).to(self.device)
         if int(cache.length) != manifest["cache_length"]:
-            from .errors import SessionFormatError
-
             raise SessionFormatError(f"{path}: cache holds {cache.length} tokens, manifest says "
                                      f"{manifest['cache_length']}")
         return list(manifest["token_ids"]), cache, None if logits is None else logits.to(self.device)
@@ -268,17 +266,16 @@ class Engine:
         if len({id(s) for s in sessions}) != len(sessions):
             raise ValueError("generate_batch: the same session appears twice")
         decode = self.tokenizer.decode if any(p.stop_strings for p in plist) and self.tokenizer else None
-        guards = [s._exclusive() for s in sessions]
-        entered = []
-        try:
-            for g in guards:
-                g.__enter__()
-                entered.append(g)
+        with ExitStack() as guards:
+            for s in sessions:
+                guards.enter_context(s._exclusive())
             await anyio.to_thread.run_sync(self._start_decode, sessions)
             states = [DecodeState(p, make_generator(p.seed, self.device),
                                   StopChecker(p, self.eos_token_ids, decode)) for p in plist]
             active = list(range(len(sessions)))
             while active:
+                for i in active:  # the drawn token joins the session: it must fit
+                    self.reserve(sessions[i], 1)
                 logits = torch.stack([sessions[i]._last_logits for i in active])
                 drawn = sample_next(logits, [states[i].params for i in active],
                                     [states[i].generator for i in active],
@@ -288,8 +285,7 @@ class Engine:
                     st, s = states[i], sessions[i]
                     st.generated.append(token)
                     s._tokens.append(token)
-                    st.finish_reason = st.checker.push(token)
-                    s.finish_reason = st.finish_reason
+                    st.finish_reason = s.finish_reason = st.checker.push(token)
                     if st.finish_reason is None:
                         still.append(i)
                 for i, token in zip(active, drawn):
@@ -297,9 +293,6 @@ class Engine:
                 active = still
                 if active:
                     await anyio.to_thread.run_sync(self._decode_step, [sessions[i] for i in active])
-        finally:
-            for g in reversed(entered):
-                g.__exit__(None, None, None)
 
     def _start_decode(self, sessions: Sequence[Session]) -> None:
         """Bring every session to 'nothing pending, last logits known' and snapshot the turn."""
@@ -313,7 +306,6 @@ class Engine:
     def _decode_step(self, sessions: Sequence[Session]) -> None:
         """Feed each session's newest (pending) token in one batched forward."""
         for s in sessions:
-            self.reserve(s, 0)
             s._own_cache()
         logits = self.forward([[s._tokens[-1]] for s in sessions], [s._ref.cache for s in sessions])
         for s, row in zip(sessions, logits):

@@ -25,6 +25,7 @@ import torch
 
 from . import session_io
 from .errors import SessionStateError
+from .sampling import SamplingParams
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -155,14 +156,12 @@ class Session:
                  logits_processors: Sequence = (), ignore_eos: bool = False) -> AsyncIterator[int]:
         """Async iterator of generated token ids (see `SamplingParams` for the arguments).
         Generated ids join the session as they are yielded; `finish_reason` tells why it ended."""
-        from .sampling import SamplingParams
-
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
                                 logits_processors=logits_processors)
         return self._generate(params)
 
-    async def _generate(self, params) -> AsyncIterator[int]:
+    async def _generate(self, params: SamplingParams) -> AsyncIterator[int]:
         async for _, token in self.engine.generate_batch([self], params):
             yield token
 
@@ -259,7 +258,7 @@ class Session:
     def _ensure_resident(self) -> None:
         if self._spilled_to is not None:
             path = self._spilled_to
-            tokens, cache, logits = self.engine.read_session_state(path, reserve_for=self)
+            tokens, cache, logits = self.engine.read_session_state(path)
             self._ref, self._tokens, self._last_logits = _CacheRef(cache), tokens, logits
             self._spilled_to = None
         elif self.location == "host":
