@@ -60,8 +60,9 @@ class Engine:
                     model's blocked attention and indexer, memory stays bounded at any length
     snapshot_every  take a roll-back snapshot whenever a session's cache length hits a multiple
     max_snapshots   snapshots kept per session (the newest)
-    kv_fp8          store compressed main-KV entries in the 584-byte FP8 layout (lossless when the
-                    model's quantisation simulation is on, as it is for FP8 checkpoints on GPU)
+    kv_fp8          quantised KV storage: compressed main entries in the 584-byte FP8 layout,
+                    indexer keys in MXFP4 (68 bytes); lossless when the model's quantisation
+                    simulation is on (as it is for FP8 checkpoints on GPU)
     """
 
     def __init__(self, model_or_path: Any, *, device: str | torch.device | None = None,
@@ -346,17 +347,20 @@ def fixed_state_bytes(cache: Any) -> int:
 
 def kv_bytes_per_token(cfg: Any, elem_bytes: int = 2, fp8: bool = False) -> float:
     """Asymptotic cache growth per token over the main layers (sliding rings and compressor
-    states are fixed-size): a CSA layer adds a main entry per 4 tokens plus an indexer key, an
-    HCA layer a main entry per 128 tokens. Main entry: head_dim x elem_bytes (1024 in bf16), or
-    the FP8 layout's bytes (584 for DSV4); indexer keys stay in the cache dtype.
-    Flash: 6,880 B/token in bf16, 4,501 with the FP8 main KV (indexer keys still bf16)."""
-    entry = Fp8KVLayout(cfg.head_dim, cfg.rope_head_dim).entry_bytes if fp8 else elem_bytes * cfg.head_dim
+    states are fixed-size): a CSA layer adds a main entry and an indexer key per 4 tokens, an HCA
+    layer a main entry per 128 tokens. In the cache dtype a main entry is head_dim x elem_bytes
+    (1024 in bf16) and a key index_head_dim x elem_bytes (256); quantised (`fp8`), 584 and 68.
+    Flash: 6,880 B/token in bf16, 3,514 quantised."""
+    entry, key = elem_bytes * cfg.head_dim, elem_bytes * cfg.index_head_dim
+    if fp8:
+        entry = Fp8KVLayout(cfg.head_dim, cfg.rope_head_dim).entry_bytes
+        key = cfg.index_head_dim // 2 + cfg.index_head_dim // 32
     total = 0.0
     for spec in cfg.layers:
         if spec.compress_ratio:
             total += entry / spec.compress_ratio
         if spec.kind == "csa":
-            total += elem_bytes * cfg.index_head_dim / spec.compress_ratio
+            total += key / spec.compress_ratio
     return total
 
 
