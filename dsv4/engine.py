@@ -206,7 +206,8 @@ class Engine:
         end = len(session) + new_tokens
         points = end // self.snapshot_every - cache.length // self.snapshot_every
         kept = len(session._snapshots)
-        growth += (min(kept + points, self.max_snapshots) - kept) * fixed_state_bytes(cache)
+        snapshot_bytes = fixed_state_bytes(cache) + 4 * self.cfg.vocab_size  # + its logits
+        growth += (min(kept + points, self.max_snapshots) - kept) * snapshot_bytes
         self._check_budget(growth + extra_bytes)
 
     def _check_budget(self, needed: int) -> None:
@@ -227,7 +228,7 @@ class Engine:
                 continue
             size = 0
             for obj, nbytes in [(s._ref, s.kv_bytes)] + [(snap, partial(tree_bytes, snap))
-                                                        for _, snap in s._snapshots]:
+                                                        for snap in s._snapshots]:
                 if id(obj) not in seen:
                     seen.add(id(obj))
                     size += nbytes()
@@ -299,7 +300,8 @@ class Engine:
         """Bring every session to 'nothing pending, last logits known' and snapshot the turn."""
         for s in sessions:
             s._ensure_resident()
-            self.reserve(s, 1, extra_bytes=fixed_state_bytes(s._ref.cache))  # the turn's snapshot
+            turn_snapshot = fixed_state_bytes(s._ref.cache) + 4 * self.cfg.vocab_size
+            self.reserve(s, 1, extra_bytes=turn_snapshot)
         for s in sessions:
             s._flush()
             s._maybe_snapshot(force=True)
