@@ -51,7 +51,8 @@ class EngineMemory:
 class Engine:
     """Run a DSV4 model over resident sessions.
 
-    model_or_path   a `dsv4.Transformer` (or anything with the cache contract) or a checkpoint path
+    model_or_path   a `dsv4.Transformer` (or anything with the cache contract) or a checkpoint
+                    path, loaded with `load_model(path, device=device or "cuda", dtype=dtype)`
     tokenizer       anything with `.decode(ids) -> str` (for stop strings); default: the DSV4
                     tokenizer when the vocabulary is DSV4's
     kv_budget_bytes cap on resident KV + snapshots over all sessions (None = no cap)
@@ -81,9 +82,8 @@ class Engine:
             raise ValueError("prefill_chunk and snapshot_every must be >= 1, max_snapshots >= 0")
         self.model = model.eval()
         self.cfg = model.cfg
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = _model_device(model)  # `device` only says where a checkpoint is loaded
         self.kv_fp8 = kv_fp8
-        self.kv_dtype = "fp8" if kv_fp8 else "bf16"
         model_max = int(self.cfg.max_seq_len)
         if max_context is not None and not 1 <= max_context <= model_max:
             raise ValueError(f"max_context must be in [1, {model_max}] (the model's max_seq_len), "
@@ -99,8 +99,9 @@ class Engine:
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         self._lock = threading.RLock()
         self._fingerprint: str | None = None
-        elem = self.new_cache().dtype.itemsize
-        self.kv_bytes_per_token = kv_bytes_per_token(self.cfg, elem, fp8=kv_fp8)
+        cache_dtype = self.new_cache().dtype
+        self.kv_dtype = "fp8" if kv_fp8 else str(cache_dtype).removeprefix("torch.")  # in saved sessions
+        self.kv_bytes_per_token = kv_bytes_per_token(self.cfg, cache_dtype.itemsize, fp8=kv_fp8)
 
     # ---- sessions ---------------------------------------------------------------------------
     def new_session(self, token_ids: Sequence[int] = ()) -> Session:
