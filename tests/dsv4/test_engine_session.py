@@ -131,6 +131,11 @@ def test_fork_branches_are_independent(model, tokens, full_logits):
     ref = engine.new_session()
     close(child_logits, ref.append(tokens[:150] + other))
     assert list(child.tokens) == tokens[:150] + other
+    # decoding on a fresh fork writes to its own copy too
+    twin = parent.fork()
+    drawn = decode_forced(engine, [twin], [len(parent)], [0] * len(parent) + other, 3)
+    assert len(drawn[0]) == 3 and not twin.memory().shared
+    close(parent.append(tokens[190:200]), full_logits[199])
 
 
 def test_save_load_continue_equals_continue(model, tokens, tmp_path):
