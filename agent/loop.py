@@ -19,7 +19,7 @@ import time
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import anyio
 
@@ -91,6 +91,7 @@ class Agent:
         observer: Observer | None = None,
         tokenizer: Any | None = None,
         spec: dict[str, Any] | None = None,
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
         overrides = {k: v for k, v in {"effort": effort, "max_steps": max_steps}.items() if v is not None}
         self.config = (config or AgentConfig()).model_copy(update=overrides)
@@ -102,6 +103,7 @@ class Agent:
         self.output_dir = Path(output_dir)
         self.observer = observer or Observer()
         self.spec = spec or {}
+        self.on_event = on_event  # gets each trajectory line (JSON + newline) as it is written
         self._tokenizer = tokenizer
         self._scope: anyio.CancelScope | None = None
         self._cancelled = False
@@ -144,7 +146,7 @@ class Agent:
     async def _execute(self, run_dir: Path, run_id: str, task: str, history: History | None) -> RunResult:
         from encoding import AppendOnlyEncoder
 
-        writer = TrajectoryWriter(run_dir / TRAJECTORY_FILE)
+        writer = TrajectoryWriter(run_dir / TRAJECTORY_FILE, tee=self.on_event)
         started = time.monotonic()
         self._cancelled = False
         state = _State(usage=history.usage() if history else Usage(), run_started_written=history is not None)
