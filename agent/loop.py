@@ -226,12 +226,10 @@ class Agent:
         """Start the sandbox and the MCP servers (closed by `resources`); return the tools by name."""
         if self.sandbox is not None:
             await _enter(resources, self.sandbox, shield=True)
-            detail = f"{type(self.sandbox).__name__} started"
-            writer.write(SandboxEvent(kind="started", detail=detail))
-            self.observer.sandbox("started", detail)
-            resources.callback(
-                lambda: writer.write(SandboxEvent(kind="stopped", detail=f"{type(self.sandbox).__name__} closed"))
-            )
+            where = _describe_sandbox(self.sandbox)
+            writer.write(SandboxEvent(kind="started", detail=where))
+            self.observer.sandbox("started", where)
+            resources.callback(lambda: writer.write(SandboxEvent(kind="stopped", detail=where)))
         tools = list(self.tools) if self.tools is not None else _default_tools(self.sandbox)
         for server in self.mcp_servers:
             # Connects and lists the tools once. Not shielded on exit: its owner task must leave its
@@ -439,6 +437,16 @@ def _tools_changed_text(before: list[dict], after: list[dict]) -> str:
     for name in added + changed:
         lines.append(f"{'Added' if name in added else 'Changed'}: {new[name]['function']}")
     return "\n".join(lines)
+
+
+def _describe_sandbox(sandbox: Any) -> str:
+    """One line naming the sandbox for the trajectory: its kind, and its container or folder."""
+    parts = [type(sandbox).__name__]
+    for attribute in ("name", "image", "workspace", "host_workspace"):  # DockerSandbox, LocalSandbox
+        value = getattr(sandbox, attribute, None)
+        if value:
+            parts.append(f"{attribute}={value}")
+    return " ".join(parts)
 
 
 def _default_tools(sandbox: Any | None) -> list[Any]:
