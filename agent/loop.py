@@ -225,11 +225,11 @@ class Agent:
     async def _open(self, resources: AsyncExitStack, writer: TrajectoryWriter) -> dict[str, Any]:
         """Start the sandbox and the MCP servers (closed by `resources`); return the tools by name."""
         if self.sandbox is not None:
-            await _enter(resources, self.sandbox, shield=True)
             where = _describe_sandbox(self.sandbox)
+            closed = lambda: writer.write(SandboxEvent(kind="stopped", detail=where))  # noqa: E731
+            await _enter(resources, self.sandbox, shield=True, after_close=closed)
             writer.write(SandboxEvent(kind="started", detail=where))
             self.observer.sandbox("started", where)
-            resources.callback(lambda: writer.write(SandboxEvent(kind="stopped", detail=where)))
         tools = list(self.tools) if self.tools is not None else _default_tools(self.sandbox)
         for server in self.mcp_servers:
             # Connects and lists the tools once. Not shielded on exit: its owner task must leave its
@@ -464,7 +464,7 @@ def _single_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _enter(resources: AsyncExitStack, manager: Any, *, shield: bool) -> Any:
+async def _enter(resources: AsyncExitStack, manager: Any, *, shield: bool, after_close=None) -> Any:
     """Enter an async context manager now; exit it with `resources`, shielded from an outer
     cancellation and time-limited when `shield` (only for managers that open no task group)."""
     value = await manager.__aenter__()
@@ -476,6 +476,8 @@ async def _enter(resources: AsyncExitStack, manager: Any, *, shield: bool) -> An
         with anyio.CancelScope(shield=True) as scope:
             scope.deadline = anyio.current_time() + CLEANUP_TIMEOUT_S
             await manager.__aexit__(*exc_info)
+        if after_close is not None:
+            after_close()
         return False
 
     resources.push_async_exit(close)
