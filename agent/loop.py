@@ -226,7 +226,10 @@ class Agent:
         """Start the sandbox and the MCP servers (closed by `resources`); return the tools by name."""
         if self.sandbox is not None:
             where = _describe_sandbox(self.sandbox)
-            closed = lambda: writer.write(SandboxEvent(kind="stopped", detail=where))  # noqa: E731
+
+            def closed() -> None:
+                writer.write(SandboxEvent(kind="stopped", detail=where))
+
             await _enter(resources, self.sandbox, shield=True, after_close=closed)
             writer.write(SandboxEvent(kind="started", detail=where))
             self.observer.sandbox("started", where)
