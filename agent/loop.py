@@ -30,7 +30,7 @@ from agent.backends.base import Backend
 from agent.config import AgentConfig
 from agent.display import Observer
 from agent.guards import Budget, FormatErrors, StuckDetector
-from agent.history import History, StepRecord, result_event, turn_notices
+from agent.history import History, StepRecord, prompt_messages, result_event, turn_notices
 from agent.status import ExitStatus, RunStopped
 from agent.stream import DecodedTurn, decode_turn
 from agent.tooling import ToolOutcome, ToolRunner, TurnCalls
@@ -270,7 +270,7 @@ class Agent:
         schemas = [tool.openai_schema() for tool in tools.values()]
         if history is None:
             system = self.config.system_prompt
-            ids = encoder.prompt(_prompt_messages(system, schemas, task))
+            ids = encoder.prompt(prompt_messages(system, schemas, task))
             writer.write(
                 RunStarted(
                     run_id=run_id,
@@ -404,10 +404,6 @@ class _State:
     pending: list[int] | None = None  # ids to prefill before the next decode
     final_answer: str | None = None
     run_started_written: bool = False
-
-
-def _prompt_messages(system: str, schemas: list[dict], task: str) -> list[dict]:
-    return [{"role": "system", "content": system, "tools": schemas}, {"role": "user", "content": task}]
 
 
 def _engine_call_event(step: int, turn: DecodedTurn, prefill_s: float) -> EngineCall:
