@@ -4,7 +4,9 @@ Hardened by default: no network, memory (no swap), CPU and pids limits, every ca
 no-new-privileges, commands as uid 1000, an init process (docker-init) that reaps zombies, a read-only root
 filesystem with tmpfs /tmp, and only the workspace mounted. The workspace is a size-limited tmpfs unless a
 host folder is given; a file-size ulimit bounds any single file either way (a host folder has no total
-quota: Docker's `storage_opt` needs xfs project quotas, which ordinary hosts lack).
+quota: Docker's `storage_opt` needs xfs project quotas, which ordinary hosts lack). tmpfs pages are charged
+to the container's memory, so the cgroup limit is `memory` + `tmp_size` (+ `disk` for a tmpfs workspace):
+filling the disk ends in "No space left on device", not in the OOM killer taking the sandbox down.
 
 Leaks: PID 1's child is a deadline process (root without capabilities, so commands can neither signal nor
 stop it). It ends the container - which is auto-removed - at the hard expiry (`ttl`) or as soon as the owner
@@ -237,6 +239,7 @@ class DockerSandbox:
         if self.client.api.base_url.startswith("http+docker://localhost"):  # the engine shares our filesystem
             volumes[owner_fifo()] = {"bind": OWNER_FIFO, "mode": "ro"}
         file_limit = _bytes(self.disk)
+        memory_limit = _bytes(self.memory) + _bytes(self.tmp_size) + (file_limit if self.host_workspace is None else 0)
         try:
             container = self.client.containers.run(
                 self.image,
@@ -245,7 +248,7 @@ class DockerSandbox:
                 name=self.name, hostname="sandbox", detach=True, auto_remove=True,
                 user="0:0", init=True, working_dir=WORKSPACE,
                 network_mode="bridge" if self.network else "none",
-                mem_limit=self.memory, memswap_limit=self.memory, pids_limit=self.pids,
+                mem_limit=memory_limit, memswap_limit=memory_limit, pids_limit=self.pids,
                 nano_cpus=int(self.cpus * 1e9),
                 cap_drop=["ALL"], security_opt=["no-new-privileges"],
                 read_only=self.read_only, tmpfs=tmpfs, volumes=volumes,
@@ -286,14 +289,17 @@ class DockerSandbox:
         with anyio.CancelScope(shield=True):
             await self._driver.close()
             if self.container_id is not None:
-                await anyio.to_thread.run_sync(remove_container, self.client, self.container_id)
+                container_id = self.container_id
+                await anyio.to_thread.run_sync(lambda: remove_container(self.client, container_id))
                 self.container_id = None
 
     async def pause(self) -> None:
-        await anyio.to_thread.run_sync(self.client.api.pause, self._require_started())
+        container_id = self._require_started()
+        await anyio.to_thread.run_sync(lambda: self.client.api.pause(container_id))
 
     async def unpause(self) -> None:
-        await anyio.to_thread.run_sync(self.client.api.unpause, self._require_started())
+        container_id = self._require_started()
+        await anyio.to_thread.run_sync(lambda: self.client.api.unpause(container_id))
 
     def _require_started(self) -> str:
         if self.container_id is None:

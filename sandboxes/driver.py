@@ -24,10 +24,6 @@ class ShellDriver:
         self._session: ShellSession | None = None
         self._lock = anyio.Lock()
 
-    @property
-    def started(self) -> bool:
-        return self._session is not None
-
     async def start(self) -> None:
         async with self._lock:
             if self._session is None:

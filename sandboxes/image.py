@@ -117,7 +117,10 @@ def _find_debootstrap(log: Callable[[str], None]) -> str:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     _check(["apt-get", "update", "-qq"], "apt-get update failed", env=env)
     _check(["apt-get", "install", "-y", "-qq", "debootstrap"], "apt-get install debootstrap failed", env=env)
-    return shutil.which("debootstrap", path="/usr/sbin:/sbin:/usr/bin")
+    found = shutil.which("debootstrap", path="/usr/sbin:/sbin:/usr/bin")
+    if not found:
+        raise ImageError("apt-get installed debootstrap, but it is not on /usr/sbin, /sbin or /usr/bin")
+    return found
 
 
 def _add_sandbox_user(rootfs: Path) -> None:

@@ -93,8 +93,8 @@ def owner_fifo() -> str:
     and then reads EOF. Mode 0644: a sandbox may open it to read (harmless) but never to write (to keep it open).
     """
     global _held_fifo
-    if _held_fifo is None or _held_fifo[0] != _fifo_path(os.getpid(), process_start(os.getpid())):  # new after fork
-        path = _fifo_path(os.getpid(), process_start(os.getpid()))
+    path = _fifo_path(os.getpid(), process_start(os.getpid()))
+    if _held_fifo is None or _held_fifo[0] != str(path):  # first call, or first in a forked child
         path.parent.mkdir(mode=0o755, exist_ok=True)
         if not path.exists():
             os.mkfifo(path, 0o644)

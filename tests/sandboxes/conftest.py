@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-LEAK_CHECKED_OWNERS: set[int] = {os.getpid()}  # owner pids whose containers must all be gone at the end
+_LEAK_CHECKED_OWNERS: set[int] = {os.getpid()}  # owner pids whose containers must all be gone at the end
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +41,12 @@ def sandbox_image(docker_client):
     return DEFAULT_IMAGE
 
 
+@pytest.fixture
+def leak_checked_owners() -> set[int]:
+    """Add the pid of every owner process a test spawns: its containers must be gone after the suite too."""
+    return _LEAK_CHECKED_OWNERS
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leaked_containers():
     """After the suite, no container made by this test process (or the owners it spawned) is left."""
@@ -51,5 +57,5 @@ def no_leaked_containers():
     from sandboxes.owner import LABEL, OWNER_PID
 
     left = [c.name for c in client.containers.list(all=True, filters={"label": LABEL})
-            if int(c.labels.get(OWNER_PID, -1)) in LEAK_CHECKED_OWNERS]
+            if int(c.labels.get(OWNER_PID, -1)) in _LEAK_CHECKED_OWNERS]
     assert not left, f"sandbox containers leaked by the test suite: {left}"

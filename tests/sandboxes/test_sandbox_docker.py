@@ -99,7 +99,9 @@ async def test_hardening_is_in_place(sandbox, docker_client):
     assert lines[-1] == "lo", "only the loopback interface without network"
     host_config = docker_client.api.inspect_container(sandbox.container_id)["HostConfig"]
     assert host_config["ReadonlyRootfs"] and host_config["Init"] and host_config["CapDrop"] == ["ALL"]
-    assert host_config["Memory"] == 256 * 2**20 and host_config["PidsLimit"] == 128
+    # memory for processes + the /tmp and workspace tmpfs budgets (tmpfs pages count as container memory)
+    assert host_config["Memory"] == host_config["MemorySwap"] == (256 + 256 + 1024) * 2**20
+    assert host_config["PidsLimit"] == 128
     assert host_config["NanoCpus"] == 10**9 and host_config["NetworkMode"] == "none"
     mounts = docker_client.api.inspect_container(sandbox.container_id)["Mounts"]
     # Workspace and /tmp are tmpfs; of the host only the owner fifo is mounted, read-only, not writable to commands.
@@ -183,3 +185,12 @@ async def test_a_killed_session_shell_is_replaced_and_keeps_the_saved_state(sand
     assert r.exit_code == -1 and "sandbox error" in r.stderr and r.duration_s < 5
     r = await sandbox.run('pwd; echo "$KEPT"')
     assert (r.exit_code, r.stdout) == (0, "/tmp\nyes\n")
+
+
+async def test_reset_kills_background_jobs_and_forgets_state_but_keeps_files(sandbox):
+    await sandbox.run("mkdir keep; cd keep; echo data > f; export GONE=1; (sleep 300 &); sleep 300 &")
+    r = await sandbox.run("ps -e --no-headers -o comm | grep -c '^sleep$'; pwd; echo \"[$GONE]\"")
+    assert r.stdout == "2\n/workspace/keep\n[1]\n"
+    await sandbox.reset()
+    r = await sandbox.run('ps -e --no-headers -o comm | grep -c "^sleep$"; pwd; echo "[${GONE-}]"; cat keep/f')
+    assert r.stdout == "0\n/workspace\n[]\ndata\n"

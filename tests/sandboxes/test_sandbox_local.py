@@ -161,3 +161,13 @@ async def test_a_killed_session_shell_is_replaced_and_keeps_the_saved_state(sand
 async def test_nul_in_a_command_is_a_clear_error(sandbox):
     with pytest.raises(ValueError, match="NUL"):
         await sandbox.run("echo a\x00b")
+
+
+async def test_reset_ends_background_jobs_and_forgets_state(sandbox):
+    r = await sandbox.run("cd /; export GONE=1; sleep 300 & echo $!")
+    pid = int(r.stdout)
+    assert (await sandbox.run('pwd; echo "[${GONE-}]"')).stdout == "/\n[1]\n"
+    await sandbox.reset()
+    r = await sandbox.run('pwd; echo "[${GONE-}]"')
+    assert r.stdout == f"{sandbox.workspace}\n[]\n"
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
