@@ -203,6 +203,45 @@ def bench_engine(args, cfg, model, device, clock, results, save):
     first_token(s)
     s.close()
 
+    decode = results.setdefault("decode", {})
+    base = engine.new_session()
+    base.append(random_ids(args.decode_context, vocab, 7))
+    for batch in args.batch:
+        if args.deadline and time.time() > args.deadline:
+            decode[str(batch)] = {"skipped": "time budget"}
+            continue
+        sessions = [base.fork() for _ in range(batch)]
+        decode_rate(engine, sessions, 2, clock)  # warm-up; forks take their own copies here
+        rate = decode_rate(engine, sessions, args.decode_steps, clock)
+        caches = [s._ref.cache for s in sessions]
+        floor = model_only_decode(model, caches, args.decode_steps, clock)
+        if args.profile and device.type == "cuda":
+            profile_decode(model, caches, args.out.parent / f"profile_decode_b{batch}.txt")
+        step_bytes = weight_bytes_per_decode_step(model, cfg, batch)
+        decode[str(batch)] = {"batch": batch, "context": args.decode_context, "tokens_per_s": rate,
+                              "model_only_tokens_per_s": floor,
+                              "step_ms": 1000 * batch / rate, "weight_bytes_per_step": step_bytes,
+                              "weight_TBps": step_bytes * rate / batch / 1e12}
+        print(f"decode b={batch}: {rate:,.1f} tok/s (model alone {floor:,.1f})", flush=True)
+        for s in sessions:
+            s.close()
+        save()
+    base.close()
+
+    if args.fp8:
+        try:
+            fp8 = Engine(model, prefill_chunk=args.chunk, kv_fp8=True)
+            s = fp8.new_session()
+            fixed = s.kv_bytes()
+            n = args.fp8_tokens
+            s.append(random_ids(n, vocab, 5))
+            results["kv_bytes_per_token_formula"]["fp8"] = fp8.kv_bytes_per_token
+            results["kv_fp8"] = {"tokens": n, "kv_bytes_per_token_allocated": (s.kv_bytes() - fixed) / n,
+                                 "kv_bytes_per_token_stored": stored_kv_bytes(s) / n}
+            s.close()
+        except Exception as e:  # recorded, the other phases still count
+            results["kv_fp8"] = {"error": repr(e)}
+        save()
     flops_tok = matmul_flops_per_token(model, cfg)
     prefill = results.setdefault("prefill", {})
     ttft = results.setdefault("ttft", {})
@@ -255,45 +294,6 @@ def bench_engine(args, cfg, model, device, clock, results, save):
         gc.collect()
         save()
 
-    decode = results.setdefault("decode", {})
-    base = engine.new_session()
-    base.append(random_ids(args.decode_context, vocab, 7))
-    for batch in args.batch:
-        if args.deadline and time.time() > args.deadline:
-            decode[str(batch)] = {"skipped": "time budget"}
-            continue
-        sessions = [base.fork() for _ in range(batch)]
-        decode_rate(engine, sessions, 2, clock)  # warm-up; forks take their own copies here
-        rate = decode_rate(engine, sessions, args.decode_steps, clock)
-        caches = [s._ref.cache for s in sessions]
-        floor = model_only_decode(model, caches, args.decode_steps, clock)
-        if args.profile and device.type == "cuda":
-            profile_decode(model, caches, args.out.parent / f"profile_decode_b{batch}.txt")
-        step_bytes = weight_bytes_per_decode_step(model, cfg, batch)
-        decode[str(batch)] = {"batch": batch, "context": args.decode_context, "tokens_per_s": rate,
-                              "model_only_tokens_per_s": floor,
-                              "step_ms": 1000 * batch / rate, "weight_bytes_per_step": step_bytes,
-                              "weight_TBps": step_bytes * rate / batch / 1e12}
-        print(f"decode b={batch}: {rate:,.1f} tok/s (model alone {floor:,.1f})", flush=True)
-        for s in sessions:
-            s.close()
-        save()
-    base.close()
-
-    if args.fp8:
-        try:
-            fp8 = Engine(model, prefill_chunk=args.chunk, kv_fp8=True)
-            s = fp8.new_session()
-            fixed = s.kv_bytes()
-            n = args.fp8_tokens
-            s.append(random_ids(n, vocab, 5))
-            results["kv_bytes_per_token_formula"]["fp8"] = fp8.kv_bytes_per_token
-            results["kv_fp8"] = {"tokens": n, "kv_bytes_per_token_allocated": (s.kv_bytes() - fixed) / n,
-                                 "kv_bytes_per_token_stored": stored_kv_bytes(s) / n}
-            s.close()
-        except Exception as e:  # recorded, the other phases still count
-            results["kv_fp8"] = {"error": repr(e)}
-        save()
     del engine
     gc.collect()
 
@@ -395,7 +395,8 @@ def main(argv=None):
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk tokens")
     p.add_argument("--prefill", type=ints, default=ints("4096,32768,131072"))
-    p.add_argument("--ttft", type=ints, default=ints("131072"))
+    p.add_argument("--ttft", type=ints, default=ints("131072"),
+                   help="resident lengths; each + --append + 1 must fit in max_seq_len (1M: 1046527)")
     p.add_argument("--append", type=int, default=2048)
     p.add_argument("--reprefill-max", type=int, default=140000)
     p.add_argument("--batch", type=ints, default=ints("1,32"))
@@ -419,6 +420,10 @@ def main(argv=None):
     attention.LOGIT_BUDGET = indexer.SCORE_BUDGET = args.workspace_elems
     torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
     cfg = bench_config(args)
+    for length in args.ttft:
+        if length + args.append + 1 > cfg.max_seq_len:
+            p.error(f"--ttft {length} + --append {args.append} + 1 generated token exceeds "
+                    f"max_seq_len {cfg.max_seq_len}")
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "command": " ".join(sys.argv), "torch": torch.__version__, "python": platform.python_version(),
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
