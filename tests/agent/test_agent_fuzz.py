@@ -80,11 +80,6 @@ def test_mangled_completions_never_crash_the_loop(tmp_path, first, second):
     assert events[0].event == "run_started" and events[-1].event == "exit"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="encoding: AppendOnlyEncoder.append rejects a call with an empty name "
-    "that record_completion (tolerant) accepted; the loop can only end with status error",
-)
 def test_a_call_with_a_garbled_name_is_survived(tmp_path):
     garbled = VALID.replace('<｜DSML｜invoke name="echo">', '<｜DSML｜invoke</｜DSML｜tool_calls> name="echo">', 1)
     assert "" in call_names(garbled)
