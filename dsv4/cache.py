@@ -101,7 +101,8 @@ class LayerCache:
     @classmethod
     def empty(cls, cfg: ModelConfig, layer_id: int, device: torch.device | str,
               dtype: torch.dtype, kv_fp8: bool = False) -> LayerCache:
-        """kv_fp8: compressed entries stored in the 584-byte FP8 layout (dsv4/kv_fp8.py)."""
+        """kv_fp8: compressed entries stored in the 584-byte FP8 layout and indexer keys in MXFP4
+        (dsv4/kv_fp8.py)."""
         ratio = cfg.compress_ratios[layer_id]
         cache = cls(window=torch.zeros(cfg.window_size, cfg.head_dim, dtype=dtype, device=device))
         if ratio:
@@ -114,7 +115,11 @@ class LayerCache:
                 cache.compressed = GrowingRows(cfg.head_dim, cfg.max_seq_len // ratio, dtype, device)
         if ratio == 4:
             cache.indexer_compressor = CompressorState.empty(ratio, cfg.index_head_dim, device)
-            cache.indexer_keys = GrowingRows(cfg.index_head_dim, cfg.max_seq_len // ratio, dtype, device)
+            if kv_fp8:
+                from dsv4.kv_fp8 import Fp4Rows
+                cache.indexer_keys = Fp4Rows(cfg.index_head_dim, cfg.max_seq_len // ratio, dtype, device)
+            else:
+                cache.indexer_keys = GrowingRows(cfg.index_head_dim, cfg.max_seq_len // ratio, dtype, device)
         return cache
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -126,7 +131,7 @@ class LayerCache:
         if self.indexer_compressor is not None:
             out |= {"indexer.compressor.kv_state": self.indexer_compressor.kv,
                     "indexer.compressor.score_state": self.indexer_compressor.score,
-                    "indexer.keys": self.indexer_keys.view()}
+                    "indexer.keys": self.indexer_keys.stored()}
         return out
 
     def copy(self, device: torch.device | str | None = None) -> LayerCache:

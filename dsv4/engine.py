@@ -16,9 +16,10 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from functools import partial
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ import torch
 
 from . import session_io
 from .cache import ModelCache
-from .errors import ContextLengthExceeded, KVBudgetExceeded, SessionStateError
+from .checkpoint import load_model
+from .errors import ContextLengthExceeded, KVBudgetExceeded, SessionFormatError, SessionMismatch
 from .kv_fp8 import Fp8KVLayout
 from .sampling import DecodeState, SamplingParams, StopChecker, make_generator, sample_next
 from .session import _LAST_LOGITS, Session, tree_bytes
@@ -49,7 +51,8 @@ class EngineMemory:
 class Engine:
     """Run a DSV4 model over resident sessions.
 
-    model_or_path   a `dsv4.Transformer` (or anything with the cache contract) or a checkpoint path
+    model_or_path   a `dsv4.Transformer` (or anything with the cache contract) or a checkpoint
+                    path, loaded with `load_model(path, device=device or "cuda", dtype=dtype)`
     tokenizer       anything with `.decode(ids) -> str` (for stop strings); default: the DSV4
                     tokenizer when the vocabulary is DSV4's
     kv_budget_bytes cap on resident KV + snapshots over all sessions (None = no cap)
@@ -58,8 +61,9 @@ class Engine:
                     model's blocked attention and indexer, memory stays bounded at any length
     snapshot_every  take a roll-back snapshot whenever a session's cache length hits a multiple
     max_snapshots   snapshots kept per session (the newest)
-    kv_fp8          store compressed main-KV entries in the 584-byte FP8 layout (lossless when the
-                    model's quantisation simulation is on, as it is for FP8 checkpoints on GPU)
+    kv_fp8          quantised KV storage: compressed main entries in the 584-byte FP8 layout,
+                    indexer keys in MXFP4 (68 bytes); lossless when the model's quantisation
+                    simulation is on (as it is for FP8 checkpoints on GPU)
     """
 
     def __init__(self, model_or_path: Any, *, device: str | torch.device | None = None,
@@ -69,9 +73,8 @@ class Engine:
                  snapshot_every: int = 4096, max_snapshots: int = 4, kv_fp8: bool = False,
                  eos_token_ids: Iterable[int] | None = None):
         if isinstance(model_or_path, (str, os.PathLike)):
-            from . import load_model
-
-            model = load_model(model_or_path, device=device or "cuda", dtype=dtype)
+            model = load_model(model_or_path, device=device or "cuda",
+                               **({"dtype": dtype} if dtype is not None else {}))
             tokenizer = tokenizer if tokenizer is not None else _tokenizer_beside(model_or_path)
         else:
             model = model_or_path
@@ -79,9 +82,8 @@ class Engine:
             raise ValueError("prefill_chunk and snapshot_every must be >= 1, max_snapshots >= 0")
         self.model = model.eval()
         self.cfg = model.cfg
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = _model_device(model)  # `device` only says where a checkpoint is loaded
         self.kv_fp8 = kv_fp8
-        self.kv_dtype = "fp8" if kv_fp8 else "bf16"
         model_max = int(self.cfg.max_seq_len)
         if max_context is not None and not 1 <= max_context <= model_max:
             raise ValueError(f"max_context must be in [1, {model_max}] (the model's max_seq_len), "
@@ -97,8 +99,9 @@ class Engine:
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         self._lock = threading.RLock()
         self._fingerprint: str | None = None
-        elem = self.new_cache().dtype.itemsize
-        self.kv_bytes_per_token = kv_bytes_per_token(self.cfg, elem, fp8=kv_fp8)
+        cache_dtype = self.new_cache().dtype
+        self.kv_dtype = "fp8" if kv_fp8 else str(cache_dtype).removeprefix("torch.")  # in saved sessions
+        self.kv_bytes_per_token = kv_bytes_per_token(self.cfg, cache_dtype.itemsize, fp8=kv_fp8)
 
     # ---- sessions ---------------------------------------------------------------------------
     def new_session(self, token_ids: Sequence[int] = ()) -> Session:
@@ -114,17 +117,16 @@ class Engine:
     def load_session(self, path: str | os.PathLike) -> Session:
         """A session saved with `session.save(path)`; it must come from this very model."""
         session = Session(self, None)
-        tokens, cache, logits = self.read_session_state(path, reserve_for=None)
+        tokens, cache, logits = self.read_session_state(path)
         session._ref.cache = cache
         session._tokens, session._last_logits = tokens, logits
         self.register(session)
         return session
 
-    def read_session_state(self, path, reserve_for: Session | None):
+    def read_session_state(self, path: str | os.PathLike) -> tuple[list[int], ModelCache, torch.Tensor | None]:
+        """(token ids, cache on the engine's device, last logits or None) of a saved session."""
         manifest, tensors = session_io.read_session(path, fingerprint=self.fingerprint, device="cpu")
         if manifest.get("kv_dtype") != self.kv_dtype:
-            from .errors import SessionMismatch
-
             raise SessionMismatch(f"session {path} stores {manifest['kv_dtype']} KV; this engine "
                                   f"uses {self.kv_dtype} (Engine(kv_fp8=...))")
         logits = tensors.pop(_LAST_LOGITS, None)
@@ -132,8 +134,6 @@ class Engine:
         self._check_budget(needed)
         cache = ModelCache.from_state_tensors(self.cfg, tensors).to(self.device)
         if int(cache.length) != manifest["cache_length"]:
-            from .errors import SessionFormatError
-
             raise SessionFormatError(f"{path}: cache holds {cache.length} tokens, manifest says "
                                      f"{manifest['cache_length']}")
         return list(manifest["token_ids"]), cache, None if logits is None else logits.to(self.device)
@@ -207,7 +207,8 @@ class Engine:
         end = len(session) + new_tokens
         points = end // self.snapshot_every - cache.length // self.snapshot_every
         kept = len(session._snapshots)
-        growth += (min(kept + points, self.max_snapshots) - kept) * fixed_state_bytes(cache)
+        snapshot_bytes = fixed_state_bytes(cache) + 4 * self.cfg.vocab_size  # + its logits
+        growth += (min(kept + points, self.max_snapshots) - kept) * snapshot_bytes
         self._check_budget(growth + extra_bytes)
 
     def _check_budget(self, needed: int) -> None:
@@ -228,7 +229,7 @@ class Engine:
                 continue
             size = 0
             for obj, nbytes in [(s._ref, s.kv_bytes)] + [(snap, partial(tree_bytes, snap))
-                                                        for _, snap in s._snapshots]:
+                                                        for snap in s._snapshots]:
                 if id(obj) not in seen:
                     seen.add(id(obj))
                     size += nbytes()
@@ -268,17 +269,16 @@ class Engine:
         if len({id(s) for s in sessions}) != len(sessions):
             raise ValueError("generate_batch: the same session appears twice")
         decode = self.tokenizer.decode if any(p.stop_strings for p in plist) and self.tokenizer else None
-        guards = [s._exclusive() for s in sessions]
-        entered = []
-        try:
-            for g in guards:
-                g.__enter__()
-                entered.append(g)
+        with ExitStack() as guards:
+            for s in sessions:
+                guards.enter_context(s._exclusive())
             await anyio.to_thread.run_sync(self._start_decode, sessions)
             states = [DecodeState(p, make_generator(p.seed, self.device),
                                   StopChecker(p, self.eos_token_ids, decode)) for p in plist]
             active = list(range(len(sessions)))
             while active:
+                for i in active:  # the drawn token joins the session: it must fit
+                    self.reserve(sessions[i], 1)
                 logits = torch.stack([sessions[i]._last_logits for i in active])
                 drawn = sample_next(logits, [states[i].params for i in active],
                                     [states[i].generator for i in active],
@@ -288,8 +288,7 @@ class Engine:
                     st, s = states[i], sessions[i]
                     st.generated.append(token)
                     s._tokens.append(token)
-                    st.finish_reason = st.checker.push(token)
-                    s.finish_reason = st.finish_reason
+                    st.finish_reason = s.finish_reason = st.checker.push(token)
                     if st.finish_reason is None:
                         still.append(i)
                 for i, token in zip(active, drawn):
@@ -297,15 +296,13 @@ class Engine:
                 active = still
                 if active:
                     await anyio.to_thread.run_sync(self._decode_step, [sessions[i] for i in active])
-        finally:
-            for g in reversed(entered):
-                g.__exit__(None, None, None)
 
     def _start_decode(self, sessions: Sequence[Session]) -> None:
         """Bring every session to 'nothing pending, last logits known' and snapshot the turn."""
         for s in sessions:
             s._ensure_resident()
-            self.reserve(s, 1, extra_bytes=fixed_state_bytes(s._ref.cache))  # the turn's snapshot
+            turn_snapshot = fixed_state_bytes(s._ref.cache) + 4 * self.cfg.vocab_size
+            self.reserve(s, 1, extra_bytes=turn_snapshot)
         for s in sessions:
             s._flush()
             s._maybe_snapshot(force=True)
@@ -313,7 +310,6 @@ class Engine:
     def _decode_step(self, sessions: Sequence[Session]) -> None:
         """Feed each session's newest (pending) token in one batched forward."""
         for s in sessions:
-            self.reserve(s, 0)
             s._own_cache()
         logits = self.forward([[s._tokens[-1]] for s in sessions], [s._ref.cache for s in sessions])
         for s, row in zip(sessions, logits):
@@ -354,17 +350,20 @@ def fixed_state_bytes(cache: Any) -> int:
 
 def kv_bytes_per_token(cfg: Any, elem_bytes: int = 2, fp8: bool = False) -> float:
     """Asymptotic cache growth per token over the main layers (sliding rings and compressor
-    states are fixed-size): a CSA layer adds a main entry per 4 tokens plus an indexer key, an
-    HCA layer a main entry per 128 tokens. Main entry: head_dim x elem_bytes (1024 in bf16), or
-    the FP8 layout's bytes (584 for DSV4); indexer keys stay in the cache dtype.
-    Flash: 6,880 B/token in bf16, 4,501 with the FP8 main KV (indexer keys still bf16)."""
-    entry = Fp8KVLayout(cfg.head_dim, cfg.rope_head_dim).entry_bytes if fp8 else elem_bytes * cfg.head_dim
+    states are fixed-size): a CSA layer adds a main entry and an indexer key per 4 tokens, an HCA
+    layer a main entry per 128 tokens. In the cache dtype a main entry is head_dim x elem_bytes
+    (1024 in bf16) and a key index_head_dim x elem_bytes (256); quantised (`fp8`), 584 and 68.
+    Flash: 6,880 B/token in bf16, 3,514 quantised."""
+    entry, key = elem_bytes * cfg.head_dim, elem_bytes * cfg.index_head_dim
+    if fp8:
+        entry = Fp8KVLayout(cfg.head_dim, cfg.rope_head_dim).entry_bytes
+        key = cfg.index_head_dim // 2 + cfg.index_head_dim // 32
     total = 0.0
     for spec in cfg.layers:
         if spec.compress_ratio:
             total += entry / spec.compress_ratio
         if spec.kind == "csa":
-            total += elem_bytes * cfg.index_head_dim / spec.compress_ratio
+            total += key / spec.compress_ratio
     return total
 
 

@@ -1,4 +1,5 @@
-"""FP8 storage of main-attention KV entries in the layout of FlashMLA / vLLM ("fp8_ds_mla").
+"""Quantised KV storage: FP8 main-attention entries in the layout of FlashMLA / vLLM ("fp8_ds_mla"),
+and MXFP4 Lightning-Indexer keys.
 
 One entry (a sliding-window token or a compressed entry; head_dim dims, NoPE first, RoPE last) is
 stored as bytes. For DeepSeek-V4 (head_dim 512 = 448 NoPE + 64 RoPE) that is 584 bytes:
@@ -13,6 +14,11 @@ model's own KV quantisation-aware simulation uses (official kernel.py `act_quant
 `scale_fmt="ue8m0"`). The model already rounds these dims to exactly such FP8 values, so packing
 its KV is lossless: unpack(pack(kv)) == kv bit for bit. Smaller test models use the same layout
 with their own NoPE/RoPE split.
+
+Indexer keys (index_head_dim = 128) are stored as MXFP4: 64 bytes of e2m1 codes (two a byte) and
+one UE8M0 scale per 32 values, 68 bytes against 256 in bf16 (vLLM's FP4 indexer cache size). With
+the quantisation simulation on, the model already rounds the keys to exactly such values
+(Hadamard, then FP4 with the same scale rule), so this is lossless too.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv4 import quant
 from dsv4.cache import GrowingRows
 
 TILE, FP8_MAX = 64, 448.0
@@ -104,5 +111,33 @@ class Fp8Rows(GrowingRows):
 
     def copy(self, device: torch.device | str | None = None) -> Fp8Rows:
         out = Fp8Rows(self.layout, self.max_rows, self.out_dtype, device or self.data.device)
+        out.append(self.stored())
+        return out
+
+
+class Fp4Rows(GrowingRows):
+    """A growing buffer of indexer keys stored as MXFP4: rows of width//2 code bytes then
+    width//32 UE8M0 scale bytes (68 bytes for 128-dim keys); `view()` dequantises."""
+
+    def __init__(self, width: int, max_rows: int, dtype: torch.dtype, device: torch.device | str):
+        if width % quant.FP4_BLOCK:
+            raise ValueError(f"MXFP4 keys need a width divisible by {quant.FP4_BLOCK}, got {width}")
+        self.dim, self.out_dtype = width, dtype
+        super().__init__(width // 2 + width // quant.FP4_BLOCK, max_rows, torch.uint8, device)
+
+    def view(self) -> torch.Tensor:
+        rows = self.stored()
+        codes, scales = rows[:, : self.dim // 2], rows[:, self.dim // 2:]
+        return quant.dequantize_fp4(codes.view(torch.int8), scales.view(torch.float8_e8m0fnu),
+                                    self.out_dtype)
+
+    def append(self, rows: torch.Tensor) -> None:
+        if rows.dtype != torch.uint8:
+            codes, scales = quant.quantize_fp4(rows)
+            rows = torch.cat([codes.view(torch.uint8), scales.view(torch.uint8)], dim=1)
+        super().append(rows)
+
+    def copy(self, device: torch.device | str | None = None) -> Fp4Rows:
+        out = Fp4Rows(self.dim, self.max_rows, self.out_dtype, device or self.data.device)
         out.append(self.stored())
         return out

@@ -6,7 +6,7 @@ State:
                     *pending*: fed with the next forward (the last generated token is never fed
                     until something follows it, so a turn costs no extra step)
     last_logits     [V] float32 logits after the last fed token, valid when nothing is pending
-    snapshots       (length, cache.snapshot()) pairs, for cheap roll-back (`truncate`)
+    snapshots       roll-back points (cache.snapshot() + the logits there) for `truncate`
 
 A fork shares its parent's cache object until one of them writes (copy-on-write at cache level);
 `_CacheRef` counts the sharers.
@@ -25,6 +25,7 @@ import torch
 
 from . import session_io
 from .errors import SessionStateError
+from .sampling import SamplingParams
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -40,6 +41,15 @@ class SessionMemory:
     snapshot_bytes: int  # roll-back snapshots
     location: str  # "device", "host" or "disk"
     shared: bool  # the cache is shared with a fork (copy-on-write)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """A roll-back point: the cache's fixed-size state at `length` and the logits after it."""
+
+    length: int
+    state: Any  # cache.snapshot()
+    logits: torch.Tensor | None
 
 
 class _CacheRef:
@@ -85,7 +95,7 @@ class Session:
         self._ref: _CacheRef | None = _CacheRef(cache)
         self._tokens: list[int] = list(tokens)
         self._last_logits: torch.Tensor | None = None
-        self._snapshots: list[tuple[int, Any]] = []
+        self._snapshots: list[_Snapshot] = []
         self._spilled_to: Path | None = None  # set while the cache lives only on disk
         self._disk_cached_length = 0
         self._on_host = False  # spilled to host memory (outside the engine's device budget)
@@ -122,7 +132,7 @@ class Session:
         return 0 if self._ref is None else int(self._ref.cache.nbytes())
 
     def snapshot_bytes(self) -> int:
-        return sum(tree_bytes(s) for _, s in self._snapshots)
+        return sum(tree_bytes(s) for s in self._snapshots)
 
     def memory(self) -> SessionMemory:
         return SessionMemory(len(self), self.cached_length, self.kv_bytes(), self.snapshot_bytes(),
@@ -143,8 +153,7 @@ class Session:
             self.engine.reserve(self, len(ids))
             self._tokens.extend(ids)
             self._flush()
-            assert self._last_logits is not None
-            return self._last_logits
+            return self._last_logits.clone()
 
     async def aappend(self, token_ids: Sequence[int]) -> torch.Tensor:
         """`append` in a worker thread, so the event loop keeps running during a long prefill."""
@@ -155,14 +164,12 @@ class Session:
                  logits_processors: Sequence = (), ignore_eos: bool = False) -> AsyncIterator[int]:
         """Async iterator of generated token ids (see `SamplingParams` for the arguments).
         Generated ids join the session as they are yielded; `finish_reason` tells why it ended."""
-        from .sampling import SamplingParams
-
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
                                 logits_processors=logits_processors)
         return self._generate(params)
 
-    async def _generate(self, params) -> AsyncIterator[int]:
+    async def _generate(self, params: SamplingParams) -> AsyncIterator[int]:
         async for _, token in self.engine.generate_batch([self], params):
             yield token
 
@@ -182,15 +189,15 @@ class Session:
             if n >= self.cached_length:
                 return  # only pending tokens were dropped; last_logits stay valid iff none remain
             self._last_logits = None
-            usable = [snap for length, snap in self._snapshots if length <= n]
+            usable = [snap for snap in self._snapshots if snap.length <= n]
             if usable:
                 self._own_cache()
-                self._ref.cache.restore(usable[-1])
+                self._ref.cache.restore(usable[-1].state)
+                self._last_logits = usable[-1].logits
             else:  # nothing to roll back to: start over, everything becomes pending
                 self._release_cache()
                 self._ref = _CacheRef(self.engine.new_cache())
-            self._snapshots = [(length, s) for length, s in self._snapshots
-                               if length <= self.cached_length]
+            self._snapshots = [snap for snap in self._snapshots if snap.length <= self.cached_length]
 
     def fork(self) -> Session:
         """A new session with the same tokens; the cache is shared until either side writes."""
@@ -259,7 +266,7 @@ class Session:
     def _ensure_resident(self) -> None:
         if self._spilled_to is not None:
             path = self._spilled_to
-            tokens, cache, logits = self.engine.read_session_state(path, reserve_for=self)
+            tokens, cache, logits = self.engine.read_session_state(path)
             self._ref, self._tokens, self._last_logits = _CacheRef(cache), tokens, logits
             self._spilled_to = None
         elif self.location == "host":
@@ -269,7 +276,7 @@ class Session:
 
     def _move_to(self, device: torch.device) -> None:
         self._ref.cache = self._ref.cache.to(device)
-        self._snapshots = [(length, tree_to(s, device)) for length, s in self._snapshots]
+        self._snapshots = [tree_to(snap, device) for snap in self._snapshots]
         if self._last_logits is not None:
             self._last_logits = self._last_logits.to(device)
 
@@ -296,10 +303,10 @@ class Session:
 
     def _maybe_snapshot(self, force: bool = False) -> None:
         length = self.cached_length
-        if self._snapshots and self._snapshots[-1][0] == length:
+        if self._snapshots and self._snapshots[-1].length == length:
             return
         if force or length % self.engine.snapshot_every == 0:
-            self._snapshots.append((length, self._ref.cache.snapshot()))
+            self._snapshots.append(_Snapshot(length, self._ref.cache.snapshot(), self._last_logits))
             del self._snapshots[:-self.engine.max_snapshots]
 
 

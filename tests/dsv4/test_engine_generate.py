@@ -142,3 +142,46 @@ def test_one_session_cannot_generate_twice_at_once(engine, prompt):
         await gen.aclose()
 
     anyio.run(main)
+
+
+def test_generation_stops_with_a_clear_error_at_the_context_limit(engine, prompt):
+    from dsv4 import ContextLengthExceeded
+
+    small = Engine(engine.model, max_context=len(prompt) + 3)
+    s = small.new_session(prompt)
+    got = []
+
+    async def main():
+        async for t in s.generate(max_tokens=10, ignore_eos=True, seed=0):
+            got.append(t)
+
+    with pytest.raises(ContextLengthExceeded, match="maximum context length"):
+        anyio.run(main)
+    assert len(got) == 3 and list(s.tokens) == prompt + got  # nothing lost
+
+
+def test_rolling_back_a_completion_restores_the_turn_snapshot_without_recompute(engine, prompt):
+    s = engine.new_session(prompt)
+    s.append([7])
+    first = anyio.run(lambda: collect(s, max_tokens=20, ignore_eos=True, seed=2))
+    s.truncate(len(prompt) + 1)
+    assert s.cached_length == len(prompt) + 1 and not s.pending  # restored, nothing to recompute
+    again = anyio.run(lambda: collect(s, max_tokens=20, ignore_eos=True, seed=2))
+    assert again == first  # straight from the snapshot's logits
+    s.truncate(len(prompt) + 1)
+    ref = engine.new_session(prompt + [7])
+    torch.testing.assert_close(s.append([9]), ref.append([9]), atol=2e-4, rtol=2e-4)
+
+
+def test_engine_from_a_checkpoint_folder_with_its_tokenizer(tmp_path, prompt):
+    testing = pytest.importorskip("dsv4.testing")
+    path = testing.write_random_checkpoint(tmp_path / "ckpt", CFG, seed=0)
+    eng = Engine(path, device="cpu", prefill_chunk=128)
+    assert eng.tokenizer is not None and eng.eos_token_ids == (eng.tokenizer.eos_id,)
+    s = eng.new_session(prompt)
+    free = anyio.run(lambda: collect(s, max_tokens=6, temperature=0, ignore_eos=True))
+    text = eng.tokenizer.decode(free)
+    s = eng.new_session(prompt)
+    stop = text[-2:] if len(text) >= 2 else text
+    got = anyio.run(lambda: collect(s, max_tokens=6, temperature=0, ignore_eos=True, stop=[stop]))
+    assert eng.tokenizer.decode(got).find(stop) >= 0 and got == free[:len(got)]

@@ -79,3 +79,21 @@ def test_smaller_head_dims_use_the_same_layout():
     assert ((out[:, :64].float() - kv[:, :64].float()).norm() / kv[:, :64].float().norm()) < 2 ** -4
     with pytest.raises(ValueError, match="multiple of 64"):
         Fp8KVLayout(head_dim=100, rope_dim=32)
+
+
+def test_mxfp4_indexer_keys_are_68_bytes_and_lossless_on_fp4_rounded_keys():
+    from dsv4.fakequant import fp4_fake_quant, hadamard_rotate
+    from dsv4.kv_fp8 import Fp4Rows
+
+    keys = torch.randn(9, 128, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    rounded = fp4_fake_quant(hadamard_rotate(keys), 32)  # what the model stores with quant_sim
+    rows = Fp4Rows(128, max_rows=64, dtype=torch.bfloat16, device="cpu")
+    rows.append(rounded[:4])
+    rows.append(rounded[4:])
+    assert rows.stored().shape == (9, 68) and rows.stored().dtype == torch.uint8
+    assert torch.equal(rows.view().view(torch.int16), rounded.view(torch.int16))
+    copy = rows.copy()
+    copy.append(rows.stored()[:1])  # packed rows (as saved) are taken as they are
+    assert torch.equal(copy.view()[9], rounded[0])
+    with pytest.raises(ValueError, match="divisible by 32"):
+        Fp4Rows(100, 8, torch.bfloat16, "cpu")

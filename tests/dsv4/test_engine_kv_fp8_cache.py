@@ -31,6 +31,7 @@ def test_fp8_cache_gives_the_same_logits_in_fewer_bytes(model, tmp_path):
     layer = b._ref.cache.layers[1]
     assert layer.compressed.stored().dtype == torch.uint8
     assert layer.compressed.stored().shape == (75, 136)  # 64 fp8 + 32 bf16 + 8 scale bytes
+    assert layer.indexer_keys.stored().shape == (75, 34)  # 64 dims: 32 code + 2 scale bytes
     assert b.kv_bytes() - fixed_b < a.kv_bytes() - fixed_a
     c = fp8.load_session(b.save(tmp_path / "s"))
     nxt = ids[:5]
