@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, List, Optional
 
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.panel import Panel
 
 from agent.config import AgentConfig
-from agent.display import RichDisplay
+from agent.display import Observer, RichDisplay
 from agent.spec import BackendSpec, RunSpec, SandboxSpec, build_agent, build_mcp_servers
 from agent.status import ExitStatus
 from agent.trajectory import (
@@ -41,6 +42,7 @@ console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 OUTPUT_DIR = typer.Option(Path("runs"), "--output-dir", "-o", help="where runs are written, one folder each")
+JSON_EVENTS = typer.Option(False, "--json", help="print the trajectory events as JSON lines instead of the display")
 
 
 def _usage_error(message: str) -> typer.Exit:
@@ -110,6 +112,7 @@ def run(
     approve: bool = typer.Option(False, "--approve", help="confirm each tool call before it runs"),
     yolo: bool = typer.Option(False, "--yolo", help="run tool calls without asking even outside a docker sandbox"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of agent settings (AgentConfig)"),
+    as_json: bool = JSON_EVENTS,
     output_dir: Path = OUTPUT_DIR,
 ) -> None:
     """Run one task to completion and exit with its status code."""
@@ -120,7 +123,10 @@ def run(
         if task or model or scripted:
             raise _usage_error("--demo runs its own task and backend; drop TASK, --model and --scripted")
         spec, task, notes = demo_spec(output_dir, run_id)
-        console.print(Panel("\n".join(notes), title="dsv4-agent demo: what is real in this run", expand=False))
+        # stdout carries only JSON lines with --json
+        (err if as_json else console).print(
+            Panel("\n".join(notes), title="dsv4-agent demo: what is real in this run", expand=False)
+        )
     else:
         if not task.strip():
             raise _usage_error("give a TASK (or --demo)")
@@ -161,7 +167,7 @@ def run(
     spec = spec.model_copy(update={"config": agent_config})
     if agent_config.approval == "confirm" and not os.isatty(0):
         raise _usage_error("tool calls need confirmation but stdin is not a terminal: use --sandbox docker or --yolo")
-    _finish(_run_agent(spec, output_dir, lambda agent: agent.run(task, run_id=run_id)))
+    _finish(_run_agent(spec, output_dir, lambda agent: agent.run(task, run_id=run_id), as_json))
 
 
 def _backend_spec(model: Path | None, scripted: Path | None, device: str | None) -> BackendSpec:
@@ -186,9 +192,20 @@ def _backend_spec(model: Path | None, scripted: Path | None, device: str | None)
     raise _usage_error("no model: pass --model PATH (a DSV4 checkpoint), --scripted FILE, or --demo")
 
 
-def _run_agent(spec: RunSpec, output_dir: Path, start: Callable[[Any], Awaitable[Any]]) -> Any:
+def _run_agent(spec: RunSpec, output_dir: Path, start: Callable[[Any], Awaitable[Any]], as_json: bool = False) -> Any:
+    """Build the agent and run it under Ctrl-C handling; `as_json` prints trajectory lines, not the display."""
+
+    def emit(lines: str) -> None:
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+
     try:
-        agent = build_agent(spec, output_dir=output_dir, observer=RichDisplay(console))
+        agent = build_agent(
+            spec,
+            output_dir=output_dir,
+            observer=Observer() if as_json else RichDisplay(console),
+            on_event=emit if as_json else None,
+        )
     except (ValueError, ImportError) as e:
         raise _usage_error(str(e)) from None
     return anyio.run(_with_interrupts, agent, lambda: start(agent))
@@ -214,6 +231,7 @@ def resume(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="a new turn budget (counting all steps)"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="a new token budget (counting all tokens)"),
     max_wall: Optional[float] = typer.Option(None, "--max-wall", help="wall-clock seconds for this session"),
+    as_json: bool = JSON_EVENTS,
     output_dir: Path = OUTPUT_DIR,
 ) -> None:
     """Continue an interrupted run (Ctrl-C, a crash, SIGKILL, a spent budget) in place."""
@@ -226,7 +244,7 @@ def resume(
     }
     spec = spec.model_copy(update={"config": spec.config.model_copy(update=updates)})
     try:
-        _finish(_run_agent(spec, run_dir.parent, lambda agent: agent.resume(run_dir)))
+        _finish(_run_agent(spec, run_dir.parent, lambda agent: agent.resume(run_dir), as_json))
     except TrajectoryError as e:
         raise _usage_error(str(e)) from None
 

@@ -178,6 +178,8 @@ class RichDisplay(Observer):
     def turn_finished(
         self, step: int, turn: Usage, total: Usage, prefill_s: float, decode_s: float, info: dict
     ) -> None:
+        if self._section == "call":  # a call the turn ended inside: it will not run
+            self._partial = self._partial.replace("(… writing the arguments", " cut off: it will not run")
         self._flush_partial()
         self._usage = total
         extra = "".join(

@@ -25,6 +25,11 @@ from agent.trajectory import (
 RESUMABLE_NOTICE_KINDS = ("tools_changed",)  # notices that are not derived from the turn itself
 
 
+def prompt_messages(system: str, tool_schemas: list[dict], task: str) -> list[dict[str, Any]]:
+    """The first prompt: the system message carrying the tool schemas, then the task."""
+    return [{"role": "system", "content": system, "tools": tool_schemas}, {"role": "user", "content": task}]
+
+
 def result_event(step: int, outcome: ToolOutcome) -> ToolResultEvent:
     return ToolResultEvent(
         step=step,
@@ -50,11 +55,6 @@ class StepRecord:
     @property
     def step(self) -> int:
         return self.call.step
-
-    @property
-    def complete(self) -> bool:
-        """Every call of the turn has its result."""
-        return all(c.call_id in self.results for c in self.call.calls)
 
     @property
     def final_answer(self) -> str | None:
@@ -151,18 +151,12 @@ class History:
             reason = f" ({exit_event.message})" if exit_event else ""
             raise TrajectoryError(f"run {run_id} failed before its first prompt{reason}; start it again with `run`")
 
-    def prompt_messages(self) -> list[dict[str, Any]]:
-        """The first prompt, rendered from the recorded schemas so the history's tokens are exactly as before."""
-        started = self.started
-        return [
-            {"role": "system", "content": started.system_prompt, "tools": started.tools},
-            {"role": "user", "content": started.task},
-        ]
-
     def replay_into(self, encoder: Any) -> list[int]:
         """Feed the recorded run to a fresh `AppendOnlyEncoder`; return every id the session held:
         the prompt, each turn, and the ids appended after every turn but the last."""
-        ids = encoder.prompt(self.prompt_messages())
+        # The recorded system prompt and schemas, so the history's tokens are exactly as before.
+        started = self.started
+        ids = encoder.prompt(prompt_messages(started.system_prompt, started.tools, started.task))
         if len(ids) != self.started.prompt_tokens:
             raise TrajectoryError(
                 f"the re-rendered prompt has {len(ids)} tokens, the trajectory {self.started.prompt_tokens}"

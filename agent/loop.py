@@ -19,7 +19,7 @@ import time
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import anyio
 
@@ -30,7 +30,7 @@ from agent.backends.base import Backend
 from agent.config import AgentConfig
 from agent.display import Observer
 from agent.guards import Budget, FormatErrors, StuckDetector
-from agent.history import History, StepRecord, result_event, turn_notices
+from agent.history import History, StepRecord, prompt_messages, result_event, turn_notices
 from agent.status import ExitStatus, RunStopped
 from agent.stream import DecodedTurn, decode_turn
 from agent.tooling import ToolOutcome, ToolRunner, TurnCalls
@@ -91,6 +91,7 @@ class Agent:
         observer: Observer | None = None,
         tokenizer: Any | None = None,
         spec: dict[str, Any] | None = None,
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
         overrides = {k: v for k, v in {"effort": effort, "max_steps": max_steps}.items() if v is not None}
         self.config = (config or AgentConfig()).model_copy(update=overrides)
@@ -102,6 +103,7 @@ class Agent:
         self.output_dir = Path(output_dir)
         self.observer = observer or Observer()
         self.spec = spec or {}
+        self.on_event = on_event  # gets each trajectory line (JSON + newline) as it is written
         self._tokenizer = tokenizer
         self._scope: anyio.CancelScope | None = None
         self._cancelled = False
@@ -144,7 +146,7 @@ class Agent:
     async def _execute(self, run_dir: Path, run_id: str, task: str, history: History | None) -> RunResult:
         from encoding import AppendOnlyEncoder
 
-        writer = TrajectoryWriter(run_dir / TRAJECTORY_FILE)
+        writer = TrajectoryWriter(run_dir / TRAJECTORY_FILE, tee=self.on_event)
         started = time.monotonic()
         self._cancelled = False
         state = _State(usage=history.usage() if history else Usage(), run_started_written=history is not None)
@@ -223,13 +225,14 @@ class Agent:
     async def _open(self, resources: AsyncExitStack, writer: TrajectoryWriter) -> dict[str, Any]:
         """Start the sandbox and the MCP servers (closed by `resources`); return the tools by name."""
         if self.sandbox is not None:
-            await _enter(resources, self.sandbox, shield=True)
-            detail = f"{type(self.sandbox).__name__} started"
-            writer.write(SandboxEvent(kind="started", detail=detail))
-            self.observer.sandbox("started", detail)
-            resources.callback(
-                lambda: writer.write(SandboxEvent(kind="stopped", detail=f"{type(self.sandbox).__name__} closed"))
-            )
+            where = _describe_sandbox(self.sandbox)
+
+            def closed() -> None:
+                writer.write(SandboxEvent(kind="stopped", detail=where))
+
+            await _enter(resources, self.sandbox, shield=True, after_close=closed)
+            writer.write(SandboxEvent(kind="started", detail=where))
+            self.observer.sandbox("started", where)
         tools = list(self.tools) if self.tools is not None else _default_tools(self.sandbox)
         for server in self.mcp_servers:
             # Connects and lists the tools once. Not shielded on exit: its owner task must leave its
@@ -267,7 +270,7 @@ class Agent:
         schemas = [tool.openai_schema() for tool in tools.values()]
         if history is None:
             system = self.config.system_prompt
-            ids = encoder.prompt(_prompt_messages(system, schemas, task))
+            ids = encoder.prompt(prompt_messages(system, schemas, task))
             writer.write(
                 RunStarted(
                     run_id=run_id,
@@ -403,10 +406,6 @@ class _State:
     run_started_written: bool = False
 
 
-def _prompt_messages(system: str, schemas: list[dict], task: str) -> list[dict]:
-    return [{"role": "system", "content": system, "tools": schemas}, {"role": "user", "content": task}]
-
-
 def _engine_call_event(step: int, turn: DecodedTurn, prefill_s: float) -> EngineCall:
     return EngineCall(
         step=step,
@@ -439,6 +438,16 @@ def _tools_changed_text(before: list[dict], after: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _describe_sandbox(sandbox: Any) -> str:
+    """One line naming the sandbox for the trajectory: its kind, and its container or folder."""
+    parts = [type(sandbox).__name__]
+    for attribute in ("name", "image", "workspace", "host_workspace"):  # DockerSandbox, LocalSandbox
+        value = getattr(sandbox, attribute, None)
+        if value:
+            parts.append(f"{attribute}={value}")
+    return " ".join(parts)
+
+
 def _default_tools(sandbox: Any | None) -> list[Any]:
     if sandbox is None:
         return []
@@ -454,7 +463,7 @@ def _single_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _enter(resources: AsyncExitStack, manager: Any, *, shield: bool) -> Any:
+async def _enter(resources: AsyncExitStack, manager: Any, *, shield: bool, after_close=None) -> Any:
     """Enter an async context manager now; exit it with `resources`, shielded from an outer
     cancellation and time-limited when `shield` (only for managers that open no task group)."""
     value = await manager.__aenter__()
@@ -466,6 +475,8 @@ async def _enter(resources: AsyncExitStack, manager: Any, *, shield: bool) -> An
         with anyio.CancelScope(shield=True) as scope:
             scope.deadline = anyio.current_time() + CLEANUP_TIMEOUT_S
             await manager.__aexit__(*exc_info)
+        if after_close is not None:
+            after_close()
         return False
 
     resources.push_async_exit(close)

@@ -92,7 +92,7 @@ def build_mcp_servers(spec: RunSpec) -> list[Any]:
     return servers
 
 
-def build_agent(spec: RunSpec, *, output_dir: Path, observer: Any = None) -> Any:
+def build_agent(spec: RunSpec, *, output_dir: Path, observer: Any = None, on_event: Any = None) -> Any:
     """The agent a spec describes, ready for `run` or `resume`."""
     from agent.loop import Agent
 
@@ -104,4 +104,5 @@ def build_agent(spec: RunSpec, *, output_dir: Path, observer: Any = None) -> Any
         output_dir=output_dir,
         observer=observer,
         spec=spec.model_dump(mode="json"),
+        on_event=on_event,
     )

@@ -61,7 +61,7 @@ class DecodedTurn:
 def _arguments(text: str) -> dict | None:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # absurdly deep JSON is the model's error, not ours
         return None
     return value if isinstance(value, dict) else None
 

@@ -15,7 +15,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import BaseModel, Field, TypeAdapter
 
@@ -165,8 +165,9 @@ def new_run_id() -> str:
 class TrajectoryWriter:
     """Appends events to a run's log; each write is flushed and fsynced before it returns."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tee: Callable[[str], None] | None = None) -> None:
         self.path = path
+        self.tee = tee  # also handed each line once it is on disk (`dsv4-agent run --json` prints them)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._cut_partial_tail()
         self._started = path.exists() and path.stat().st_size > 0
@@ -193,9 +194,12 @@ class TrajectoryWriter:
             self._held.clear()
         else:
             events = [event]
-        self._file.write("".join(e.model_dump_json() + "\n" for e in events))
+        lines = "".join(e.model_dump_json() + "\n" for e in events)
+        self._file.write(lines)
         self._file.flush()
         os.fsync(self._file.fileno())
+        if self.tee is not None:
+            self.tee(lines)
 
     def close(self) -> None:
         self._file.close()

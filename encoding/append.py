@@ -130,12 +130,20 @@ def _check_asks_for_answer(msgs: list[dict], name: str) -> None:
                            f"(the model answers it), got {msgs[-1].get('role')!r}")
 
 
+# Stands in for a tool name the model garbled; never a real tool (tool names have no angle brackets).
+UNREADABLE_TOOL_NAME = "<unreadable>"
+
+
 def _history_form(message: dict) -> dict:
     """The message as kept for later rendering: a call whose arguments are not a JSON object
-    (the model wrote invalid JSON) keeps its raw text under "arguments", as upstream renders it.
+    (the model wrote invalid JSON) keeps its raw text under "arguments", as upstream renders it;
+    a call whose name the tolerant parser could not read (a garbled invoke header) is kept under
+    UNREADABLE_TOOL_NAME, so its error result can still answer it.
     History is never rendered again; this only keeps the conversation valid for `encode_messages`."""
     calls = []
     for call in message["tool_calls"]:
+        if not call["function"].get("name"):
+            call = {**call, "function": {**call["function"], "name": UNREADABLE_TOOL_NAME}}
         try:
             valid = isinstance(json.loads(call["function"]["arguments"]), dict)
         except (ValueError, RecursionError):

@@ -44,20 +44,22 @@ def triton_available() -> bool:
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch shape. block_h heads share each loaded key tile; block_n keys per tile."""
+    """Launch shape. block_h heads share each loaded key tile; block_n keys per tile;
+    num_stages 2 overlaps the next tile's gather with this tile's dots."""
     block_h: int = 64
     block_n: int = 32
     num_warps: int = 8
-    num_stages: int = 1
+    num_stages: int = 2
 
 
-def default_config(n_programs_full_heads: int, n_heads: int) -> KernelConfig:
-    """All heads in one program when that already gives the GPU enough programs (prefill,
-    batched decode); otherwise 16-head blocks, so a handful of decode queries still spreads
-    over several multiprocessors."""
-    if n_programs_full_heads >= 128 or n_heads <= 16:
+def default_config(n_queries: int, n_heads: int) -> KernelConfig:
+    """All heads in one program (each key tile loaded once per query) when the queries alone
+    give the GPU enough programs: prefill, batched decode (fastest on an H200 at 4096 prefill
+    queries and at 64 decode rows, bench/RESULTS.md). A few decode queries instead split the
+    heads into blocks of 16, so they still spread over several multiprocessors."""
+    if n_queries >= 64 or n_heads <= 16:
         return KernelConfig(block_h=max(16, min(64, triton.next_power_of_2(n_heads))))
-    return KernelConfig(block_h=16, block_n=32, num_warps=4)
+    return KernelConfig(block_h=16, block_n=32, num_warps=4, num_stages=1)
 
 
 if triton is not None:

@@ -127,3 +127,18 @@ def test_a_yaml_config_sets_the_limits_and_rejects_unknown_keys(tmp_path):
     bad.write_text("max_stepz: 1\n")
     result = run_cli(*args, "--config", bad)
     assert result.exit_code == 2 and "max_stepz" in result.output
+
+
+def test_json_mode_prints_the_trajectory_events(tmp_path):
+    script = write_script(
+        tmp_path, [completion("Go.", calls=[("bash", {"command": "echo hi"})]), completion("Ok.", content="hi")]
+    )
+    result = run_cli(
+        "run", "say hi", "--scripted", script, "--sandbox", "local", "--yolo", "--json", "-o", tmp_path / "r"
+    )
+    assert result.exit_code == 0
+    events = [json.loads(line) for line in result.output.splitlines()]
+    assert [e["event"] for e in events][0] == "run_started" and events[-1]["event"] == "exit"
+    assert events[-1]["status"] == "completed" and "tool_result" in [e["event"] for e in events]
+    (log,) = (tmp_path / "r").glob("*/trajectory.jsonl")
+    assert log.read_text().splitlines() == result.output.splitlines()

@@ -1,5 +1,6 @@
 """The demo's scripted fallback runs the same task end to end through the CLI (the engine path is
 covered by test_agent_engine.py and by scripts/demo.sh)."""
+
 from __future__ import annotations
 
 import json
@@ -23,4 +24,20 @@ def test_demo_on_the_scripted_backend(tmp_path, monkeypatch):
     assert calls == ["write_file", "time__get_current_time", "bash", "read_file", "list_dir"]
     assert all(c["outcome"] == "ok" for step in summary["steps"] for c in step["calls"])
     (workspace,) = tmp_path.glob("*/workspace")
-    assert (workspace / "primes.txt").read_text().split() == ["2", "3", "5", "7", "11", "13", "17", "19", "23", "29", "31", "37", "41", "43", "47"]
+    assert (workspace / "primes.txt").read_text().split() == [
+        "2",
+        "3",
+        "5",
+        "7",
+        "11",
+        "13",
+        "17",
+        "19",
+        "23",
+        "29",
+        "31",
+        "37",
+        "41",
+        "43",
+        "47",
+    ]

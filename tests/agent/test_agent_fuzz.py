@@ -1,4 +1,5 @@
 """Whatever the model writes, the loop ends with a stop status and a readable trajectory, never a crash."""
+
 from __future__ import annotations
 
 import anyio
@@ -11,9 +12,22 @@ from agent.trajectory import read_events
 from encoding import StreamParser, ToolCallComplete
 from tools import tool
 
-SPECIALS = ["</think>", "<think>", "<｜end▁of▁sentence｜>", "<｜DSML｜tool_calls>", "</｜DSML｜tool_calls>",
-            '<｜DSML｜invoke name="echo">', "</｜DSML｜invoke>", '<｜DSML｜parameter name="text" string="true">',
-            '<｜DSML｜parameter name="n" string="false">', "</｜DSML｜parameter>", "\n\n", "{", '"', "<｜User｜>"]
+SPECIALS = [
+    "</think>",
+    "<think>",
+    "<｜end▁of▁sentence｜>",
+    "<｜DSML｜tool_calls>",
+    "</｜DSML｜tool_calls>",
+    '<｜DSML｜invoke name="echo">',
+    "</｜DSML｜invoke>",
+    '<｜DSML｜parameter name="text" string="true">',
+    '<｜DSML｜parameter name="n" string="false">',
+    "</｜DSML｜parameter>",
+    "\n\n",
+    "{",
+    '"',
+    "<｜User｜>",
+]
 
 
 @tool(parallel_safe=True)
@@ -66,8 +80,6 @@ def test_mangled_completions_never_crash_the_loop(tmp_path, first, second):
     assert events[0].event == "run_started" and events[-1].event == "exit"
 
 
-@pytest.mark.xfail(strict=True, reason="encoding: AppendOnlyEncoder.append rejects a call with an empty name "
-                   "that record_completion (tolerant) accepted; the loop can only end with status error")
 def test_a_call_with_a_garbled_name_is_survived(tmp_path):
     garbled = VALID.replace('<｜DSML｜invoke name="echo">', '<｜DSML｜invoke</｜DSML｜tool_calls> name="echo">', 1)
     assert "" in call_names(garbled)

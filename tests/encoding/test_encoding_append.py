@@ -167,6 +167,18 @@ def test_invalid_json_call_stays_in_history_and_gets_its_result(tok):
     assert tok.decode(appended) == "<｜User｜><tool_result>error: invalid JSON</tool_result><｜Assistant｜><think>"
 
 
+def test_call_with_a_garbled_name_gets_its_result(tok):
+    tools = [{"type": "function", "function": {"name": "bash", "parameters": {}}}]
+    enc = AppendOnlyEncoder(tok)
+    enc.prompt([{"role": "system", "content": "S", "tools": tools}, {"role": "user", "content": "hi"}])
+    message = enc.record_completion(tok.encode(
+        '</think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke</｜DSML｜tool_calls> name="bash">\n'
+        '</｜DSML｜invoke>\n</｜DSML｜tool_calls>' + EOS))
+    assert [c["function"]["name"] for c in message["tool_calls"]] == [""]
+    appended = enc.append([ToolMessage(tool_call_id="call_0_0", content="error: unreadable tool name")])
+    assert tok.decode(appended) == "<｜User｜><tool_result>error: unreadable tool name</tool_result><｜Assistant｜><think>"
+
+
 def test_calls_of_undeclared_tools_are_flagged(tok):
     enc = AppendOnlyEncoder(tok)
     enc.prompt([{"role": "user", "content": "hi"}])  # no tools at all

@@ -1,12 +1,8 @@
-"""Kernel tests run the Triton kernels through the interpreter on CPU (set before Triton is first
-imported: dsv4 imports kernels lazily, so nothing has yet), or compiled on a CUDA GPU when there
-is one. One torch thread: the CPU is shared."""
+"""Kernel tests share two CPU cores with other work: one torch thread. Without a GPU the kernels
+run in Triton's interpreter: the root tests/conftest.py sets TRITON_INTERPRET=1 before anything
+imports Triton."""
 from __future__ import annotations
-
-import os
 
 import torch
 
 torch.set_num_threads(1)
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
