@@ -258,7 +258,9 @@ class Engine:
                              **sampling: Any) -> AsyncIterator[tuple[int, int]]:
         """Decode several sessions together, one batched forward per step; yields
         (index into `sessions`, token id) as tokens are drawn. `params` is one SamplingParams for
-        all, one per session, or given as keyword arguments (max_tokens=, temperature=, ...)."""
+        all, one per session, or given as keyword arguments (max_tokens=, temperature=, ...).
+        The sessions are busy until the iterator ends: to stop early, close it
+        (`async with contextlib.aclosing(it)`)."""
         if params is None:
             params = SamplingParams(**sampling)
         elif sampling:
@@ -268,6 +270,8 @@ class Engine:
             raise ValueError(f"{len(plist)} SamplingParams for {len(sessions)} sessions")
         if len({id(s) for s in sessions}) != len(sessions):
             raise ValueError("generate_batch: the same session appears twice")
+        if any(s.engine is not self for s in sessions):
+            raise ValueError("generate_batch: a session belongs to another engine")
         decode = self.tokenizer.decode if any(p.stop_strings for p in plist) and self.tokenizer else None
         with ExitStack() as guards:
             for s in sessions:

@@ -163,7 +163,8 @@ class Session:
                  top_k: int = 0, seed: int | None = None, stop: Sequence[str | int] | str | int = (),
                  logits_processors: Sequence = (), ignore_eos: bool = False) -> AsyncIterator[int]:
         """Async iterator of generated token ids (see `SamplingParams` for the arguments).
-        Generated ids join the session as they are yielded; `finish_reason` tells why it ended."""
+        Generated ids join the session as they are yielded; `finish_reason` tells why it ended.
+        To stop early, close the iterator (`async with contextlib.aclosing(...)`)."""
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
                                 logits_processors=logits_processors)

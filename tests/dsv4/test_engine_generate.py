@@ -185,3 +185,15 @@ def test_engine_from_a_checkpoint_folder_with_its_tokenizer(tmp_path, prompt):
     stop = text[-2:] if len(text) >= 2 else text
     got = anyio.run(lambda: collect(s, max_tokens=6, temperature=0, ignore_eos=True, stop=[stop]))
     assert eng.tokenizer.decode(got).find(stop) >= 0 and got == free[:len(got)]
+
+
+def test_generate_batch_rejects_sessions_of_another_engine(engine, prompt):
+    other = Engine(engine.model)
+    sessions = [engine.new_session(prompt), other.new_session(prompt)]
+
+    async def main():
+        async for _ in engine.generate_batch(sessions, max_tokens=2):
+            pass
+
+    with pytest.raises(ValueError, match="another engine"):
+        anyio.run(main)
