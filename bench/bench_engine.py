@@ -417,7 +417,7 @@ def main(argv=None):
     args.deadline = time.time() + args.budget_s if args.budget_s else 0
     device = torch.device(args.device)
     clock = Clock(device)
-    attention.LOGIT_BUDGET = indexer.SCORE_BUDGET = args.workspace_elems
+    attention.LOGIT_BUDGET[device.type] = indexer.SCORE_BUDGET[device.type] = args.workspace_elems
     torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
     cfg = bench_config(args)
     for length in args.ttft:

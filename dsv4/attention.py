@@ -34,7 +34,9 @@ from dsv4.linear import Linear
 from dsv4.norm import RMSNorm, rms_normalize
 from dsv4.rope import apply_rope, inv_frequencies, rope_angles
 
-LOGIT_BUDGET = 1 << 24          # fp32 elements of one query block's [queries, heads, keys] logits
+# fp32 elements of one query block's [queries, heads, keys] logits, per device type: bounded whatever
+# the context length; a GPU gets larger blocks (fewer, bigger matmuls: 1 GiB of logits at most).
+LOGIT_BUDGET = {"cpu": 1 << 24, "cuda": 1 << 28}
 
 # Dispatch of the core softmax to the Triton kernel (kernels/sparse_attention.py): "cuda" = for
 # CUDA tensors when Triton is installed; "always" = any device Triton runs on (CPU only under
@@ -133,7 +135,7 @@ class Attention(nn.Module):
                 batch_first=True)                                               # [B,N,d]
         n_extra = picks.shape[-1] if picks is not None else (entries.shape[1] if self.kind == "hca" else 0)
         # per block: logits [B, T, H, W + T + n_extra], compressed keys [B, T, n_extra, d]
-        block = min(256, max(1, LOGIT_BUDGET // (B * (self.n_heads + self.head_dim) * (256 + W + n_extra))))
+        block = min(256, max(1, LOGIT_BUDGET.get(q.device.type, LOGIT_BUDGET['cpu']) // (B * (self.n_heads + self.head_dim) * (256 + W + n_extra))))
         positions = torch.tensor(starts, device=q.device)[:, None]              # [B,1]
         out = []
         for t0 in range(0, S, block):

@@ -8,7 +8,7 @@ over the visible entries j < (pos_t + 1) // 4; the top min(index_topk, visible) 
 other slots are -1. With `quant_sim`, q_I and K_j are Hadamard-rotated and FP4-rounded, as in
 training; the rotation alone would not change q . k.
 Scores are computed one block of queries at a time, so the workspace stays bounded by
-`SCORE_BUDGET` elements whatever the context length.
+`SCORE_BUDGET[device type]` elements whatever the context length.
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from dsv4.fakequant import fp4_fake_quant, hadamard_rotate
 from dsv4.linear import Linear
 from dsv4.rope import apply_rope
 
-SCORE_BUDGET = 1 << 24          # fp32 elements of one query block's [queries, heads, entries] scores
+# fp32 elements of one query block's [queries, heads, entries] scores, per device type (as
+# attention.LOGIT_BUDGET: larger blocks on a GPU)
+SCORE_BUDGET = {"cpu": 1 << 24, "cuda": 1 << 28}
 
 
 class Indexer(nn.Module):
@@ -63,7 +65,7 @@ class Indexer(nn.Module):
         k = min(self.topk, keys.shape[0])
         if k == 0:
             return torch.empty(S, 0, dtype=torch.long, device=q.device)
-        block = max(1, SCORE_BUDGET // (self.n_heads * keys.shape[0]))
+        block = max(1, SCORE_BUDGET.get(q.device.type, SCORE_BUDGET['cpu']) // (self.n_heads * keys.shape[0]))
         keys = keys.float()
         out = []
         for t0 in range(0, S, block):

@@ -226,6 +226,6 @@ def test_tiny_workspace_blocks_give_the_same_logits(model, long_run, monkeypatch
     import dsv4.attention
     import dsv4.indexer
     ids, full = long_run
-    monkeypatch.setattr(dsv4.attention, "LOGIT_BUDGET", 1)
-    monkeypatch.setattr(dsv4.indexer, "SCORE_BUDGET", 1)
+    monkeypatch.setitem(dsv4.attention.LOGIT_BUDGET, "cpu", 1)
+    monkeypatch.setitem(dsv4.indexer.SCORE_BUDGET, "cpu", 1)
     torch.testing.assert_close(_run_chunked(model, ids[:, :260], [200, 60]), full[:, :260], atol=ATOL, rtol=0)
