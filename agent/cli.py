@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable, List, Optional
 
 import anyio
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.panel import Panel
 
@@ -93,6 +94,10 @@ def run(
     device: Optional[str] = typer.Option(
         None, "--device", help="engine device: cpu, cuda, cuda:1 (default: cuda if present)"
     ),
+    temperature: float = typer.Option(1.0, "--temperature", help="engine sampling temperature; 0 = greedy"),
+    top_p: float = typer.Option(1.0, "--top-p", help="engine nucleus sampling mass"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="engine sampling seed (reproducible runs)"),
+    kv_fp8: bool = typer.Option(False, "--kv-fp8", help="store the compressed KV in FP8 (584-byte entries)"),
     sandbox: str = typer.Option("docker", "--sandbox", help="docker, local (no isolation) or none"),
     image: Optional[str] = typer.Option(None, "--image", help="docker image for the sandbox"),
     network: bool = typer.Option(False, "--network", help="give the docker sandbox network access"),
@@ -131,6 +136,12 @@ def run(
         if not task.strip():
             raise _usage_error("give a TASK (or --demo)")
         backend = _backend_spec(model, scripted, device)
+        if backend.kind == "engine":
+            try:
+                backend = BackendSpec.model_validate(
+                    {**backend.model_dump(), "temperature": temperature, "top_p": top_p, "seed": seed, "kv_fp8": kv_fp8})
+            except ValidationError as e:
+                raise _usage_error(f"bad sampling options: {e.errors()[0]['loc'][0]} {e.errors()[0]['msg']}") from None
         spec = RunSpec(backend=backend)
     if approve and yolo:
         raise _usage_error("--approve and --yolo contradict each other")

@@ -83,6 +83,7 @@ class EngineBackend:
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        kv_fp8: bool = False,
         forced: Sequence[str | list[int]] | None = None,
         label: str | None = None,
     ) -> None:
@@ -93,6 +94,7 @@ class EngineBackend:
         self.temperature = temperature
         self.top_p = top_p
         self.seed = seed
+        self.kv_fp8 = kv_fp8  # for a checkpoint path; an Engine passed in keeps its own KV format
         self.forced = ForcedTokens(forced) if forced is not None else None
         where = f"on {self.engine.device}" if self.engine is not None else f"{self.checkpoint} on {device}"
         self.label = label or f"embedded dsv4 engine ({where}), one resident KV session"
@@ -118,7 +120,7 @@ class EngineBackend:
 
         # CPU runs in float32 (no fast bf16 matmuls there); GPUs in bfloat16 like the release.
         dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
-        return Engine(self.checkpoint, device=self.device, dtype=dtype)
+        return Engine(self.checkpoint, device=self.device, dtype=dtype, kv_fp8=self.kv_fp8)
 
     async def prefill(self, ids: Sequence[int]) -> tuple[int, int]:
         before = self.session.cached_length
