@@ -385,12 +385,12 @@ class DSMLConstraint:
                     alts[f'invoke name="{tool.name}">\n<'] = ("dsml", ("params", tool.name, ()))
                 if not tool.required:
                     alts[f'invoke name="{tool.name}">\n\n</'] = ("dsml", ("invoke_end",))
-        elif kind == "params":  # after "<｜DSML｜": a parameter not given yet, with a flag its schema allows
+        elif kind == "params":  # after "<｜DSML｜": a parameter not given yet (`given` sorted: one key per set)
             _, name, given = key
             for param in self.tools[name].params:
                 if param.name not in given:
                     for flag in param.values:
-                        then = ("value", name, (*given, param.name), param.name, flag)
+                        then = ("value", name, tuple(sorted((*given, param.name))), param.name, flag)
                         alts[f'parameter name="{param.name}" string="{flag}">'] = then
         elif kind == "values":  # a finite value, then "</"
             _, name, given, param, flag = key

@@ -80,13 +80,12 @@ class ConstrainedDecoding:
 
     def __init__(self, constraint: DSMLConstraint) -> None:
         self.constraint = constraint
-        self._masks: dict[int, tuple[tuple[int, ...], Any]] = {}  # id(allowed) -> (allowed, index tensor)
+        self._masks: dict[int, tuple[tuple[int, ...], Any]] = {}  # id(ids) -> (ids, index tensor)
         self.start_turn(thinking=True)
 
     def start_turn(self, thinking: bool) -> None:
         self.constraint.reset(thinking)
         self.fed = 0
-        self.steps = 0
         self.constrained_steps = 0
 
     def __call__(self, generated: list[int], logits):  # (ids so far, logits[V]) -> logits[V]
@@ -95,7 +94,6 @@ class ConstrainedDecoding:
         for token in generated[self.fed:]:
             self.constraint.feed(token)
         self.fed = len(generated)
-        self.steps += 1
         allowed = self.constraint.allowed()
         if allowed is not None:
             self.constrained_steps += 1
@@ -108,19 +106,20 @@ class ConstrainedDecoding:
             return logits
         out = logits.clone()
         if rule.redirect:
-            moved = torch.tensor([rule.redirect_to, *rule.redirect], device=logits.device)
-            out[rule.redirect_to] = torch.logsumexp(logits[moved].float(), dim=0).to(logits.dtype)
-            out[list(rule.redirect)] = float("-inf")
-        out[list(rule.banned)] = float("-inf")
+            moved = self._index(rule.redirect, logits.device)
+            mass = torch.logsumexp(torch.cat([logits[rule.redirect_to : rule.redirect_to + 1], logits[moved]]), dim=0)
+            out[rule.redirect_to] = mass
+            out[moved] = float("-inf")
+        out[self._index(rule.banned, logits.device)] = float("-inf")
         return out
 
-    def _index(self, allowed: tuple[int, ...], device):
-        # The constraint hands out the same cached tuple for the same point: one tensor per tuple.
-        entry = self._masks.get(id(allowed))
-        if entry is None or entry[0] is not allowed or entry[1].device != device:
+    def _index(self, ids: tuple[int, ...], device):
+        # The constraint hands out the same cached tuples for the same point: one tensor per tuple.
+        entry = self._masks.get(id(ids))
+        if entry is None or entry[0] is not ids or entry[1].device != device:
             import torch
 
-            entry = self._masks[id(allowed)] = (allowed, torch.tensor(allowed, dtype=torch.long, device=device))
+            entry = self._masks[id(ids)] = (ids, torch.tensor(ids, dtype=torch.long, device=device))
         return entry[1]
 
     def info(self) -> dict[str, Any]:

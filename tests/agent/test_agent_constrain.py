@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from agent import Agent, AgentConfig
-from agent.backends.engine import EngineBackend
+from agent.backends.engine import ConstrainedDecoding, EngineBackend
 from agent.spec import BackendSpec, build_backend
 from agent.trajectory import EngineCall, read_events
 from dsv4 import Engine, ModelConfig
 from dsv4.testing import write_random_checkpoint
-from encoding import DSMLParseError, StreamParser, Tokenizer
+from encoding import DSMLConstraint, DSMLParseError, StreamParser, Tokenizer
 from encoding.tokens import EOS
 from tools import tool
 
@@ -151,6 +151,28 @@ async def test_without_the_constraint_the_same_model_writes_no_valid_call(engine
         assert call.calls or call.incomplete_call, (seed, call.text)  # the steered call was attempted
         assert not any(c.error is None for c in call.calls), (seed, call.text)  # and never came out valid
         assert "constrained_steps" not in call.backend_info
+
+
+def test_the_processor_masks_choice_points_and_moves_markup_mass_onto_think_end():
+    tok = Tokenizer.default()
+    processor = ConstrainedDecoding(DSMLConstraint(tok, [t.openai_schema() for t in TOOLS]))
+    processor.start_turn(thinking=True)
+    logits = torch.randn(tok.vocab_size, dtype=torch.float64)
+    reasoning = tok.encode("plan it\n\n<")
+    out = processor(reasoning, logits)
+    moved = [tok.think_end_id, tok.dsml_id, tok.eos_id]
+    assert torch.isclose(out[tok.think_end_id], torch.logsumexp(logits[moved], 0), rtol=1e-12, atol=0)
+    assert out[tok.dsml_id] == out[tok.eos_id] == out[tok.bos_id] == float("-inf")
+    others = torch.ones(tok.vocab_size, dtype=torch.bool)
+    others[moved + [tok.bos_id, tok.think_start_id]] = False
+    assert torch.equal(out[others], logits[others])  # free text keeps the model's distribution
+    ids = reasoning + tok.encode('</think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="set_mode')
+    out = processor(ids, logits)
+    allowed = set(processor.constraint.allowed())
+    finite = set(torch.nonzero(out > float("-inf")).flatten().tolist())
+    assert finite == allowed and {tok.decode([i]) for i in allowed} >= {"_", '">\n'}
+    assert torch.equal(out[sorted(allowed)], logits[sorted(allowed)])
+    assert processor.info() == {"constrained_steps": 1, "constraint_released": False}
 
 
 def test_the_switch_reaches_the_engine_backend():
