@@ -175,7 +175,19 @@ def test_the_processor_masks_choice_points_and_moves_markup_mass_onto_think_end(
     assert processor.info() == {"constrained_steps": 1, "constraint_released": False}
 
 
-def test_the_switch_reaches_the_engine_backend():
+def test_the_switch_reaches_the_engine_backend(tmp_path):
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    ckpt = tmp_path / "not-a-checkpoint"
+    ckpt.mkdir()
+    for flags, expected in (([], True), (["--no-constrain"], False)):
+        out = tmp_path / f"runs{expected}"
+        result = CliRunner().invoke(app, ["run", "t", "--model", str(ckpt), "--sandbox", "none", "-o", str(out), *flags])
+        assert result.exit_code == 1, result.output  # no weights there; the spec is saved all the same
+        (trajectory,) = out.glob("*/trajectory.jsonl")
+        assert read_events(trajectory)[0].spec["backend"]["constrain"] is expected
     assert build_backend(BackendSpec(kind="engine", model="/ckpt")).constrain is True
     assert build_backend(BackendSpec(kind="engine", model="/ckpt", constrain=False)).constrain is False
     assert json.loads(BackendSpec(kind="engine", model="/x").model_dump_json())["constrain"] is True
