@@ -227,10 +227,14 @@ class EngineBackend:
         return info
 
     def _constrain_to(self, prompt: Sequence[int]) -> None:
-        """Build the constraint from the tools the prompt renders (none: decoding stays free)."""
+        """Build the constraint from the tools the prompt renders (none: decoding stays free). Only the
+        text before the first assistant turn counts: a tool result may quote a tools block."""
         from encoding import DSMLConstraint, tools_from_prompt
 
-        tools = tools_from_prompt(self._tokenizer.decode(list(prompt)))
+        prompt = list(prompt)
+        if self._tokenizer.assistant_id in prompt:
+            prompt = prompt[: prompt.index(self._tokenizer.assistant_id)]
+        tools = tools_from_prompt(self._tokenizer.decode(prompt))
         self.constrained = ConstrainedDecoding(DSMLConstraint(self._tokenizer, tools)) if tools else None
 
     async def restore(self, history: Sequence[int], turns_done: int) -> None:
