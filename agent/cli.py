@@ -96,6 +96,7 @@ def run(
     ),
     temperature: float = typer.Option(1.0, "--temperature", help="engine sampling temperature; 0 = greedy"),
     top_p: float = typer.Option(1.0, "--top-p", help="engine nucleus sampling mass"),
+    no_constrain: bool = typer.Option(False, "--no-constrain", help="engine: decode tool calls without the DSML grammar"),
     seed: Optional[int] = typer.Option(None, "--seed", help="engine sampling seed (reproducible runs)"),
     kv_fp8: bool = typer.Option(False, "--kv-fp8", help="store the compressed KV in FP8 (584-byte entries)"),
     sandbox: str = typer.Option("docker", "--sandbox", help="docker, local (no isolation) or none"),
@@ -142,7 +143,7 @@ def run(
                     {**backend.model_dump(), "temperature": temperature, "top_p": top_p, "seed": seed, "kv_fp8": kv_fp8})
             except ValidationError as e:
                 raise _usage_error(f"bad sampling options: {e.errors()[0]['loc'][0]} {e.errors()[0]['msg']}") from None
-        spec = RunSpec(backend=backend)
+        spec = RunSpec(backend=backend.model_copy(update={"constrain": not no_constrain}))
     if approve and yolo:
         raise _usage_error("--approve and --yolo contradict each other")
     if sandbox not in ("docker", "local", "none"):
