@@ -1,7 +1,7 @@
 """`dsv4-agent`: run, resume, replay and inspect agent runs; `sandbox` manages the Docker sandboxes.
 
 Exit codes (also written to each trajectory's exit event): 0 completed, 1 error, 2 usage,
-3 max_steps, 4 max_tokens, 5 timeout, 6 format_error, 7 stuck, 130 interrupted.
+3 max_steps, 4 max_tokens, 5 timeout, 6 format_error, 7 stuck, 8 context_full, 130 interrupted.
 """
 
 from __future__ import annotations

@@ -19,10 +19,12 @@ turns are not constrained.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Sequence
 
 import anyio
 
+from agent.backends.base import ContextFull
 from agent.backends.scripted import ScriptExhausted
 
 if TYPE_CHECKING:
@@ -192,7 +194,8 @@ class EngineBackend:
             self._constrain_to(ids)
         before = self.session.cached_length
         # The last token of the previous turn (drawn, never fed) is pending: it is computed here too.
-        await self.session.aappend(list(ids))
+        with _context_full_on_limits():
+            await self.session.aappend(list(ids))
         return self.session.cached_length - before, before
 
     async def decode(self, max_tokens: int) -> AsyncIterator[int]:
@@ -215,8 +218,9 @@ class EngineBackend:
             logits_processors=processors,
         )
         async with aclosing(tokens):  # releases the session even when the loop stops early
-            async for token in tokens:
-                yield token
+            with _context_full_on_limits():
+                async for token in tokens:
+                    yield token
 
     def turn_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"session_tokens": len(self.session), "kv_bytes": self.session.kv_bytes()}
@@ -253,3 +257,14 @@ class EngineBackend:
         if self.session is not None:
             self.session.close()
             self.session = None
+
+
+@contextmanager
+def _context_full_on_limits() -> Iterator[None]:
+    """The engine's length and KV-budget errors, as the loop's `ContextFull` (the session is unchanged)."""
+    from dsv4.errors import ContextLengthExceeded, KVBudgetExceeded
+
+    try:
+        yield
+    except (ContextLengthExceeded, KVBudgetExceeded) as e:
+        raise ContextFull(str(e)) from e
