@@ -13,7 +13,7 @@ Counted per decode step, on any device (a TorchDispatchMode sees every aten op t
 On CUDA also the profiler's runtime calls per step (cudaLaunchKernel & co, cudaMemcpyAsync,
 cudaStreamSynchronize) and the time per step (median of --steps after warm-up) -> tokens/s.
 
-CPU (tiny config): python bench/bench_decode.py --batch 1,32
+CPU (tiny dims): python bench/bench_decode.py --batch 1,32 [--moe-dispatch]
 GPU (Flash dims, 4 layers CSA/HCA/CSA/HCA, 64 experts, bf16):
     python bench/bench_decode.py --device cuda --batch 1,32,64 --out $OUT/decode.json
 """
@@ -46,13 +46,31 @@ SYNC_OPS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.nonze
 
 
 def config(args) -> ModelConfig:
-    if args.device == "cpu" and not args.flash:
-        base = ModelConfig.tiny()
-        return base.replace(n_mtp_layers=0, compress_ratios=base.compress_ratios[:base.n_layers])
+    """The engine bench's decode model: `--layers` layers alternating CSA / HCA, `--experts` routed
+    experts, top-6, the first 3 layers hash-routed, no MTP. Flash dims (bf16) on CUDA or with
+    --flash; on CPU by default the tiny dims with the same layer pattern and routing, so the op
+    counts are those of the GPU model."""
     ratios = tuple(4 if i % 2 == 0 else 128 for i in range(args.layers))
-    return ModelConfig.flash().replace(n_layers=args.layers, n_mtp_layers=0, compress_ratios=ratios,
-                                       n_hash_layers=min(3, args.layers),
-                                       n_routed_experts=args.experts, dtype="bf16", expert_dtype=None)
+    layout = dict(n_layers=args.layers, n_mtp_layers=0, compress_ratios=ratios, n_hash_layers=min(3, args.layers),
+                  n_routed_experts=args.experts, n_activated_experts=6)
+    if args.device == "cpu" and not args.flash:
+        return ModelConfig.tiny().replace(**layout)
+    return ModelConfig.flash().replace(**layout, dtype="bf16", expert_dtype=None)
+
+
+def use_moe_dispatch() -> None:
+    """The proposed switch-over in dsv4/moe.py (MoE.forward's loop -> dsv4.moe_dispatch)."""
+    from dsv4.moe import MoE
+    from dsv4.moe_dispatch import routed_experts
+
+    def forward(self, x, token_ids):
+        flat = x.reshape(-1, x.shape[-1])
+        weights, experts = self.gate(flat, token_ids.reshape(-1))
+        y = routed_experts(flat, weights, experts, self.experts)
+        y += self.shared_experts(flat).float()
+        return y.to(x.dtype).view_as(x)
+
+    MoE.forward = forward
 
 
 def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -193,6 +211,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="CPU torch threads")
+    p.add_argument("--moe-dispatch", action="store_true",
+                   help="route the MoE through dsv4/moe_dispatch.py (the switch-over proposed for moe.py)")
     p.add_argument("--label", default="", help="free text stored with the results (e.g. the commit)")
     p.add_argument("--out", type=Path, default=None, help="JSON results")
     args = p.parse_args()
@@ -202,12 +222,14 @@ def main() -> None:
     context = args.context or (4096 if cuda else 300)
     steps = args.steps or (20 if cuda else 5)
     cfg = config(args)
+    if args.moe_dispatch:
+        use_moe_dispatch()
     model = build_model(cfg, device, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "label": args.label, "torch": torch.__version__, "machine": platform.node(),
+               "label": args.label, "moe_dispatch": args.moe_dispatch, "torch": torch.__version__, "machine": platform.node(),
                "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
                "config": {"n_layers": cfg.n_layers, "dim": cfg.dim, "compress_ratios": cfg.compress_ratios,
-                          "n_routed_experts": cfg.n_routed_experts}, "context": context, "batch": {}}
+                          "n_routed_experts": cfg.n_routed_experts, "n_activated_experts": cfg.n_activated_experts}, "context": context, "batch": {}}
     for batch in [int(b) for b in args.batch.split(",")]:
         caches = make_caches(model, batch, context, device)
         nxt = torch.randint(0, cfg.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(2)).to(device)
