@@ -6,8 +6,9 @@ b % 9 more tokens, so the rows cross compression boundaries at different steps),
 measured step is `model(next_ids [B,1], caches, last_only=True)` + greedy argmax.
 
 Counted per decode step, on any device (a TorchDispatchMode sees every aten op the model runs):
-  - ops: aten ops that compute (views and empty allocations excluded): the proxy for GPU kernel
-    launches, split by the dsv4 file whose code issued them (innermost dsv4 frame);
+  - ops: aten ops that compute: in-place ops and ops returning new data (views, no-op casts and
+    empty allocations excluded). The proxy for GPU kernel launches (a composite such as einsum
+    counts once), split by the dsv4 file whose code issued them (innermost dsv4 frame);
   - syncs: ops that make the host wait for the device: `.item()` / int(t),
     `.tolist()`, nonzero / torch.where(cond), unique, boolean-mask indexing, masked_select.
 On CUDA also the profiler's runtime calls per step (cudaLaunchKernel & co, cudaMemcpyAsync,
@@ -47,15 +48,15 @@ SYNC_OPS = {"aten._local_scalar_dense.default", "aten.item.default", "aten.nonze
 
 def config(args) -> ModelConfig:
     """The engine bench's decode model: `--layers` layers alternating CSA / HCA, `--experts` routed
-    experts, top-6, the first 3 layers hash-routed, no MTP. Flash dims (bf16) on CUDA or with
-    --flash; on CPU by default the tiny dims with the same layer pattern and routing, so the op
-    counts are those of the GPU model."""
+    experts, top-6, the first 3 layers hash-routed, no MTP, bf16. Flash dims on CUDA or with
+    --flash; on CPU by default the tiny dims with the same layer pattern, routing and dtypes, so
+    the op counts are those of the GPU model."""
     ratios = tuple(4 if i % 2 == 0 else 128 for i in range(args.layers))
     layout = dict(n_layers=args.layers, n_mtp_layers=0, compress_ratios=ratios, n_hash_layers=min(3, args.layers),
-                  n_routed_experts=args.experts, n_activated_experts=6)
+                  n_routed_experts=args.experts, n_activated_experts=6, dtype="bf16", expert_dtype=None)
     if args.device == "cpu" and not args.flash:
         return ModelConfig.tiny().replace(**layout)
-    return ModelConfig.flash().replace(**layout, dtype="bf16", expert_dtype=None)
+    return ModelConfig.flash().replace(**layout)
 
 
 def use_moe_dispatch() -> None:
@@ -102,6 +103,18 @@ def _caller_file() -> str:
     return "outside dsv4"
 
 
+def _storages(tree) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves(tree)
+            if isinstance(t, torch.Tensor) and t.numel()}
+
+
+def _aliases(out, args) -> bool:
+    """True when every tensor the op returned is a view of one of its inputs (no new data: a
+    view, or a `.to()` / `.contiguous()` that had nothing to do)."""
+    outs = _storages(out)
+    return bool(outs) and outs <= _storages(args)
+
+
 class OpCounter(TorchDispatchMode):
     """Counts computing aten ops by dsv4 file, and host-syncing ops (see the module doc)."""
 
@@ -115,9 +128,10 @@ class OpCounter(TorchDispatchMode):
         if name in SYNC_OPS or (name.startswith("aten.index.Tensor") and any(
                 i is not None and i.dtype == torch.bool for i in args[1])):
             self.syncs[f"{_caller_file()}: {name}"] += 1
-        if not func.is_view and name not in NO_LAUNCH:
+        out = func(*args, **(kwargs or {}))
+        if name not in NO_LAUNCH and (func._schema.is_mutable or not _aliases(out, args)):
             self.ops[_caller_file()] += 1
-        return func(*args, **(kwargs or {}))
+        return out
 
     def __enter__(self):
         # .tolist() never reaches the dispatcher: count it at the Python level
