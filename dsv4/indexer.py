@@ -49,7 +49,8 @@ class Indexer(nn.Module):
         weights = self.weights_proj(x).float() * self.weight_scale            # [B,S,Hi]
         new_keys = self.compressor(x, starts, [c.indexer_compressor for c in caches], inv_freq)
         for cache, new in zip(caches, new_keys):
-            cache.indexer_keys.append(new)
+            if new.shape[0]:            # most decode steps add no key (an FP4 cache would still pack)
+                cache.indexer_keys.append(new)
         return self._top_entries(q, weights, self._keys(caches), starts)
 
     @staticmethod

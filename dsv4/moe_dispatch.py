@@ -27,7 +27,7 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
     outputs, start = [], 0
     for e, n in enumerate(counts):
         if n:
-            outputs.append(modules[e](inputs[start:start + n], w[start:start + n]).float())
+            outputs.append(modules[e](inputs[start:start + n], w[start:start + n]))
             start += n
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    return y.index_add_(0, rows, torch.cat(outputs))
+    return y.index_add_(0, rows, torch.cat(outputs).float())        # one cast for all experts
