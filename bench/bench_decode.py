@@ -232,6 +232,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = True          # as bench_engine.py's decode figures
     cuda = device.type == "cuda"
     context = args.context or (4096 if cuda else 300)
     steps = args.steps or (20 if cuda else 5)
@@ -255,7 +256,8 @@ def main() -> None:
         step_s = time_steps(model, caches, nxt, steps, device)
         row |= {"step_ms": 1000 * step_s, "tokens_per_s": batch / step_s}
         results["batch"][str(batch)] = row
-        extra = f", {row['cuda']['launches']:.0f} launches, {row['cuda']['syncs']:.0f} stream syncs" if cuda else ""
+        extra = (f", {row['cuda'].get('launches', 0):.0f} launches, {row['cuda'].get('syncs', 0):.0f} stream syncs"
+                 if cuda else "")
         print(f"batch {batch}: {row['ops']} ops, {row['syncs']} syncs{extra} per step; "
               f"{row['step_ms']:.2f} ms/step, {row['tokens_per_s']:.1f} tok/s", flush=True)
         print("   ops by file:", row["ops_by_file"])
