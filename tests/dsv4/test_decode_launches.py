@@ -1,29 +1,19 @@
 """Decode issues few ops: the Sinkhorn projection in its eps frame equals the textbook loop (float64
-reference), and a batched decode step's ops from mHC, the compressor and the indexer do not grow
-with the batch, with no host sync from them (counted by bench/bench_decode.py's OpCounter)."""
+reference), so does the opt-in compiled one, and a batched decode step's ops from mHC, the
+compressor and the indexer do not grow with the batch, with no host sync from them (counted by
+bench/bench_decode.py's OpCounter)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bench.bench_decode import OpCounter
+from dsv4 import mhc
 from dsv4.config import ModelConfig
-from dsv4.mhc import sinkhorn_split
+from dsv4.mhc import sinkhorn_reference, sinkhorn_split
 
 CFG = ModelConfig.tiny()
 OWN = ("mhc", "compressor", "indexer", "rope", "norm")
-
-
-def _sinkhorn_reference(mixes, scale, base, hc, iters, eps):
-    """The loop as the reference writes it (sum, + eps, divide; columns first and last), float64."""
-    mixes, scale, base = mixes.double(), scale.double(), base.double()
-    pre = torch.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
-    post = 2 * torch.sigmoid(mixes[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
-    comb = (mixes[..., 2 * hc:].unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc:].view(hc, hc)).softmax(-1) + eps
-    comb = comb / (comb.sum(-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(-2, keepdim=True) + eps)
-    return pre, post, comb
 
 
 def test_sinkhorn_frame_matches_float64_reference():
@@ -33,11 +23,30 @@ def test_sinkhorn_frame_matches_float64_reference():
     scale, base = 0.5 + torch.rand(3, generator=g), torch.randn((2 + hc) * hc, generator=g)
     for iters in (1, 2, 20):
         got = sinkhorn_split(mixes, scale, base, hc, iters, 1e-6)
-        want = _sinkhorn_reference(mixes, scale, base, hc, iters, 1e-6)
+        want = sinkhorn_reference(mixes.double(), scale, base, hc, iters, 1e-6)
         for g_, w in zip(got, want):
             assert g_.dtype == torch.float32
             torch.testing.assert_close(g_.double(), w, atol=2e-6, rtol=0)
     torch.testing.assert_close(got[2].sum(-2), torch.ones(5, 7, hc), atol=1e-5, rtol=0)   # columns sum to 1
+
+
+@pytest.mark.slow
+def test_compiled_sinkhorn_matches_eager_hc_pre():
+    """The opt-in torch.compile path (one compile, ~15 s on CPU) gives hc_pre's results."""
+    g = torch.Generator().manual_seed(23)
+    h = torch.randn(3, 1, CFG.hc_mult, 64, generator=g).bfloat16()
+    fn = torch.randn((2 + CFG.hc_mult) * CFG.hc_mult, CFG.hc_mult * 64, generator=g) * 0.06
+    scale, base = 0.5 + torch.rand(3, generator=g), torch.randn(fn.shape[0], generator=g)
+    kw = dict(iters=CFG.hc_sinkhorn_iters, norm_eps=CFG.norm_eps, hc_eps=CFG.hc_eps)
+    eager = mhc.hc_pre(h, fn, scale, base, **kw)
+    try:
+        mhc.use_compiled_sinkhorn(True)
+        with torch.inference_mode():
+            compiled = mhc.hc_pre(h, fn, scale, base, **kw)
+    finally:
+        mhc.use_compiled_sinkhorn(False)
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c.float(), e.float(), atol=2e-6, rtol=0)
 
 
 def _step_counts(model, starts: list[int]) -> OpCounter:
