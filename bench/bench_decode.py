@@ -10,7 +10,8 @@ Counted per decode step, on any device (a TorchDispatchMode sees every aten op t
     empty allocations excluded). The proxy for GPU kernel launches (a composite such as einsum
     counts once), split by the dsv4 file whose code issued them (innermost dsv4 frame);
   - syncs: ops that make the host wait for the device: `.item()` / int(t),
-    `.tolist()`, nonzero / torch.where(cond), unique, boolean-mask indexing, masked_select.
+    `.tolist()`, nonzero / torch.where(cond), unique, boolean-mask indexing, masked_select, and
+    on a GPU blocking host-to-device copies (`torch.tensor(list, device="cuda")`, `t.to("cuda")`).
 On CUDA also the profiler's runtime calls per step (cudaLaunchKernel & co, cudaMemcpyAsync,
 cudaStreamSynchronize) and the time per step (median of --steps after warm-up) -> tokens/s.
 
@@ -115,6 +116,18 @@ def _aliases(out, args) -> bool:
     return bool(outs) and outs <= _storages(args)
 
 
+def _blocking_upload(name: str, args, kwargs: dict) -> bool:
+    """A CPU -> GPU copy without non_blocking ends in cudaStreamSynchronize: `t.to(device)`, or
+    `torch.tensor(values, device=...)` (seen only as the detach_ of its freshly made result)."""
+    if name == "aten.detach_.default":
+        return args[0].device.type != "cpu"
+    if not name.startswith(("aten.to.", "aten._to_copy")) or not isinstance(args[0], torch.Tensor):
+        return False
+    device = kwargs.get("device", next((a for a in args[1:] if isinstance(a, torch.device)), None))
+    return (args[0].device.type == "cpu" and device is not None and torch.device(device).type != "cpu"
+            and not kwargs.get("non_blocking", False))
+
+
 class OpCounter(TorchDispatchMode):
     """Counts computing aten ops by dsv4 file, and host-syncing ops (see the module doc)."""
 
@@ -128,6 +141,8 @@ class OpCounter(TorchDispatchMode):
         if name in SYNC_OPS or (name.startswith("aten.index.Tensor") and any(
                 i is not None and i.dtype == torch.bool for i in args[1])):
             self.syncs[f"{_caller_file()}: {name}"] += 1
+        if _blocking_upload(name, args, kwargs or {}):
+            self.syncs[f"{_caller_file()}: blocking host-to-device copy"] += 1
         out = func(*args, **(kwargs or {}))
         if name not in NO_LAUNCH and (func._schema.is_mutable or not _aliases(out, args)):
             self.ops[_caller_file()] += 1

@@ -21,6 +21,7 @@ from torch import nn
 from dsv4.cache import CompressorState
 from dsv4.config import ModelConfig
 from dsv4.fakequant import fp4_fake_quant, fp8_fake_quant, hadamard_rotate
+from dsv4.host_ints import device_ints
 from dsv4.linear import Linear
 from dsv4.norm import RMSNorm
 from dsv4.rope import apply_rope, rope_angles
@@ -46,7 +47,7 @@ class Compressor(nn.Module):
         [n_b, head_dim] (x's dtype), numbered from starts[b] // m on; updates `states`."""
         xf = x.float()                                            # the compressor runs in fp32
         kv, score = self.wkv(xf).float(), self.wgate(xf).float()  # [B,S,c*d]
-        positions = torch.tensor(starts, device=x.device)[:, None] + torch.arange(x.shape[1], device=x.device)
+        positions = device_ints(starts, x.device)[:, None] + torch.arange(x.shape[1], device=x.device)
         score = score + self.ape[positions % self.ratio]
         if x.shape[1] == 1:
             return self._decode(kv[:, 0], score[:, 0], starts, states, x.dtype, inv_freq)
@@ -58,7 +59,7 @@ class Compressor(nn.Module):
             first_positions += [(first + i) * self.ratio for i in range(rows.shape[0])]
         # all rows' new entries at once: norm, RoPE at each block's first position, simulation
         entries = self._finish(torch.cat(pooled).to(x.dtype),
-                               torch.tensor(first_positions, dtype=torch.long, device=x.device), inv_freq)
+                               device_ints(first_positions, x.device), inv_freq)
         return list(entries.split([r.shape[0] for r in pooled]))
 
     def _decode(self, kv: torch.Tensor, score: torch.Tensor, starts: list[int], states: list[CompressorState],
@@ -89,7 +90,7 @@ class Compressor(nn.Module):
         blank_score = kv.new_full((m, kv.shape[-1]), float("-inf"))
         torch._foreach_copy_([states[b].kv[cur:] for b in done] + [states[b].score[cur:] for b in done],
                              [blank_kv] * len(done) + [blank_score] * len(done))
-        first_positions = torch.tensor([starts[b] - (m - 1) for b in done], device=kv.device)
+        first_positions = device_ints([starts[b] - (m - 1) for b in done], kv.device)
         entries = self._finish(pooled.to(dtype), first_positions, inv_freq)
         out = [none] * len(starts)
         for i, b in enumerate(done):

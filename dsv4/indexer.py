@@ -19,6 +19,7 @@ from dsv4.cache import LayerCache
 from dsv4.compressor import Compressor
 from dsv4.config import ModelConfig
 from dsv4.fakequant import fp4_fake_quant, hadamard_rotate
+from dsv4.host_ints import device_ints
 from dsv4.linear import Linear
 from dsv4.rope import apply_rope
 
@@ -65,7 +66,7 @@ class Indexer(nn.Module):
         offsets = [sum(counts[:b]) for b in range(len(counts))]
         device = views[0].device
         joined = torch.cat(views)                                                # [sum N_b, di]
-        index = torch.tensor(offsets, device=device)[:, None] + torch.arange(max(counts), device=device)
+        index = device_ints(offsets, device)[:, None] + torch.arange(max(counts), device=device)
         return joined[index.clamp_(max=joined.shape[0] - 1)], counts
 
     def _top_entries(self, q: torch.Tensor, weights: torch.Tensor, keys: tuple[torch.Tensor, list[int]],
@@ -79,7 +80,7 @@ class Indexer(nn.Module):
             return torch.empty(B, S, 0, dtype=torch.long, device=q.device)
         N = keys.shape[1]
         # entries visible to query t of row b: j < (starts[b] + t + 1) // m (<= counts[b])
-        positions = torch.tensor(starts, device=q.device)[:, None] + torch.arange(1, S + 1, device=q.device)
+        positions = device_ints(starts, q.device)[:, None] + torch.arange(1, S + 1, device=q.device)
         visible = (positions // self.ratio)[..., None]                           # [B,S,1]
         block = max(1, SCORE_BUDGET.get(q.device.type, SCORE_BUDGET['cpu']) // (B * self.n_heads * N))
         keys = keys.float()
