@@ -93,6 +93,7 @@ def run(
     device: Optional[str] = typer.Option(
         None, "--device", help="engine device: cpu, cuda, cuda:1 (default: cuda if present)"
     ),
+    tp: int = typer.Option(1, "--tp", help="tensor-parallel ranks for --model: one process and GPU each"),
     sandbox: str = typer.Option("docker", "--sandbox", help="docker, local (no isolation) or none"),
     image: Optional[str] = typer.Option(None, "--image", help="docker image for the sandbox"),
     network: bool = typer.Option(False, "--network", help="give the docker sandbox network access"),
@@ -130,7 +131,7 @@ def run(
     else:
         if not task.strip():
             raise _usage_error("give a TASK (or --demo)")
-        backend = _backend_spec(model, scripted, device)
+        backend = _backend_spec(model, scripted, device, tp)
         spec = RunSpec(backend=backend)
     if approve and yolo:
         raise _usage_error("--approve and --yolo contradict each other")
@@ -170,7 +171,9 @@ def run(
     _finish(_run_agent(spec, output_dir, lambda agent: agent.run(task, run_id=run_id), as_json))
 
 
-def _backend_spec(model: Path | None, scripted: Path | None, device: str | None) -> BackendSpec:
+def _backend_spec(model: Path | None, scripted: Path | None, device: str | None, tp: int = 1) -> BackendSpec:
+    if tp < 1 or (tp > 1 and not model):
+        raise _usage_error(f"--tp must be >= 1 and needs --model, got --tp {tp}")
     if model and scripted:
         raise _usage_error("--model and --scripted are two different backends; pick one")
     if scripted:
@@ -188,7 +191,7 @@ def _backend_spec(model: Path | None, scripted: Path | None, device: str | None)
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return BackendSpec(kind="engine", model=str(model.absolute()), device=device)
+        return BackendSpec(kind="engine", model=str(model.absolute()), device=device, tp=tp)
     raise _usage_error("no model: pass --model PATH (a DSV4 checkpoint), --scripted FILE, or --demo")
 
 

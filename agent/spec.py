@@ -27,6 +27,7 @@ class BackendSpec(BaseModel):
     )
     token_delay_s: float = Field(0.0, description="scripted pacing, for demos")
     seed: int | None = Field(None, description="sampling seed (engine)")
+    tp: int = Field(1, ge=1, description="tensor-parallel ranks, one GPU each (engine; dsv4/spmd.py)")
 
 
 class SandboxSpec(BaseModel):
@@ -61,7 +62,7 @@ def build_backend(spec: BackendSpec) -> Any:
 
     if spec.model is None:
         raise ValueError("an engine backend needs a checkpoint: pass --model PATH")
-    return EngineBackend(spec.model, device=spec.device, seed=spec.seed)
+    return EngineBackend(spec.model, device=spec.device, seed=spec.seed, tp=spec.tp)
 
 
 def build_sandbox(spec: SandboxSpec) -> Any:

@@ -85,11 +85,13 @@ class EngineBackend:
         seed: int | None = None,
         forced: Sequence[str | list[int]] | None = None,
         label: str | None = None,
+        tp: int = 1,
     ) -> None:
         # `engine` is a dsv4.Engine, or a checkpoint path loaded on `device` by start() (interruptible).
         self.engine = None if isinstance(engine, (str, os.PathLike)) else engine
         self.checkpoint = None if self.engine is not None else str(engine)
         self.device = device
+        self.tp = tp  # tensor-parallel ranks for a checkpoint path (dsv4.Engine(path, tp=N))
         self.temperature = temperature
         self.top_p = top_p
         self.seed = seed
@@ -118,7 +120,7 @@ class EngineBackend:
 
         # CPU runs in float32 (no fast bf16 matmuls there); GPUs in bfloat16 like the release.
         dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
-        return Engine(self.checkpoint, device=self.device, dtype=dtype)
+        return Engine(self.checkpoint, device=self.device, dtype=dtype, tp=self.tp)
 
     async def prefill(self, ids: Sequence[int]) -> tuple[int, int]:
         before = self.session.cached_length
