@@ -26,6 +26,7 @@ single-process figure; the whole group holds W copies).
 """
 from __future__ import annotations
 
+import math
 import os
 import queue
 import re
@@ -301,3 +302,20 @@ def _parent_watchdog(parent: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="dsv4-parent-watchdog").start()
+
+
+def rank_bytes(cfg: Any, world: int) -> list[int]:
+    """Checkpoint bytes each rank reads (the release layout of `cfg`, stored dtypes), rank order;
+    raises ValueError when the split does not divide or cuts an FP8 block."""
+    from dsv4.checkpoint import ST_DTYPES, checkpoint_layout      # checkpoint imports this module
+
+    headers = {s.name: (s.dtype, s.shape) for s in checkpoint_layout(cfg)}
+    out = []
+    for rank in range(world):
+        tp = TensorParallel(rank, world)
+        tp.check(cfg)
+        local, _, problems = shard_headers(headers, tp, cfg.n_routed_experts)
+        if problems:
+            raise ValueError(f"cannot split over {world} ranks: {problems[0]}")
+        out.append(sum(math.prod(shape) * ST_DTYPES[code].itemsize for code, shape in local.values()))
+    return out

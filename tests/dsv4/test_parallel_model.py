@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsv4 import CheckpointError, ModelConfig, Transformer, load_model
-from dsv4.parallel import TensorParallel, expert_of, launch, split_dim
+from dsv4.parallel import TensorParallel, expert_of, launch, rank_bytes, split_dim
 from dsv4.testing import write_random_checkpoint
 
 # tiny() with every split block-aligned for 2 and 4 ranks: wq_b / indexer wq_b rows 4 x 128,
@@ -120,3 +120,13 @@ def _fails_on_rank_1(tp: TensorParallel) -> int:
 def test_launch_reports_a_failing_rank():
     with pytest.raises(RuntimeError, match=r"rank 1:(.|\n)*KeyError: 'boom on rank 1'"):
         launch(_fails_on_rank_1, 2, timeout_s=60)
+
+
+def test_bytes_per_rank_of_the_release_models():
+    flash = ModelConfig.flash()
+    full, = rank_bytes(flash, 1)
+    per_rank = rank_bytes(flash, 8)
+    assert len(set(per_rank)) == 1                      # an even split
+    assert full / 8 < per_rank[0] < full / 7            # experts, heads and vocab split; the rest is small
+    with pytest.raises(ValueError, match="divisible by 16: o_groups=8"):
+        rank_bytes(flash, 16)
