@@ -8,7 +8,8 @@ rank, so the KV cache is the same on every rank too):
     head.weight                     rows likewise: logits all_gather (every rank gets all of V)
     attn.wq_b, attn.attn_sink       heads [r*H/W, (r+1)*H/W) (rows)
     attn.wo_a                       output groups [r*G/W, (r+1)*G/W) (rows)
-    attn.wo_b                       input columns of those groups: output all_reduce (fp32)
+    attn.wo_b                       input columns of those groups: output all_reduce (fp32; each
+                                    rank's partial is first rounded to the activation dtype)
     attn.indexer.wq_b, weights_proj indexer heads (rows): head-summed scores all_reduce (fp32)
                                     before the top-k, so every rank picks the same entries
     ffn.experts.{e}                 whole experts e in [r*E/W, (r+1)*E/W): MoE output all_reduce
@@ -256,7 +257,7 @@ def launch(fn: Callable, world_size: int, args: tuple = (), backend: str = "gloo
     out: dict[int, Any] = {}
     errors: list[str] = []
     try:
-        deadline = timeout_s + 60.0          # the ranks' own collective timeout fires first
+        deadline = timeout_s + 60.0          # + start-up; the ranks' collective timeout fires first
         while len(out) + len(errors) < world_size:
             try:
                 rank, ok, value = results.get(timeout=deadline)
@@ -269,8 +270,9 @@ def launch(fn: Callable, world_size: int, args: tuple = (), backend: str = "gloo
                 errors.append(f"rank {rank}:\n{value}")
                 break                        # the others may now wait forever on a collective
     finally:
+        finished = len(out) == world_size      # else a rank failed or hangs: do not wait for it
         for p in procs:
-            p.join(timeout=10 if not errors else 0.5)
+            p.join(timeout=10 if finished else 0.5)
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)

@@ -164,7 +164,8 @@ class FollowerSession(Session):
 class LeaderEngine(Engine):
     """`dsv4.Engine(path, tp=N, ...)`: rank 0 of N (see the module doc). Extra arguments:
     backend ("nccl" on CUDA, "gloo" on CPU by default) and timeout_s (bound on each collective).
-    Device: cuda:r on rank r when CUDA is used, else `device` on every rank.
+    Device: cuda:r on rank r when `device` is a CUDA device (or None with CUDA present), else
+    `device` on every rank.
     `shutdown()` (also on garbage collection and at exit, or leaving a `with` block) stops the
     other ranks."""
 
@@ -179,6 +180,9 @@ class LeaderEngine(Engine):
             raise RuntimeError("Engine(tp=N) starts its own process group, but one is initialised already")
         path = Path(model_or_path)
         here = parallel.device_for(0, device)
+        if here.type == "cuda" and torch.cuda.device_count() < tp:
+            raise ValueError(f"Engine(tp={tp}) on CUDA needs {tp} GPUs (one a rank), "
+                             f"found {torch.cuda.device_count()}")
         backend = backend or parallel.default_backend(here)
         load = {"dtype": dtype} if dtype is not None else {}
         init_method = f"tcp://127.0.0.1:{parallel.free_port()}"
