@@ -1,7 +1,7 @@
 """`dsv4-agent`: run, resume, replay and inspect agent runs; `sandbox` manages the Docker sandboxes.
 
 Exit codes (also written to each trajectory's exit event): 0 completed, 1 error, 2 usage,
-3 max_steps, 4 max_tokens, 5 timeout, 6 format_error, 7 stuck, 130 interrupted.
+3 max_steps, 4 max_tokens, 5 timeout, 6 format_error, 7 stuck, 8 context_full, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable, List, Optional
 
 import anyio
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.panel import Panel
 
@@ -93,6 +94,11 @@ def run(
     device: Optional[str] = typer.Option(
         None, "--device", help="engine device: cpu, cuda, cuda:1 (default: cuda if present)"
     ),
+    temperature: float = typer.Option(1.0, "--temperature", help="engine sampling temperature; 0 = greedy"),
+    top_p: float = typer.Option(1.0, "--top-p", help="engine nucleus sampling mass"),
+    no_constrain: bool = typer.Option(False, "--no-constrain", help="engine: decode tool calls without the DSML grammar"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="engine sampling seed (reproducible runs)"),
+    kv_fp8: bool = typer.Option(False, "--kv-fp8", help="store the compressed KV in FP8 (584-byte entries)"),
     tp: int = typer.Option(1, "--tp", help="tensor-parallel ranks for --model: one process and GPU each"),
     sandbox: str = typer.Option("docker", "--sandbox", help="docker, local (no isolation) or none"),
     image: Optional[str] = typer.Option(None, "--image", help="docker image for the sandbox"),
@@ -132,7 +138,13 @@ def run(
         if not task.strip():
             raise _usage_error("give a TASK (or --demo)")
         backend = _backend_spec(model, scripted, device, tp)
-        spec = RunSpec(backend=backend)
+        if backend.kind == "engine":
+            try:
+                backend = BackendSpec.model_validate(
+                    {**backend.model_dump(), "temperature": temperature, "top_p": top_p, "seed": seed, "kv_fp8": kv_fp8})
+            except ValidationError as e:
+                raise _usage_error(f"bad sampling options: {e.errors()[0]['loc'][0]} {e.errors()[0]['msg']}") from None
+        spec = RunSpec(backend=backend.model_copy(update={"constrain": not no_constrain}))
     if approve and yolo:
         raise _usage_error("--approve and --yolo contradict each other")
     if sandbox not in ("docker", "local", "none"):

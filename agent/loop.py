@@ -26,7 +26,7 @@ import anyio
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-from agent.backends.base import Backend
+from agent.backends.base import Backend, ContextFull
 from agent.config import AgentConfig
 from agent.display import Observer
 from agent.guards import Budget, FormatErrors, StuckDetector
@@ -181,6 +181,8 @@ class Agent:
             leaf = _single_leaf(e)  # a stop raised inside a turn's task group arrives wrapped in a group
             if isinstance(leaf, RunStopped):
                 status, message = leaf.status, leaf.message
+            elif isinstance(leaf, ContextFull):
+                status, message = ExitStatus.context_full, str(leaf)
             else:
                 status, message = ExitStatus.error, f"{type(leaf).__name__}: {leaf}"
         except BaseException:  # KeyboardInterrupt, or the caller cancelled us: record it, then let it go on

@@ -16,6 +16,7 @@ class ExitStatus(str, Enum):
     timeout = "timeout"  # the wall-clock budget ran out
     format_error = "format_error"  # too many consecutive malformed or empty turns
     stuck = "stuck"  # the model repeated the same tool calls turn after turn
+    context_full = "context_full"  # the conversation outgrew the model's context or the KV memory budget
     interrupted = "interrupted"  # Ctrl-C, or the process was killed (see `resume`)
 
     @property
@@ -32,6 +33,7 @@ EXIT_CODES: dict[ExitStatus, int] = {
     ExitStatus.timeout: 5,
     ExitStatus.format_error: 6,
     ExitStatus.stuck: 7,
+    ExitStatus.context_full: 8,
     ExitStatus.interrupted: 130,  # 128 + SIGINT, as shells report it
 }
 

@@ -23,7 +23,7 @@ FP4_MAX = 6.0              # largest e2m1 value
 FP4_MIN_AMAX = 6.0 * 2.0**-126
 
 
-def _pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """UE8M0 scale 2^ceil(log2(amax * (1 / qmax))), amax fp32 > 0. frexp gives r = m * 2^e with
     m in [0.5, 1): ceil(log2 r) is e, or e - 1 when r is exactly 2^(e-1)."""
     mantissa, exponent = torch.frexp(amax * (1.0 / qmax))
@@ -33,7 +33,7 @@ def _pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
 def fp8_fake_quant(x: torch.Tensor, block: int) -> torch.Tensor:
     """Round x to FP8 e4m3 with a power-of-two scale per `block` values of the last dim."""
     blocks = x.float().unflatten(-1, (-1, block))                          # [..., n, block]
-    scale = _pow2_scale(blocks.abs().amax(-1, keepdim=True).clamp_min(1e-4), FP8_MAX)
+    scale = pow2_scale(blocks.abs().amax(-1, keepdim=True).clamp_min(1e-4), FP8_MAX)
     q = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
     return (q * scale).flatten(-2).to(x.dtype)
 
@@ -49,7 +49,7 @@ def round_to_e2m1(v: torch.Tensor) -> torch.Tensor:
 def fp4_fake_quant(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """Round x to FP4 e2m1 with a power-of-two scale per `block` values of the last dim."""
     blocks = x.float().unflatten(-1, (-1, block))
-    scale = _pow2_scale(blocks.abs().amax(-1, keepdim=True).clamp_min(FP4_MIN_AMAX), FP4_MAX)
+    scale = pow2_scale(blocks.abs().amax(-1, keepdim=True).clamp_min(FP4_MIN_AMAX), FP4_MAX)
     q = round_to_e2m1((blocks / scale).clamp(-FP4_MAX, FP4_MAX))
     return (q * scale).flatten(-2).to(x.dtype)
 

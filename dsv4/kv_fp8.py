@@ -9,7 +9,7 @@ stored as bytes. For DeepSeek-V4 (head_dim 512 = 448 NoPE + 64 RoPE) that is 584
     bytes [576, 583)  one UE8M0 scale per NoPE tile (the byte is the power-of-two exponent + 127)
     byte  583         padding (the scale section is padded to a multiple of 8 bytes)
 
-against 1024 bytes in bf16. The tile scale is 2^ceil(log2(max(amax, 1e-4) / 448)), the rule the
+against 1024 bytes in bf16. The tile scale is 2^ceil(log2(max(amax, 1e-4) / 448)) (`fakequant.pow2_scale`), the rule the
 model's own KV quantisation-aware simulation uses (official kernel.py `act_quant`, block 64,
 `scale_fmt="ue8m0"`). The model already rounds these dims to exactly such FP8 values, so packing
 its KV is lossless: unpack(pack(kv)) == kv bit for bit. Smaller test models use the same layout
@@ -28,8 +28,9 @@ import torch
 
 from dsv4 import quant
 from dsv4.cache import GrowingRows
+from dsv4.fakequant import FP8_MAX, pow2_scale
 
-TILE, FP8_MAX = 64, 448.0
+TILE = 64
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Fp8KVLayout:
     def tile_scales(self, nope: torch.Tensor) -> torch.Tensor:
         """Power-of-two scale of each 64-dim tile. nope: [..., nope_dim] -> [..., n_tiles] float32."""
         amax = nope.float().unflatten(-1, (self.n_tiles, TILE)).abs().amax(-1)
-        return torch.exp2(torch.ceil(torch.log2(amax.clamp_min(1e-4) / FP8_MAX)))
+        return pow2_scale(amax.clamp_min(1e-4), FP8_MAX)  # exactly the rounding the quant_sim KV saw
 
     def pack(self, kv: torch.Tensor) -> torch.Tensor:
         """kv: [..., head_dim] (bf16 or float) -> packed uint8 [..., entry_bytes]."""

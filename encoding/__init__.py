@@ -1,8 +1,10 @@
 """DSV4 chat encoding (byte-exact with the official `encoding_dsv4.py`), its tokenizer,
-append-only encoding for agent sessions, and a streaming DSML tool-call parser. Pure Python."""
+append-only encoding for agent sessions, a streaming DSML tool-call parser, and the
+DSML grammar constraint for decoding. Pure Python."""
 from __future__ import annotations
 
 from .append import AppendOnlyEncoder
+from .constrain import DSMLConstraint, FreeText, tools_from_prompt
 from .encode import encode_messages
 from .errors import DSMLParseError, MessageError
 from .parse import parse_message_from_completion_text
@@ -34,6 +36,8 @@ __all__ = [
     "AppendOnlyEncoder",
     "AssistantMessage",
     "DeveloperMessage",
+    "DSMLConstraint",
+    "FreeText",
     "FunctionCall",
     "LatestReminderMessage",
     "Message",
@@ -55,4 +59,5 @@ __all__ = [
     "ToolCallStarted",
     "encode_messages",
     "parse_message_from_completion_text",
+    "tools_from_prompt",
 ]

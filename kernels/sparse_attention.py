@@ -47,7 +47,7 @@ class KernelConfig:
     """Launch shape. block_h heads share each loaded key tile; block_n keys per tile;
     num_stages 2 overlaps the next tile's gather with this tile's dots."""
     block_h: int = 64
-    block_n: int = 32
+    block_n: int = 64
     num_warps: int = 8
     num_stages: int = 2
 

@@ -194,7 +194,9 @@ class DockerSandbox:
         self._client = client
         self._pooled = _pooled
         self.container_id: str | None = None
-        self._driver = ShellDriver(self._open_session, self._interrupt)
+        self.restarts = 0  # containers started to replace one that died during the session
+        self._expires_at: float | None = None  # set by the first container; a replacement never extends it
+        self._driver = ShellDriver(self._open_session, self._interrupt, self._revive)
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -244,13 +246,16 @@ class DockerSandbox:
             volumes[str(self.host_workspace)] = {"bind": WORKSPACE, "mode": "rw"}
         if self.client.api.base_url.startswith("http+docker://localhost"):  # the engine shares our filesystem
             volumes[owner_fifo()] = {"bind": OWNER_FIFO, "mode": "ro"}
+        if self._expires_at is None:
+            self._expires_at = time.time() + self.ttl
+        lifetime = self._expires_at - time.time()
         file_limit = _bytes(self.disk)
         memory_limit = _bytes(self.memory) + _bytes(self.tmp_size) + (file_limit if self.host_workspace is None else 0)
         try:
             container = self.client.containers.run(
                 self.image,
                 command=["bash", "--noprofile", "--norc", "-c", _DEADLINE, "dsv4-deadline",
-                         f"{time.time() + self.ttl:.0f}"],
+                         f"{self._expires_at:.0f}"],
                 name=self.name, hostname="sandbox", detach=True, auto_remove=True,
                 user="0:0", init=True, working_dir=WORKSPACE,
                 network_mode="bridge" if self.network else "none",
@@ -260,7 +265,7 @@ class DockerSandbox:
                 read_only=self.read_only, tmpfs=tmpfs, volumes=volumes,
                 ulimits=[docker.types.Ulimit(name="fsize", soft=file_limit, hard=file_limit),
                          docker.types.Ulimit(name="nofile", soft=4096, hard=4096)],
-                labels=owner_labels(self.name, self.ttl, pooled=self._pooled),
+                labels=owner_labels(self.name, lifetime, pooled=self._pooled),
             )
         except docker.errors.APIError as exc:
             raise SandboxError(f"could not start a sandbox from {self.image!r}: {exc.explanation or exc}") from exc
@@ -323,6 +328,25 @@ class DockerSandbox:
                 f"ttl of {self.ttl:.0f}s or been removed (`dsv4-agent sandbox gc`): start a new one") from exc
         return ShellSession(transport, SHELL_STATE, output_cap=self.output_cap)
 
+    def _revive(self) -> str:
+        """After the shell died: if the whole container died (killed, removed by hand), start a replacement
+        with the same limits and host workspace, so the session outlives it. Returns what the caller is told."""
+        try:
+            if self.client.api.inspect_container(self._require_started())["State"]["Running"]:
+                return ""
+        except docker.errors.NotFound:
+            pass
+        dead = self.container_id
+        remove_container(self.client, dead)
+        if time.time() >= self._expires_at:
+            return f"[sandbox error: the container passed its ttl of {self.ttl:.0f}s; start a new sandbox]"
+        self.restarts += 1
+        self.name = f"{self.name.split('.')[0]}.{self.restarts}"  # the dead one may still hold its name
+        self._create_container()
+        kept = "the workspace folder was kept" if self.host_workspace else "the in-memory workspace was lost"
+        return (f"[sandbox error: the container {dead[:12]} stopped, so this command did not complete; a new "
+                f"container was started: processes, /tmp and shell state were lost, {kept}]")
+
     def _interrupt(self) -> None:
         if self.container_id is None:
             return
@@ -334,7 +358,8 @@ class DockerSandbox:
             pass  # container gone or out of pids: the driver replaces the shell if it does not come back
 
     async def run(self, command: str, timeout: float | None = None) -> CommandResult:
-        """Run `command` in the persistent shell; `timeout` defaults to the sandbox's `timeout`."""
+        """Run `command` in the persistent shell; `timeout` defaults to the sandbox's `timeout`.
+        A command that finds the container dead fails with a note, and a replacement is started."""
         self._require_started()
         return await self._driver.run(command, self.timeout if timeout is None else timeout)
 

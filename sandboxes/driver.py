@@ -18,9 +18,11 @@ from sandboxes.shell import ShellDied, ShellSession
 
 
 class ShellDriver:
-    def __init__(self, open_session: Callable[[], ShellSession], interrupt: Callable[[], None]):
+    def __init__(self, open_session: Callable[[], ShellSession], interrupt: Callable[[], None],
+                 revive: Callable[[], str] | None = None):
         self._open_session = open_session  # blocking; starts a fresh shell
         self._interrupt = interrupt  # blocking; kills the command now running, if any
+        self._revive = revive  # blocking; after a shell died, repairs what killed it; returns a note or ""
         self._session: ShellSession | None = None
         self._lock = anyio.Lock()
 
@@ -57,9 +59,10 @@ class ShellDriver:
             result = outcome[0]
             if isinstance(result, ShellDied):
                 await self._replace(session)
+                note = await anyio.to_thread.run_sync(self._revive) if self._revive else ""
                 return CommandResult(
                     exit_code=-1, stdout="", timed_out=result.hung, duration_s=time.monotonic() - started,
-                    stderr=f"[sandbox error: {result}; a new shell was started, the session state (cwd, env) is lost]",
+                    stderr=note or f"[sandbox error: {result}; a new shell was started, the session state (cwd, env) is lost]",
                 )
             if isinstance(result, BaseException):
                 raise result

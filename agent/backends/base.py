@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from encoding import Tokenizer
 
 
+class ContextFull(Exception):
+    """The session cannot take more tokens: the model's context length or the KV memory budget is reached.
+    The loop ends the run with status `context_full` (the trajectory keeps everything up to it)."""
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A token-level session. Implementations: `EngineBackend` (embedded dsv4 engine), `ScriptedBackend`."""

@@ -8,19 +8,27 @@ session itself (`cached_length` before and after), so the counts are measured, n
 masks every logit but the next scripted token. The engine still runs every forward (prefill and one
 decode step per token, with its KV cache); only the choice of token is overridden. This is how the
 demo drives a real multi-turn task through a model with random weights, which could not write one.
+
+`constrain=True` (the default) applies `encoding.DSMLConstraint` while decoding: tool calls can only
+name the tools the prompt declares, with their parameters and string flags, and close properly
+(`ConstrainedDecoding` masks the logits at those points; free text stays free). The tools are read
+from the prompt's own "## Tools" block, so the grammar is exactly what the model was shown. Forced
+turns are not constrained.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Sequence
 
 import anyio
 
+from agent.backends.base import ContextFull
 from agent.backends.scripted import ScriptExhausted
 
 if TYPE_CHECKING:
-    from encoding import Tokenizer
+    from encoding import DSMLConstraint, Tokenizer
 
 
 class ForcedTokens:
@@ -68,11 +76,67 @@ class ForcedTokens:
         }
 
 
+class ConstrainedDecoding:
+    """A logits processor applying a `DSMLConstraint`: -inf outside the allowed ids at choice points,
+    the few grammar-breaking special tokens removed (or redirected) in free text."""
+
+    def __init__(self, constraint: DSMLConstraint) -> None:
+        self.constraint = constraint
+        self._masks: dict[int, tuple[tuple[int, ...], Any]] = {}  # id(ids) -> (ids, index tensor)
+        self.start_turn(thinking=True)
+
+    def start_turn(self, thinking: bool) -> None:
+        self.constraint.reset(thinking)
+        self.fed = 0
+        self.constrained_steps = 0
+
+    def __call__(self, generated: list[int], logits):  # (ids so far, logits[V]) -> logits[V]
+        import torch
+
+        for token in generated[self.fed:]:
+            self.constraint.feed(token)
+        self.fed = len(generated)
+        allowed = self.constraint.allowed()
+        if allowed is not None:
+            self.constrained_steps += 1
+            index = self._index(allowed, logits.device)
+            out = torch.full_like(logits, float("-inf"))
+            out[index] = logits[index]
+            return out
+        rule = self.constraint.free_rule()
+        if rule is None:
+            return logits
+        out = logits.clone()
+        if rule.redirect:
+            moved = self._index(rule.redirect, logits.device)
+            mass = torch.logsumexp(torch.cat([logits[rule.redirect_to : rule.redirect_to + 1], logits[moved]]), dim=0)
+            out[rule.redirect_to] = mass
+            out[moved] = float("-inf")
+        out[self._index(rule.banned, logits.device)] = float("-inf")
+        return out
+
+    def _index(self, ids: tuple[int, ...], device):
+        # The constraint hands out the same cached tuples for the same point: one tensor per tuple.
+        entry = self._masks.get(id(ids))
+        if entry is None or entry[0] is not ids or entry[1].device != device:
+            import torch
+
+            entry = self._masks[id(ids)] = (ids, torch.tensor(ids, dtype=torch.long, device=device))
+        return entry[1]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "constrained_steps": self.constrained_steps,
+            "constraint_released": self.constraint.released,
+        }
+
+
 class EngineBackend:
     """`EngineBackend(dsv4.Engine(...))`: Think Max decoding on one resident session.
 
     Sampling follows the model card (temperature 1.0, top_p 1.0) unless set; `seed` makes it
-    reproducible. `forced` is for demos and tests only (see the module docstring).
+    reproducible. `forced` is for demos and tests only (see the module docstring). `constrain`
+    turns DSML-constrained decoding on (when the prompt declares tools) or off.
     """
 
     def __init__(
@@ -83,7 +147,9 @@ class EngineBackend:
         temperature: float = 1.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        kv_fp8: bool = False,
         forced: Sequence[str | list[int]] | None = None,
+        constrain: bool = True,
         label: str | None = None,
         tp: int = 1,
     ) -> None:
@@ -95,7 +161,10 @@ class EngineBackend:
         self.temperature = temperature
         self.top_p = top_p
         self.seed = seed
+        self.kv_fp8 = kv_fp8  # for a checkpoint path; an Engine passed in keeps its own KV format
         self.forced = ForcedTokens(forced) if forced is not None else None
+        self.constrain = constrain
+        self.constrained: ConstrainedDecoding | None = None  # built from the prompt's tools block
         where = f"on {self.engine.device}" if self.engine is not None else f"{self.checkpoint} on {device}"
         self.label = label or f"embedded dsv4 engine ({where}), one resident KV session"
         self.session = None
@@ -120,21 +189,27 @@ class EngineBackend:
 
         # CPU runs in float32 (no fast bf16 matmuls there); GPUs in bfloat16 like the release.
         dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
-        return Engine(self.checkpoint, device=self.device, dtype=dtype, tp=self.tp)
+        return Engine(self.checkpoint, device=self.device, dtype=dtype, kv_fp8=self.kv_fp8, tp=self.tp)
 
     async def prefill(self, ids: Sequence[int]) -> tuple[int, int]:
+        if self.constrain and self.forced is None and len(self.session) == 0:
+            self._constrain_to(ids)
         before = self.session.cached_length
         # The last token of the previous turn (drawn, never fed) is pending: it is computed here too.
-        await self.session.aappend(list(ids))
+        with _context_full_on_limits():
+            await self.session.aappend(list(ids))
         return self.session.cached_length - before, before
 
     async def decode(self, max_tokens: int) -> AsyncIterator[int]:
         from contextlib import aclosing
 
         processors = ()
-        if self.forced is not None:
+        if self.forced is not None:  # a scripted turn: nothing for the constraint to decide
             self.forced.start_turn(self._tokenizer)
             processors = (self.forced,)
+        elif self.constrained is not None:
+            self.constrained.start_turn(thinking=self.session.tokens[-1] == self._tokenizer.think_start_id)
+            processors = (self.constrained,)
         seed = None if self.seed is None else self.seed + self._turn  # reproducible, not the same draw each turn
         self._turn += 1
         tokens = self.session.generate(
@@ -145,20 +220,36 @@ class EngineBackend:
             logits_processors=processors,
         )
         async with aclosing(tokens):  # releases the session even when the loop stops early
-            async for token in tokens:
-                yield token
+            with _context_full_on_limits():
+                async for token in tokens:
+                    yield token
 
     def turn_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"session_tokens": len(self.session), "kv_bytes": self.session.kv_bytes()}
         if self.forced is not None:
             info.update(self.forced.info())
+        if self.constrained is not None:
+            info.update(self.constrained.info())
         return info
+
+    def _constrain_to(self, prompt: Sequence[int]) -> None:
+        """Build the constraint from the tools the prompt renders (none: decoding stays free). Only the
+        text before the first assistant turn counts: a tool result may quote a tools block."""
+        from encoding import DSMLConstraint, tools_from_prompt
+
+        prompt = list(prompt)
+        if self._tokenizer.assistant_id in prompt:
+            prompt = prompt[: prompt.index(self._tokenizer.assistant_id)]
+        tools = tools_from_prompt(self._tokenizer.decode(prompt))
+        self.constrained = ConstrainedDecoding(DSMLConstraint(self._tokenizer, tools)) if tools else None
 
     async def restore(self, history: Sequence[int], turns_done: int) -> None:
         if self.session is not None:
             self.session.close()
         self.session = self.engine.new_session()
         if history:
+            if self.constrain and self.forced is None:
+                self._constrain_to(history)
             await self.session.aappend(list(history))  # the one full prefill a resume costs
         self._turn = turns_done
         if self.forced is not None:
@@ -168,3 +259,14 @@ class EngineBackend:
         if self.session is not None:
             self.session.close()
             self.session = None
+
+
+@contextmanager
+def _context_full_on_limits() -> Iterator[None]:
+    """The engine's length and KV-budget errors, as the loop's `ContextFull` (the session is unchanged)."""
+    from dsv4.errors import ContextLengthExceeded, KVBudgetExceeded
+
+    try:
+        yield
+    except (ContextLengthExceeded, KVBudgetExceeded) as e:
+        raise ContextFull(str(e)) from e

@@ -111,6 +111,17 @@ def test_bad_flags_are_usage_errors(tmp_path):
         assert message in result.output, (extra, result.output)
 
 
+def test_engine_sampling_flags_are_checked_and_reach_the_backend(tmp_path):
+    from agent.spec import BackendSpec, build_backend
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    result = runner.invoke(app, ["run", "t", "--model", str(ckpt), "--top-p", "1.5", "-o", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "top_p" in result.output, result.output
+    backend = build_backend(BackendSpec(kind="engine", model=str(ckpt), temperature=0.0, top_p=0.9, seed=7, kv_fp8=True))
+    assert (backend.temperature, backend.top_p, backend.seed, backend.kv_fp8) == (0.0, 0.9, 7, True)
+
+
 def test_version():
     result = run_cli("version")
     assert result.exit_code == 0 and result.output.strip()

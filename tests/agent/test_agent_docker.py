@@ -76,3 +76,29 @@ async def test_a_task_in_the_docker_sandbox(tmp_path):
     assert [e.kind for e in events if isinstance(e, SandboxEvent)] == ["started", "stopped"]
     leftover = docker.from_env().containers.list(all=True, filters={"name": sandbox.name})
     assert leftover == []
+
+
+async def test_a_container_that_dies_mid_run_does_not_end_the_session(tmp_path):
+    if not image_present():
+        pytest.skip("the sandbox image is not built (dsv4-agent sandbox build)")
+    sandbox = DockerSandbox(workspace=tmp_path / "ws")
+    turns = [
+        completion("Write.", calls=[("write_file", {"path": "a.txt", "content": "kept"})]),
+        completion("Check.", calls=[("bash", {"command": "echo first"})]),
+        completion("After the crash.", calls=[("bash", {"command": "echo second"})]),
+        completion("Again.", calls=[("bash", {"command": "cat a.txt"})]),
+        completion("Done.", content="kept"),
+    ]
+
+    def kill_after_first_command(line: str) -> None:  # the container dies between two turns
+        if '"tool_result"' in line and "first" in line:
+            docker.from_env().api.kill(sandbox.container_id)
+
+    agent = Agent(backend=ScriptedBackend(turns), sandbox=sandbox, output_dir=tmp_path / "runs",
+                  on_event=kill_after_first_command)
+    result = await agent.run("survive a dead container")
+    assert result.status is ExitStatus.completed, result.message
+    results = [e for e in read_events(result.trajectory_path) if isinstance(e, ToolResultEvent)]
+    assert results[2].is_error and "new container was started" in results[2].content
+    assert not results[3].is_error and "kept" in results[3].content   # the host workspace survived
+    assert sandbox.restarts == 1

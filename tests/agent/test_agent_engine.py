@@ -118,3 +118,18 @@ async def test_a_checkpoint_with_a_small_vocabulary_is_refused(tmp_path):
     agent = Agent(backend=EngineBackend(str(path)), tools=[], output_dir=tmp_path / "runs")
     result = await agent.run("hi")
     assert result.status is ExitStatus.error and "vocabulary" in result.message
+
+
+async def test_a_full_context_ends_the_run_with_its_own_status(tmp_path):
+    cfg = ModelConfig.tiny().model_copy(update={"vocab_size": Tokenizer.default().vocab_size})
+    path = write_random_checkpoint(tmp_path / "ckpt", cfg, seed=2)
+    first = await forced_agent(Engine(path, device="cpu", dtype=torch.float32), tmp_path / "a").run("note")
+    calls = [e for e in read_events(first.trajectory_path) if isinstance(e, EngineCall)]
+    room = calls[0].backend_info["session_tokens"] + 10  # the prompt and the first turn fit, the second never does
+    small = Engine(path, device="cpu", dtype=torch.float32, max_context=room)
+    result = await forced_agent(small, tmp_path / "b").run("note")
+    assert result.status is ExitStatus.context_full and result.exit_code == 8
+    assert str(room) in result.message
+    events = read_events(result.trajectory_path)
+    assert events[-1].event == "exit" and events[-1].status == "context_full"
+    assert sum(isinstance(e, EngineCall) for e in events) >= 1

@@ -187,6 +187,22 @@ async def test_a_killed_session_shell_is_replaced_and_keeps_the_saved_state(sand
     assert (r.exit_code, r.stdout) == (0, "/tmp\nyes\n")
 
 
+async def test_a_dead_container_is_replaced_and_the_host_workspace_kept(sandbox_image, docker_client, tmp_path):
+    ws = tmp_path / "ws"
+    async with DockerSandbox(sandbox_image, workspace=ws, timeout=20) as sb:
+        await sb.run("echo kept > f.txt && echo lost > /tmp/t")
+        first = sb.container_id
+        docker_client.api.kill(first)                     # the container dies under the session
+        r = await sb.run("echo never")
+        assert sb.restarts == 1 and sb.container_id != first
+        assert r.exit_code == -1 and "never" not in r.stdout
+        assert "new container was started" in r.stderr and "workspace folder was kept" in r.stderr
+        r = await sb.run("cat f.txt; cat /tmp/t")
+        assert r.stdout == "kept\n" and r.exit_code == 1 and "No such file" in r.stderr
+        labels = docker_client.api.inspect_container(sb.container_id)["Config"]["Labels"]
+        assert labels["dsv4.owner.pid"] == str(os.getpid())
+
+
 async def test_reset_kills_background_jobs_and_forgets_state_but_keeps_files(sandbox):
     await sandbox.run("mkdir keep; cd keep; echo data > f; export GONE=1; (sleep 300 &); sleep 300 &")
     r = await sandbox.run("ps -e --no-headers -o comm | grep -c '^sleep$'; pwd; echo \"[$GONE]\"")

@@ -234,3 +234,34 @@ async def test_third_party_server_mcp_server_time():
         assert bad.is_error and "Mars/Olympus_Mons" in bad.content
         pid = server.pid
     assert await wait_gone(pid) == []
+
+
+OWNER_SCRIPT = """
+import sys, anyio
+sys.path.insert(0, sys.argv[2])
+from tools.mcp import MCPServer
+
+async def main():
+    async with MCPServer.stdio(sys.executable, [sys.argv[3], "stdio"], name="fx") as server:
+        server_pid = (await server.call_tool("pid", {})).content
+        child_pid = (await server.call_tool("spawn_child", {})).content
+        print(server.pid, server_pid, child_pid, flush=True)
+        await anyio.sleep(60)
+
+anyio.run(main)
+"""
+
+
+def test_no_server_process_outlives_an_agent_killed_with_sigkill(tmp_path):
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER_SCRIPT)
+    repo = str(Path(__file__).resolve().parents[2])
+    owner = subprocess.Popen([sys.executable, str(script), "x", repo, FIXTURE], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in owner.stdout.readline().split()]   # guard, server, the server's own child
+        assert len(pids) == 3 and all(running(p) for p in pids)
+        owner.kill()                                               # SIGKILL: no cleanup code runs
+        owner.wait(10)
+        assert anyio.run(wait_gone, *pids) == []
+    finally:
+        owner.kill()

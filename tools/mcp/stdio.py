@@ -8,9 +8,12 @@ grace period, then SIGKILL, even when the surrounding scope is cancelled.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import signal
+import sys
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
@@ -24,6 +27,8 @@ from mcp.client.stdio import get_default_environment
 from mcp.shared.message import SessionMessage
 
 logger = logging.getLogger(__name__)
+
+GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guard.py")
 
 # Time a server gets to exit by itself once its stdin closes (the MCP shutdown sequence).
 EXIT_GRACE_S = 2.0
@@ -63,11 +68,18 @@ class StdioTransport:
         assert self._cm is not None
         return await self._cm.__aexit__(*exc_info)
 
+    def _argv(self) -> list[str]:
+        """The server's command line, behind tools/mcp/guard.py on Linux so that its process group dies
+        with this process even when it is SIGKILLed (standalone script: -I -S keep its start-up short)."""
+        if shutil.which(self.command, path=self.env.get("PATH")) is None and not os.path.exists(self.command):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self.command)
+        if not sys.platform.startswith("linux"):
+            return [self.command, *self.args]
+        return [sys.executable, "-I", "-S", GUARD, str(os.getpid()), self.command, *self.args]
+
     @asynccontextmanager
     async def _connect(self) -> AsyncIterator[tuple[Any, Any]]:
-        process = await anyio.open_process(
-            [self.command, *self.args], env=self.env, cwd=self.cwd, start_new_session=True
-        )
+        process = await anyio.open_process(self._argv(), env=self.env, cwd=self.cwd, start_new_session=True)
         self.pid = process.pid
         # No await between the spawn and the shielded cleanup below, or a cancellation could leak the process.
         to_session, from_server = anyio.create_memory_object_stream[SessionMessage | Exception](0)
