@@ -218,7 +218,9 @@ class Session:
         with self._exclusive():
             self._ensure_resident()
             tensors = dict(self._ref.cache.state_tensors())
-            if self._last_logits is not None and not self.pending:
+            # the logits after the last *fed* token, kept even with pending tokens: a loaded
+            # session truncated back to its cache length must not lose them
+            if self._last_logits is not None:
                 tensors[_LAST_LOGITS] = self._last_logits
             return session_io.write_session(
                 path, fingerprint=self.engine.fingerprint, token_ids=self._tokens,
