@@ -32,14 +32,16 @@ import os
 import queue
 import re
 import socket
+import threading
+import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from dsv4.linear import Linear
@@ -236,7 +238,7 @@ def _launched(rank: int, world: int, init_method: str, backend: str, timeout_s: 
             results.put((rank, True, fn(tp, *args)))
         finally:
             dist.destroy_process_group()
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - reported to the launcher, which raises it
         results.put((rank, False, traceback.format_exc()))
 
 
@@ -244,8 +246,9 @@ def launch(fn: Callable, world_size: int, args: tuple = (), backend: str = "gloo
            timeout_s: float = 300.0) -> list[Any]:
     """Run fn(tp, *args) on `world_size` spawned ranks joined in one process group (a free TCP
     port on localhost) and return the ranks' results, rank order. fn and its results must be
-    picklable. A rank that raises, or a run past `timeout_s`, raises RuntimeError / TimeoutError
-    here, and every rank still running is terminated: this never hangs."""
+    picklable. `timeout_s` is the group's collective timeout: a rank stuck in a collective fails
+    after it. A rank that fails raises RuntimeError here (with its traceback), a rank silent for
+    timeout_s + 60 s TimeoutError, and every rank still running is terminated: this never hangs."""
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()
     init_method = f"tcp://127.0.0.1:{free_port()}"
@@ -293,10 +296,8 @@ def default_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def _parent_watchdog(parent: int) -> None:
+def exit_with_parent(parent: int) -> None:
     """Exit this (spawned) rank when the process that started it is gone."""
-    import threading
-    import time
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -309,7 +310,10 @@ def _parent_watchdog(parent: int) -> None:
 def rank_bytes(cfg: Any, world: int) -> list[int]:
     """Checkpoint bytes each rank reads (the release layout of `cfg`, stored dtypes), rank order;
     raises ValueError when the split does not divide or cuts an FP8 block."""
-    from dsv4.checkpoint import ST_DTYPES, checkpoint_layout      # checkpoint imports this module
+    from dsv4.checkpoint import (  # checkpoint imports this module
+        ST_DTYPES,
+        checkpoint_layout,
+    )
 
     headers = {s.name: (s.dtype, s.shape) for s in checkpoint_layout(cfg)}
     out = []

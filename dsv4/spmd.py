@@ -94,7 +94,7 @@ class _Leader:
         try:
             with self.lock:
                 self.send("shutdown")
-        except Exception as e:          # a follower already gone: terminate below
+        except Exception as e:  # noqa: BLE001 - a follower already gone: terminated below
             log.warning("tensor parallel shutdown: %s", e)
         self.closed = True
         _stop(self.procs)
@@ -202,7 +202,7 @@ class LeaderEngine(Engine):
                 model = load_model(path, device=here, tp=rank0, **load)
                 kwargs.setdefault("tokenizer", _tokenizer_beside(path))
                 super().__init__(model, **kwargs)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - every rank hears of it, then it is raised
                 error = e
             _agree(control, None if error is None else f"{type(error).__name__}: {error}", tp)
             if error is not None:
@@ -222,10 +222,10 @@ class LeaderEngine(Engine):
     def shutdown(self) -> None:
         self._shutdown()
 
-    def __enter__(self) -> LeaderEngine:
+    def __enter__(self) -> LeaderEngine:  # noqa: PYI034 - Python 3.10 has no typing.Self
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
     def new_session(self, token_ids=()) -> Session:
@@ -262,7 +262,7 @@ def _agree(group: Any, error: str | None, world: int) -> None:
 def _follow(rank: int, world: int, init_method: str, backend: str, timeout_s: float, path: Path,
             device: Any, load: dict, engine_kwargs: dict, parent: int, threads: int) -> None:
     """A follower rank's process: load its part, build its engine, replay rank 0's commands."""
-    parallel._parent_watchdog(parent)
+    parallel.exit_with_parent(parent)
     torch.set_num_threads(threads)                 # as many as rank 0 uses
     tp = parallel.init(rank, world, init_method, backend, timeout_s)
     control = parallel.control_group()
@@ -271,7 +271,7 @@ def _follow(rank: int, world: int, init_method: str, backend: str, timeout_s: fl
         model = load_model(path, device=parallel.device_for(rank, device), tp=tp, **load)
         engine = Engine(model, **engine_kwargs)
         engine.session_class = FollowerSession
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - reported to rank 0, which raises it
         error = f"{type(e).__name__}: {e}"
     try:
         _agree(control, error, world)
@@ -296,7 +296,7 @@ def serve(engine: Engine, group: Any) -> None:
             return
         try:
             _replay(engine, sessions, op, args)
-        except Exception as e:      # rank 0 met the same check on the same state and raised too
+        except Exception as e:  # noqa: BLE001 - rank 0 met the same check on the same state and raised too
             log.debug("rank %d: %s refused, as on rank 0: %s", dist.get_rank(), op, e)
 
 

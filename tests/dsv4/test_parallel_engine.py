@@ -19,7 +19,7 @@ CFG = ModelConfig.tiny().replace(head_dim=128, rope_head_dim=64, o_groups=4, o_l
                                  index_head_dim=128, max_seq_len=1024)
 ATOL = 2e-5
 pytestmark = pytest.mark.timeout(180, method="thread")   # a hang dumps the stacks and fails
-SETTINGS = dict(device="cpu", dtype=torch.float32, prefill_chunk=96, snapshot_every=128)
+SETTINGS = {"device": "cpu", "dtype": torch.float32, "prefill_chunk": 96, "snapshot_every": 128}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,6 @@ def test_engine_tp_is_the_same_api(engines):
 
 
 def test_sessions_match_single_process(engines):
-    single, tp = engines
     out = []
     for engine in engines:
         s = engine.new_session(prompt(300, 1))                      # chunked prefill (96-token chunks)
@@ -85,14 +84,14 @@ def test_sessions_match_single_process(engines):
 def test_batched_generation_matches(engines):
     results = []
     for engine in engines:
-        a, b = engine.new_session(prompt(150, 3)), engine.new_session(prompt(77, 4))
+        sessions = [engine.new_session(prompt(150, 3)), engine.new_session(prompt(77, 4))]
 
-        async def run():
+        async def run(engine, sessions):
             got = {0: [], 1: []}
-            async for i, t in engine.generate_batch([a, b], max_tokens=7, temperature=0, ignore_eos=True):
+            async for i, t in engine.generate_batch(sessions, max_tokens=7, temperature=0, ignore_eos=True):
                 got[i].append(t)
             return got
-        results.append(asyncio.run(run()))
+        results.append(asyncio.run(run(engine, sessions)))
     assert results[0] == results[1] and len(results[0][0]) == 7
 
 
