@@ -7,6 +7,8 @@ import asyncio
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch.distributed as dist
 
 import dsv4
@@ -140,6 +142,49 @@ def test_bad_tp_arguments(ckpt, tmp_path):
         dsv4.Engine(ckpt, tp=0)
     with pytest.raises(TypeError, match="needs a checkpoint path"):
         dsv4.Engine(object(), tp=2)
+
+
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("append"), st.integers(1, 150)), st.tuples(st.just("generate"), st.integers(1, 4)),
+    st.tuples(st.just("truncate"), st.floats(0, 1)),
+    st.tuples(st.sampled_from(["fork", "spill_host", "spill_disk", "save_load", "close_fork"]), st.just(0)),
+), min_size=1, max_size=8)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS, seed=st.integers(0, 2**16))
+def test_any_sequence_of_operations_stays_in_step(engines, tmp_path, ops, seed):
+    """The same random operations on both engines: same tokens, then the same next logits."""
+    gen = torch.Generator().manual_seed(seed)
+    first = prompt(5, seed)
+    sessions = [engine.new_session(first) for engine in engines]
+    for step, (op, arg) in enumerate(ops):
+        ids = torch.randint(2, CFG.vocab_size, (arg,), generator=gen).tolist() if op == "append" else []
+        outcomes = []
+        for i, (engine, s) in enumerate(zip(engines, sessions)):
+            where = tmp_path / f"{seed}-{step}-{i}"
+            try:
+                if op == "append" and len(s) + arg < 600:
+                    s.append(ids)
+                elif op == "generate" and len(s) + arg < 600:
+                    generate(s, max_tokens=arg, temperature=0.8, seed=seed, ignore_eos=True)
+                elif op == "truncate":
+                    s.truncate(max(1, int(arg * len(s))))
+                elif op == "fork":
+                    sessions[i] = s.fork()
+                elif op == "close_fork":
+                    s.fork().close()
+                elif op == "spill_host":
+                    s.spill("host")
+                elif op == "spill_disk":
+                    s.spill(where)
+                elif op == "save_load":
+                    sessions[i] = engine.load_session(s.save(where))
+                outcomes.append("ok")
+            except SessionStateError as e:          # e.g. spilling a spilled session: both refuse
+                outcomes.append(type(e).__name__)
+        assert outcomes[0] == outcomes[1] and sessions[0].tokens == sessions[1].tokens, (step, op, outcomes)
+    torch.testing.assert_close(sessions[1].append([3]), sessions[0].append([3]), rtol=0, atol=ATOL)
 
 
 def test_shutdown_stops_the_followers(engines):        # last: the module's tp engine goes
