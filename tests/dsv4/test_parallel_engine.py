@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-import torch.distributed as dist
 
 import dsv4
 from dsv4 import CheckpointError, ContextLengthExceeded, ModelConfig, SessionStateError
