@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dsv4 import CheckpointError, ModelConfig, Transformer, load_model
+from dsv4 import CheckpointError, ModelConfig, Transformer, checkpoint, load_model
 from dsv4.parallel import TensorParallel, expert_of, launch, rank_bytes, split_dim
 from dsv4.testing import write_random_checkpoint
 
@@ -146,3 +146,63 @@ def _rank_1_stalls(tp: TensorParallel) -> int:
 def test_a_stalled_rank_times_out_instead_of_hanging():
     with pytest.raises(RuntimeError, match=r"rank 0:(.|\n)*[Tt]imed out"):
         launch(_rank_1_stalls, 2, timeout_s=5)
+
+
+class _ReadSpy:
+    """Wraps safetensors' safe_open and records every data read: (name, rows read) for a slice,
+    (name, None) for a whole tensor. Header reads (get_slice(...).get_shape()) read no data."""
+
+    reads: list[tuple[str, object]] = []
+
+    def __init__(self, *args, **kwargs):
+        self.file = _REAL_SAFE_OPEN(*args, **kwargs)
+
+    def __enter__(self):
+        self.inner = self.file.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.file.__exit__(*exc)
+
+    def keys(self):
+        return self.inner.keys()
+
+    def get_tensor(self, name):
+        _ReadSpy.reads.append((name, None))
+        return self.inner.get_tensor(name)
+
+    def get_slice(self, name):
+        sl, reads = self.inner.get_slice(name), _ReadSpy.reads
+
+        class Slice:
+            def get_shape(self):
+                return sl.get_shape()
+
+            def get_dtype(self):
+                return sl.get_dtype()
+
+            def __getitem__(self, index):
+                reads.append((name, index))
+                return sl[index]
+        return Slice()
+
+
+_REAL_SAFE_OPEN = checkpoint.safe_open
+
+
+def test_loading_reads_only_the_rank_slices_from_the_shards(ckpt, monkeypatch):
+    monkeypatch.setattr(checkpoint, "safe_open", _ReadSpy)
+    _ReadSpy.reads = []
+    load_model(ckpt, dtype=torch.float32, tp=TensorParallel(1, 2))
+    read = dict(_ReadSpy.reads)
+    assert len(read) == len(_ReadSpy.reads)                         # nothing read twice
+    experts = {expert_of(n) for n in read} - {None}
+    assert experts == {4, 5, 6, 7}                                   # rank 1's experts only
+    for name, index in read.items():
+        if split_dim(name) is not None:                             # never the whole tensor
+            assert index is not None and index[split_dim(name)].start > 0, name
+        else:
+            assert index is None, name
+    assert read["layers.1.attn.wq_b.weight"] == (slice(256, 512), slice(None))
+    assert read["layers.1.attn.wq_b.scale"] == (slice(2, 4), slice(None))   # whole 128-row blocks
+    assert read["layers.1.attn.wo_b.scale"] == (slice(None), slice(2, 4))
