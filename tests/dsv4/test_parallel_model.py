@@ -4,6 +4,7 @@ batched decode and the MTP head; loading reads exactly the rank's slices; bad sp
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 import pytest
 import torch
@@ -152,7 +153,7 @@ class _ReadSpy:
     """Wraps safetensors' safe_open and records every data read: (name, rows read) for a slice,
     (name, None) for a whole tensor. Header reads (get_slice(...).get_shape()) read no data."""
 
-    reads: list[tuple[str, object]] = []
+    reads: ClassVar[list[tuple[str, object]]] = []
 
     def __init__(self, *args, **kwargs):
         self.file = _REAL_SAFE_OPEN(*args, **kwargs)
