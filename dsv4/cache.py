@@ -44,6 +44,8 @@ class GrowingRows:
         return self.data[: self.n]
 
     def append(self, rows: torch.Tensor) -> None:
+        if rows.shape[0] == 0:          # most decode steps of most rows: no copy to launch
+            return
         need = self.n + rows.shape[0]
         if need > self.max_rows:
             raise RuntimeError(f"cache full: {need} compressed entries exceed {self.max_rows} "

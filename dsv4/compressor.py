@@ -21,6 +21,7 @@ from torch import nn
 from dsv4.cache import CompressorState
 from dsv4.config import ModelConfig
 from dsv4.fakequant import fp4_fake_quant, fp8_fake_quant, hadamard_rotate
+from dsv4.host_ints import device_ints
 from dsv4.linear import Linear
 from dsv4.norm import RMSNorm
 from dsv4.rope import apply_rope, rope_angles
@@ -46,16 +47,55 @@ class Compressor(nn.Module):
         [n_b, head_dim] (x's dtype), numbered from starts[b] // m on; updates `states`."""
         xf = x.float()                                            # the compressor runs in fp32
         kv, score = self.wkv(xf).float(), self.wgate(xf).float()  # [B,S,c*d]
-        seq = torch.arange(x.shape[1], device=x.device)
-        pooled, positions = [], []
+        positions = device_ints(starts, x.device)[:, None] + torch.arange(x.shape[1], device=x.device)
+        score = score + self.ape[positions % self.ratio]
+        if x.shape[1] == 1:
+            return self._decode(kv[:, 0], score[:, 0], starts, states, x.dtype, inv_freq)
+        pooled, first_positions = [], []
         for b, (start, state) in enumerate(zip(starts, states)):
-            rows = self._pool(kv[b], score[b] + self.ape[(start + seq) % self.ratio], start, state)
+            rows = self._pool(kv[b], score[b], start, state)
             pooled.append(rows)
             first = start // self.ratio                           # index of the first new entry
-            positions.append(torch.arange(first, first + rows.shape[0], device=x.device) * self.ratio)
+            first_positions += [(first + i) * self.ratio for i in range(rows.shape[0])]
         # all rows' new entries at once: norm, RoPE at each block's first position, simulation
-        entries = self._finish(torch.cat(pooled).to(x.dtype), torch.cat(positions), inv_freq)
+        entries = self._finish(torch.cat(pooled).to(x.dtype),
+                               device_ints(first_positions, x.device), inv_freq)
         return list(entries.split([r.shape[0] for r in pooled]))
+
+    def _decode(self, kv: torch.Tensor, score: torch.Tensor, starts: list[int], states: list[CompressorState],
+                dtype: torch.dtype, inv_freq: torch.Tensor) -> list[torch.Tensor]:
+        """One token per row, all rows at once (the same result as `_pool` row by row): kv, score
+        [B, c*d] (score incl. ape) -> per row [0 or 1, head_dim]. Every row's token goes to its
+        state slot in one multi-tensor copy; the rows whose block completes are pooled together."""
+        m, d = self.ratio, self.head_dim
+        cur = m if self.overlap else 0                 # first slot of the current block
+        slots = [cur + start % m for start in starts]
+        torch._foreach_copy_([st.kv[i] for st, i in zip(states, slots)] + [st.score[i] for st, i in zip(states, slots)],
+                             list(kv.unbind(0)) + list(score.unbind(0)))
+        done = [b for b, start in enumerate(starts) if start % m == m - 1]     # rows completing a block
+        none = kv.new_empty(0, d, dtype=dtype)
+        if not done:
+            return [none] * len(starts)
+        blocks_kv = torch.stack([states[b].kv for b in done])                 # [n, c*m, c*d]
+        blocks_score = torch.stack([states[b].score for b in done])
+        if self.overlap:
+            # "a" halves of the previous block (slots :m) next to "b" halves of this one (m:)
+            blocks_kv = torch.cat((blocks_kv[:, :m, :d], blocks_kv[:, m:, d:]), dim=1)     # [n, 2m, d]
+            blocks_score = torch.cat((blocks_score[:, :m, :d], blocks_score[:, m:, d:]), dim=1)
+            # this block becomes the previous one
+            torch._foreach_copy_([states[b].kv[:m] for b in done] + [states[b].score[:m] for b in done],
+                                 [states[b].kv[m:] for b in done] + [states[b].score[m:] for b in done])
+        pooled = (blocks_kv * blocks_score.softmax(dim=1)).sum(dim=1)          # [n, d]
+        blank_kv = kv.new_zeros(m, kv.shape[-1])                                # empty slots
+        blank_score = kv.new_full((m, kv.shape[-1]), float("-inf"))
+        torch._foreach_copy_([states[b].kv[cur:] for b in done] + [states[b].score[cur:] for b in done],
+                             [blank_kv] * len(done) + [blank_score] * len(done))
+        first_positions = device_ints([starts[b] - (m - 1) for b in done], kv.device)
+        entries = self._finish(pooled.to(dtype), first_positions, inv_freq)
+        out = [none] * len(starts)
+        for i, b in enumerate(done):
+            out[b] = entries[i: i + 1]
+        return out
 
     def _pool(self, kv: torch.Tensor, score: torch.Tensor, start: int,
               state: CompressorState) -> torch.Tensor:

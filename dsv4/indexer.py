@@ -19,6 +19,7 @@ from dsv4.cache import LayerCache
 from dsv4.compressor import Compressor
 from dsv4.config import ModelConfig
 from dsv4.fakequant import fp4_fake_quant, hadamard_rotate
+from dsv4.host_ints import device_ints
 from dsv4.linear import Linear
 from dsv4.parallel import SINGLE, TensorParallel
 from dsv4.rope import apply_rope
@@ -46,46 +47,63 @@ class Indexer(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor], inv_freq: torch.Tensor) -> torch.Tensor:
         """x [B,S,D], qr [B,S,q_lora_rank], rope = (cos, sin) [B,S,rd/2] of the query positions
         -> chosen entry indices [B, S, k] (int64, -1 = unused slot; k = the most any row has)."""
-        B = x.shape[0]
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))        # [B,S,Hi,di]
         q = apply_rope(q, *rope)
         if self.quant_sim:
             q = fp4_fake_quant(hadamard_rotate(q), 32)
         weights = self.weights_proj(x).float() * self.weight_scale            # [B,S,Hi]
         new_keys = self.compressor(x, starts, [c.indexer_compressor for c in caches], inv_freq)
-        picks = []
-        for b in range(B):            # rows hold different numbers of keys: one at a time
-            caches[b].indexer_keys.append(new_keys[b])
-            keys = caches[b].indexer_keys.view()                               # [N, di]
-            picks.append(self._top_entries(q[b], weights[b], keys, starts[b]))
-        k = max(p.shape[1] for p in picks)
-        return torch.stack([nn.functional.pad(p, (0, k - p.shape[1]), value=-1) for p in picks])
+        for cache, new in zip(caches, new_keys):
+            if new.shape[0]:            # most decode steps add no key (an FP4 cache would still pack)
+                cache.indexer_keys.append(new)
+        return self._top_entries(q, weights, self._keys(caches), starts)
 
-    def _top_entries(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
-                     start: int) -> torch.Tensor:
-        """q [S,Hi,di], weights [S,Hi], keys [N,di] of one row -> indices [S, k] (-1 = none)."""
-        S = q.shape[0]
-        visible = (start + torch.arange(1, S + 1, device=q.device)) // self.ratio   # [S]
-        k = min(self.topk, keys.shape[0])
+    @staticmethod
+    def _keys(caches: list[LayerCache]) -> tuple[torch.Tensor, list[int]]:
+        """Every row's index keys: ([B, N, di] padded with copies of real keys, per-row counts N_b).
+        One row: its buffer as is. Several: their buffers joined, then gathered at per-row offsets
+        (two ops whatever B; the padding is masked out by the caller)."""
+        views = [c.indexer_keys.view() for c in caches]
+        counts = [v.shape[0] for v in views]
+        if len(views) == 1 or max(counts) == 0:
+            return torch.stack(views) if len(views) > 1 else views[0][None], counts
+        offsets = [sum(counts[:b]) for b in range(len(counts))]
+        device = views[0].device
+        joined = torch.cat(views)                                                # [sum N_b, di]
+        index = device_ints(offsets, device)[:, None] + torch.arange(max(counts), device=device)
+        return joined[index.clamp_(max=joined.shape[0] - 1)], counts
+
+    def _top_entries(self, q: torch.Tensor, weights: torch.Tensor, keys: tuple[torch.Tensor, list[int]],
+                     starts: list[int]) -> torch.Tensor:
+        """q [B,S,Hi,di], weights [B,S,Hi], keys ([B,N,di], per-row counts) -> indices [B,S,k]
+        (-1 = none; k = min(topk, the most keys any row has)); all rows at once."""
+        keys, counts = keys
+        B, S = q.shape[:2]
+        k = min(self.topk, max(counts))
         if k == 0:
-            return torch.empty(S, 0, dtype=torch.long, device=q.device)
-        block = max(1, SCORE_BUDGET.get(q.device.type, SCORE_BUDGET['cpu']) // (self.n_heads * keys.shape[0]))
+            return torch.empty(B, S, 0, dtype=torch.long, device=q.device)
+        N = keys.shape[1]
+        # entries visible to query t of row b: j < (starts[b] + t + 1) // m (<= counts[b])
+        positions = device_ints(starts, q.device)[:, None] + torch.arange(1, S + 1, device=q.device)
+        visible = (positions // self.ratio)[..., None]                           # [B,S,1]
+        block = max(1, SCORE_BUDGET.get(q.device.type, SCORE_BUDGET['cpu']) // (B * self.n_heads * N))
         keys = keys.float()
         out = []
         for t0 in range(0, S, block):
             t1 = min(S, t0 + block)
-            n_vis = (start + t1) // self.ratio                # entries visible to the block's last query
-            kb = min(k, n_vis)
-            if kb == 0:
-                out.append(torch.full((t1 - t0, k), -1, dtype=torch.long, device=q.device))
+            n_vis = min(N, max(start + t1 for start in starts) // self.ratio)   # the most any row sees
+            if n_vis == 0:
+                out.append(torch.full((B, t1 - t0, k), -1, dtype=torch.long, device=q.device))
                 continue
-            scores = torch.einsum("thd,nd->thn", q[t0:t1].float(), keys[:n_vis]).relu_()
-            scores = self.tp.sum(torch.einsum("thn,th->tn", scores, weights[t0:t1]))   # [T, n_vis]
-            hidden = torch.arange(n_vis, device=q.device) >= visible[t0:t1, None]
+            scores = torch.einsum("bthd,bnd->bthn", q[:, t0:t1].float(), keys[:, :n_vis]).relu_()
+            # tensor parallel: this rank's heads' sum, summed over the ranks before the top-k
+            scores = self.tp.sum(torch.einsum("bthn,bth->btn", scores, weights[:, t0:t1]))   # [B,T,n_vis]
+            hidden = torch.arange(n_vis, device=q.device) >= visible[:, t0:t1]
             # ReLU makes exact ties (all heads at 0) common: a stable sort breaks them towards the
-            # older entry, so the choice does not depend on how the tokens were chunked
+            # older entry, so the choice does not depend on how the tokens were chunked; hidden
+            # entries sort last (in index order), so the slots they take are the -1 ones
             order = scores.masked_fill(hidden, float("-inf")).sort(dim=-1, descending=True, stable=True)
-            top = order.indices[:, :kb]
-            top = top.masked_fill(top >= visible[t0:t1, None], -1)
-            out.append(nn.functional.pad(top, (0, k - kb), value=-1))
-        return torch.cat(out)
+            top = order.indices[..., :k]
+            top = top.masked_fill(top >= visible[:, t0:t1], -1)
+            out.append(nn.functional.pad(top, (0, k - top.shape[-1]), value=-1))
+        return torch.cat(out, dim=1)

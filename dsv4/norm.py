@@ -1,14 +1,17 @@
-"""RMS normalisation, the only normalisation DeepSeek-V4 uses."""
+"""RMS normalisation, the only normalisation DeepSeek-V4 uses.
+
+Both forms go through `F.rms_norm` on fp32 (the same arithmetic as x * rsqrt(mean(x^2) + eps),
+bit-identical on CPU; on CUDA one fused kernel instead of ~6 launches, which matters in decode)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) over the last dim, computed in fp32, returned in x's dtype (no weight)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -21,6 +24,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * y).to(x.dtype)
+        return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps).to(x.dtype)

@@ -5,7 +5,9 @@ State:
     cache           the model's KV cache of the first `cache.length` of them; the others are
                     *pending*: fed with the next forward (the last generated token is never fed
                     until something follows it, so a turn costs no extra step)
-    last_logits     [V] float32 logits after the last fed token, valid when nothing is pending
+    last_logits     [V] float32 logits after the last fed token (the end of the cached prefix): the
+                    next-token logits when nothing is pending, and what a truncate back to the
+                    cached length needs
     snapshots       roll-back points (cache.snapshot() + the logits there) for `truncate`
 
 A fork shares its parent's cache object until one of them writes (copy-on-write at cache level);
@@ -218,9 +220,7 @@ class Session:
         with self._exclusive():
             self._ensure_resident()
             tensors = dict(self._ref.cache.state_tensors())
-            # the logits after the last *fed* token, kept even with pending tokens: a loaded
-            # session truncated back to its cache length must not lose them
-            if self._last_logits is not None:
+            if self._last_logits is not None:  # kept with pending tokens too: truncate may drop them
                 tensors[_LAST_LOGITS] = self._last_logits
             return session_io.write_session(
                 path, fingerprint=self.engine.fingerprint, token_ids=self._tokens,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dsv4 import Engine, ModelConfig
@@ -34,6 +34,7 @@ def engine():
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=ops, seed=st.integers(0, 2**16))
+@example(ops=[("generate", 1), ("save_load", 0)], seed=0)  # saved with a pending token, then rolled back
 def test_any_sequence_of_operations_ends_like_a_straight_run(engine, tmp_path, ops, seed):
     gen = torch.Generator().manual_seed(seed)
     s = engine.new_session(torch.randint(0, CFG.vocab_size, (5,), generator=gen).tolist())
