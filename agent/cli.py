@@ -99,6 +99,7 @@ def run(
     no_constrain: bool = typer.Option(False, "--no-constrain", help="engine: decode tool calls without the DSML grammar"),
     seed: Optional[int] = typer.Option(None, "--seed", help="engine sampling seed (reproducible runs)"),
     kv_fp8: bool = typer.Option(False, "--kv-fp8", help="store the compressed KV in FP8 (584-byte entries)"),
+    tp: int = typer.Option(1, "--tp", help="tensor-parallel ranks for --model: one process and GPU each"),
     sandbox: str = typer.Option("docker", "--sandbox", help="docker, local (no isolation) or none"),
     image: Optional[str] = typer.Option(None, "--image", help="docker image for the sandbox"),
     network: bool = typer.Option(False, "--network", help="give the docker sandbox network access"),
@@ -136,7 +137,7 @@ def run(
     else:
         if not task.strip():
             raise _usage_error("give a TASK (or --demo)")
-        backend = _backend_spec(model, scripted, device)
+        backend = _backend_spec(model, scripted, device, tp)
         if backend.kind == "engine":
             try:
                 backend = BackendSpec.model_validate(
@@ -182,7 +183,9 @@ def run(
     _finish(_run_agent(spec, output_dir, lambda agent: agent.run(task, run_id=run_id), as_json))
 
 
-def _backend_spec(model: Path | None, scripted: Path | None, device: str | None) -> BackendSpec:
+def _backend_spec(model: Path | None, scripted: Path | None, device: str | None, tp: int = 1) -> BackendSpec:
+    if tp < 1 or (tp > 1 and not model):
+        raise _usage_error(f"--tp must be >= 1 and needs --model, got --tp {tp}")
     if model and scripted:
         raise _usage_error("--model and --scripted are two different backends; pick one")
     if scripted:
@@ -200,7 +203,7 @@ def _backend_spec(model: Path | None, scripted: Path | None, device: str | None)
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return BackendSpec(kind="engine", model=str(model.absolute()), device=device)
+        return BackendSpec(kind="engine", model=str(model.absolute()), device=device, tp=tp)
     raise _usage_error("no model: pass --model PATH (a DSV4 checkpoint), --scripted FILE, or --demo")
 
 

@@ -31,6 +31,7 @@ class BackendSpec(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (engine)")
     kv_fp8: bool = Field(False, description="store the compressed KV in the 584-byte FP8 layout (engine)")
     constrain: bool = Field(True, description="DSML-constrained decoding of tool calls (engine; see encoding.constrain)")
+    tp: int = Field(1, ge=1, description="tensor-parallel ranks, one GPU each (engine; dsv4/spmd.py)")
 
 
 class SandboxSpec(BaseModel):
@@ -66,7 +67,7 @@ def build_backend(spec: BackendSpec) -> Any:
     if spec.model is None:
         raise ValueError("an engine backend needs a checkpoint: pass --model PATH")
     return EngineBackend(spec.model, device=spec.device, seed=spec.seed, temperature=spec.temperature,
-                         top_p=spec.top_p, kv_fp8=spec.kv_fp8, constrain=spec.constrain)
+                         top_p=spec.top_p, kv_fp8=spec.kv_fp8, constrain=spec.constrain, tp=spec.tp)
 
 
 def build_sandbox(spec: SandboxSpec) -> Any:

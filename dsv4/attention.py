@@ -32,6 +32,7 @@ from dsv4.fakequant import fp8_fake_quant
 from dsv4.indexer import Indexer
 from dsv4.linear import Linear
 from dsv4.norm import RMSNorm, rms_normalize
+from dsv4.parallel import SINGLE, TensorParallel
 from dsv4.rope import apply_rope, inv_frequencies, rope_angles
 
 # fp32 elements of one query block's [queries, heads, keys] logits, per device type: bounded whatever
@@ -54,12 +55,15 @@ def _sparse_kernel_enabled(q: torch.Tensor) -> bool:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TensorParallel = SINGLE):
         super().__init__()
         spec = cfg.layer_spec(layer_id)
         self.ratio, self.kind = spec.compress_ratio, spec.kind
-        self.n_heads, self.head_dim, self.rope_head_dim = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
-        self.window, self.eps, self.n_groups = cfg.window_size, cfg.norm_eps, cfg.o_groups
+        # tensor parallel (dsv4/parallel.py): this rank's heads and output groups; the shared K=V
+        # (wkv), wq_a and the compressors are replicated, wo_b's partial outputs are summed
+        self.tp = tp
+        self.n_heads, self.head_dim, self.rope_head_dim = cfg.n_heads // tp.world, cfg.head_dim, cfg.rope_head_dim
+        self.window, self.eps, self.n_groups = cfg.window_size, cfg.norm_eps, cfg.o_groups // tp.world
         self.o_lora_rank = cfg.o_lora_rank
         self.scale = self.head_dim ** -0.5
         # a plain attribute, not a buffer: model.to(bf16) must not round the frequencies
@@ -79,7 +83,7 @@ class Attention(nn.Module):
         if self.ratio:
             self.compressor = Compressor(cfg, self.ratio, self.head_dim, rotate=False)
         if self.kind == "csa":
-            self.indexer = Indexer(cfg)
+            self.indexer = Indexer(cfg, tp)
 
     def forward(self, x: torch.Tensor, starts: list[int], caches: list[LayerCache]) -> torch.Tensor:
         """x [B,S,D] (attn_norm output), row b at positions starts[b] + 0..S-1 -> [B,S,D].
@@ -111,7 +115,7 @@ class Attention(nn.Module):
         groups = o.reshape(B, S, self.n_groups, -1)                           # [B,S,G,H*d/G]
         wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)     # [G,R,H*d/G]
         z = torch.einsum("bsgi,gri->bsgr", groups, wo_a.to(groups.dtype))
-        return self.wo_b(z.flatten(2))
+        return self.tp.sum(self.wo_b(z.flatten(2)))                         # over the ranks' groups
 
     def _attend(self, q: torch.Tensor, kv: torch.Tensor, starts: list[int], caches: list[LayerCache],
                 picks: torch.Tensor | None) -> torch.Tensor:

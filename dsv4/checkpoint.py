@@ -33,6 +33,7 @@ from dsv4 import quant
 from dsv4.config import ModelConfig
 from dsv4.linear import Linear
 from dsv4.model import Transformer
+from dsv4.parallel import SINGLE, TensorParallel, shard_headers
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -335,17 +336,18 @@ def build_model(cfg: ModelConfig, headers: dict[str, tuple[str, tuple[int, ...]]
                 batches: Iterable[Iterable[tuple[str, torch.Tensor]]], *,
                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                 dequantize: bool = False, quant_sim: bool | None = None,
-                problems: list[str] | None = None) -> nn.Module:
+                problems: list[str] | None = None, tp: TensorParallel = SINGLE) -> nn.Module:
     """A `dsv4.Transformer` for `cfg` filled from stored tensors: `headers` gives each one's
     (safetensors dtype, shape) up front so everything is checked before any data is read
     (`problems`: ones the caller found already, reported in the same error); `batches` then
-    yields (name, tensor) pairs (one batch a shard). See `load_model`."""
+    yields (name, tensor) pairs (one batch a shard). See `load_model`. With `tp`, the model is
+    this rank's part and `headers` / `batches` its slices (`parallel.shard_headers`)."""
     device = torch.device(device)
     # buffers and attributes made in __init__ (RoPE frequencies) are created on `device`; the
     # device context costs a one-off torch._dynamo import, so the CPU path goes without it
     on_device = contextlib.nullcontext() if device.type == "cpu" else device
     with _parameters_on_meta(), on_device:
-        model = Transformer(cfg)
+        model = Transformer(cfg, tp)
     _check_against_model(model, headers, problems)
     _populate(model, batches, device=device, dtype=dtype, dequantize=dequantize)
     if quant_sim is None:
@@ -356,7 +358,8 @@ def build_model(cfg: ModelConfig, headers: dict[str, tuple[str, tuple[int, ...]]
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.bfloat16, quant_sim: bool | None = None,
-               dequantize: bool = False, config: ModelConfig | None = None) -> nn.Module:
+               dequantize: bool = False, config: ModelConfig | None = None,
+               tp: TensorParallel | None = None) -> nn.Module:
     """Load an official-layout checkpoint folder into a `dsv4.Transformer`.
 
     Tensors stream from the memory-mapped shards one at a time into a model built without
@@ -365,7 +368,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     are kept at `dtype` (F32-stored ones at least F32). `quant_sim` switches the model's
     quantisation simulation (KV / indexer rounding as in training); None means on only for
     quantised weights on a CUDA device, so a CPU float load computes the exact float network.
-    `config` overrides the folder's config.json."""
+    `config` overrides the folder's config.json.
+    `tp` (dsv4/parallel.py): load this rank's part of a tensor-parallel model; only its slices
+    of the split tensors and only its experts are read from the mapped shards (FP8 scales in
+    whole 128x128 blocks: a split that cuts a block raises CheckpointError)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
@@ -374,6 +380,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     cfg = config if config is not None else ModelConfig.from_hf_config(path)
     weight_map = _read_index(path)
     headers, problems = _read_headers(path, weight_map)
+    tp = tp if tp is not None else SINGLE
+    slices: dict[str, tuple[slice, ...]] = {}
+    if tp.world > 1:            # this rank's view: local shapes, the index of each split tensor
+        tp.check(cfg)
+        headers, slices, split_problems = shard_headers(headers, tp, cfg.n_routed_experts)
+        if split_problems:
+            raise CheckpointError(f"checkpoint cannot be split over {tp.world} ranks:\n  "
+                                  + "\n  ".join(split_problems))
     by_file: dict[str, list[str]] = {}
     for name, file in weight_map.items():
         by_file.setdefault(file, []).append(name)
@@ -383,10 +397,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         # per tensor goes straight to `device`
         for file, names in sorted(by_file.items()):
             with safe_open(path / file, "pt") as f:
-                yield ((name, f.get_tensor(name)) for name in names)
+                yield ((name, f.get_slice(name)[slices[name]] if name in slices else f.get_tensor(name))
+                       for name in names if name in headers)      # other ranks' experts: skipped
 
     return build_model(cfg, headers, shard_batches(), device=device, dtype=dtype,
-                       dequantize=dequantize, quant_sim=quant_sim, problems=problems)
+                       dequantize=dequantize, quant_sim=quant_sim, problems=problems, tp=tp)
 
 
 # ---- saving -------------------------------------------------------------------------------------

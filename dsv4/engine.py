@@ -64,14 +64,28 @@ class Engine:
     kv_fp8          quantised KV storage: compressed main entries in the 584-byte FP8 layout,
                     indexer keys in MXFP4 (68 bytes); lossless when the model's quantisation
                     simulation is on (as it is for FP8 checkpoints on GPU)
+    tp              tensor-parallel ranks: `Engine(path, tp=N)` is a `dsv4.spmd.LeaderEngine`
+                    (this process is rank 0 and runs the API; N - 1 spawned ranks follow it)
     """
+
+    session_class = Session    # what sessions are made of (tensor parallel: dsv4/spmd.py's)
+
+    def __new__(cls, *args: Any, tp: int = 1, **kwargs: Any):
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tp must be an int >= 1, got {tp!r}")
+        if tp > 1 and cls is Engine:                # tensor parallel over tp ranks
+            from .spmd import LeaderEngine
+            cls = LeaderEngine
+        return super().__new__(cls)
 
     def __init__(self, model_or_path: Any, *, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, tokenizer: Any = None,
                  kv_budget_bytes: int | None = None, max_context: int | None = None,
                  prefill_chunk: int = 2048,
                  snapshot_every: int = 4096, max_snapshots: int = 4, kv_fp8: bool = False,
-                 eos_token_ids: Iterable[int] | None = None):
+                 eos_token_ids: Iterable[int] | None = None, tp: int = 1):
+        if tp != 1:     # Engine(path, tp=N) is built by __new__ as a LeaderEngine, which passes none
+            raise ValueError("tp > 1 is served by dsv4.Engine(path, tp=N) (dsv4.spmd.LeaderEngine)")
         if isinstance(model_or_path, (str, os.PathLike)):
             model = load_model(model_or_path, device=device or "cuda",
                                **({"dtype": dtype} if dtype is not None else {}))
@@ -108,7 +122,7 @@ class Engine:
         """An empty session (or one with `token_ids` fed at once)."""
         cache = self.new_cache()
         self._check_budget(cache.nbytes())
-        session = Session(self, cache)
+        session = self.session_class(self, cache)
         self.register(session)
         if token_ids:
             session.append(token_ids)
@@ -116,7 +130,7 @@ class Engine:
 
     def load_session(self, path: str | os.PathLike) -> Session:
         """A session saved with `session.save(path)`; it must come from this very model."""
-        session = Session(self, None)
+        session = self.session_class(self, None)
         tokens, cache, logits = self.read_session_state(path)
         session._ref.cache = cache
         session._tokens, session._last_logits = tokens, logits
@@ -288,10 +302,10 @@ class Engine:
                                     [states[i].generator for i in active],
                                     [states[i].generated for i in active])
                 still = []
+                self._push_tokens([sessions[i] for i in active], drawn)
                 for i, token in zip(active, drawn):
                     st, s = states[i], sessions[i]
                     st.generated.append(token)
-                    s._tokens.append(token)
                     st.finish_reason = s.finish_reason = st.checker.push(token)
                     if st.finish_reason is None:
                         still.append(i)
@@ -300,6 +314,12 @@ class Engine:
                 active = still
                 if active:
                     await anyio.to_thread.run_sync(self._decode_step, [sessions[i] for i in active])
+
+    def _push_tokens(self, sessions: Sequence[Session], tokens: Sequence[int]) -> None:
+        """The drawn tokens join their sessions (pending until fed). A method of its own because
+        tensor parallel rank 0 sends them to the other ranks here (dsv4/spmd.py)."""
+        for s, token in zip(sessions, tokens):
+            s._tokens.append(token)
 
     def _start_decode(self, sessions: Sequence[Session]) -> None:
         """Bring every session to 'nothing pending, last logits known' and snapshot the turn."""

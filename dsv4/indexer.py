@@ -21,6 +21,7 @@ from dsv4.config import ModelConfig
 from dsv4.fakequant import fp4_fake_quant, hadamard_rotate
 from dsv4.host_ints import device_ints
 from dsv4.linear import Linear
+from dsv4.parallel import SINGLE, TensorParallel
 from dsv4.rope import apply_rope
 
 # fp32 elements of one query block's [queries, heads, entries] scores, per device type (as
@@ -29,14 +30,17 @@ SCORE_BUDGET = {"cpu": 1 << 24, "cuda": 1 << 28}
 
 
 class Indexer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        # tensor parallel: this rank's indexer heads; the head-summed scores are summed over the
+        # ranks before the top-k (the weight scale stays that of all heads)
+        self.tp = tp
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads // tp.world, cfg.index_head_dim, cfg.index_topk
         self.ratio = 4
         self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim)
         self.weights_proj = Linear(cfg.dim, self.n_heads)
         self.compressor = Compressor(cfg, self.ratio, self.head_dim, rotate=True)
-        self.weight_scale = (self.head_dim * self.n_heads) ** -0.5
+        self.weight_scale = (self.head_dim * cfg.index_n_heads) ** -0.5
         self.quant_sim = False
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, starts: list[int], caches: list[LayerCache],
@@ -92,7 +96,8 @@ class Indexer(nn.Module):
                 out.append(torch.full((B, t1 - t0, k), -1, dtype=torch.long, device=q.device))
                 continue
             scores = torch.einsum("bthd,bnd->bthn", q[:, t0:t1].float(), keys[:, :n_vis]).relu_()
-            scores = torch.einsum("bthn,bth->btn", scores, weights[:, t0:t1])   # [B,T,n_vis]
+            # tensor parallel: this rank's heads' sum, summed over the ranks before the top-k
+            scores = self.tp.sum(torch.einsum("bthn,bth->btn", scores, weights[:, t0:t1]))   # [B,T,n_vis]
             hidden = torch.arange(n_vis, device=q.device) >= visible[:, t0:t1]
             # ReLU makes exact ties (all heads at 0) common: a stable sort breaks them towards the
             # older entry, so the choice does not depend on how the tokens were chunked; hidden

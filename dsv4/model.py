@@ -24,6 +24,7 @@ from dsv4.linear import Linear
 from dsv4.mhc import hc_head, hc_post, hc_pre
 from dsv4.moe import MoE
 from dsv4.norm import RMSNorm
+from dsv4.parallel import SINGLE, TensorParallel, VocabParallelEmbedding, VocabParallelHead
 
 
 def _hc_params(n_out: int, hc_dim: int, n_scales: int) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
@@ -35,11 +36,11 @@ def _hc_params(n_out: int, hc_dim: int, n_scales: int) -> tuple[nn.Parameter, nn
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.cfg = cfg
-        self.attn = Attention(cfg, layer_id)
-        self.ffn = MoE(cfg, layer_id)
+        self.attn = Attention(cfg, layer_id, tp)
+        self.ffn = MoE(cfg, layer_id, tp)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         n_mix, hc_dim = (2 + cfg.hc_mult) * cfg.hc_mult, cfg.hc_mult * cfg.dim
@@ -61,8 +62,8 @@ class MTPBlock(Block):
     and the embedding of token t+1, predicts token t+2. Shares `embed` and `head` with the main
     model (passed in, not owned, so they do not reappear under `mtp.0.` in the state dict)."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int):
-        super().__init__(cfg, layer_id)
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TensorParallel = SINGLE):
+        super().__init__(cfg, layer_id, tp)
         self.e_proj = Linear(cfg.dim, cfg.dim)
         self.h_proj = Linear(cfg.dim, cfg.dim)
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -82,15 +83,22 @@ class MTPBlock(Block):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE):
+        """tp: this rank's place in a tensor-parallel group (dsv4/parallel.py); the default, one
+        process, is the whole model."""
         super().__init__()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        tp.check(cfg)
+        self.cfg, self.tp = cfg, tp
+        if tp.world == 1:
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+            self.head = Linear(cfg.dim, cfg.vocab_size)
+        else:                   # vocab-parallel: this rank's rows, lookups summed, logits gathered
+            self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.dim, tp)
+            self.head = VocabParallelHead(cfg.dim, cfg.vocab_size, tp)
+        self.layers = nn.ModuleList(Block(cfg, i, tp) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = Linear(cfg.dim, cfg.vocab_size)
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _hc_params(cfg.hc_mult, cfg.hc_mult * cfg.dim, 1)
-        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.n_layers + i) for i in range(cfg.n_mtp_layers))
+        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.n_layers + i, tp) for i in range(cfg.n_mtp_layers))
         self._quant_sim = False
 
     # ---- switches and caches ------------------------------------------------------------------

@@ -15,6 +15,7 @@ from torch import nn
 
 from dsv4.config import ModelConfig
 from dsv4.linear import Linear
+from dsv4.parallel import SINGLE, TensorParallel
 
 
 class Gate(nn.Module):
@@ -69,11 +70,15 @@ class Expert(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.gate = Gate(cfg, layer_id)
-        self.experts = nn.ModuleList(Expert(cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit)
-                                     for _ in range(cfg.n_routed_experts))
+        # expert parallel (dsv4/parallel.py): this rank holds experts [lo, hi) whole, the other
+        # slots are None (checkpoint names keep their global index); routed sums are all-reduced
+        self.tp = tp
+        lo, hi = tp.local_range(cfg.n_routed_experts)
+        self.experts = nn.ModuleList(Expert(cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit) if lo <= e < hi
+                                     else None for e in range(cfg.n_routed_experts))
         self.shared_experts = Expert(cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -82,7 +87,10 @@ class MoE(nn.Module):
         weights, experts = self.gate(flat, token_ids.reshape(-1))            # [T,k]
         y = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
         for e in experts.unique().tolist():
+            if self.experts[e] is None:                                        # another rank's
+                continue
             rows, slot = torch.where(experts == e)
             y.index_add_(0, rows, self.experts[e](flat[rows], weights[rows, slot, None]).float())
+        y = self.tp.sum(y)                                                     # fp32, over ranks
         y += self.shared_experts(flat).float()
         return y.to(x.dtype).view_as(x)

@@ -206,7 +206,7 @@ class Session:
         """A new session with the same tokens; the cache is shared until either side writes."""
         with self._exclusive():
             self._ensure_resident()
-            child = Session(self.engine, None, self._tokens)
+            child = type(self)(self.engine, None, self._tokens)    # tensor parallel: same kind
             child._ref = self._ref
             self._ref.sharers += 1
             child._last_logits = self._last_logits

@@ -151,11 +151,13 @@ class EngineBackend:
         forced: Sequence[str | list[int]] | None = None,
         constrain: bool = True,
         label: str | None = None,
+        tp: int = 1,
     ) -> None:
         # `engine` is a dsv4.Engine, or a checkpoint path loaded on `device` by start() (interruptible).
         self.engine = None if isinstance(engine, (str, os.PathLike)) else engine
         self.checkpoint = None if self.engine is not None else str(engine)
         self.device = device
+        self.tp = tp  # tensor-parallel ranks for a checkpoint path (dsv4.Engine(path, tp=N))
         self.temperature = temperature
         self.top_p = top_p
         self.seed = seed
@@ -187,7 +189,7 @@ class EngineBackend:
 
         # CPU runs in float32 (no fast bf16 matmuls there); GPUs in bfloat16 like the release.
         dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
-        return Engine(self.checkpoint, device=self.device, dtype=dtype, kv_fp8=self.kv_fp8)
+        return Engine(self.checkpoint, device=self.device, dtype=dtype, kv_fp8=self.kv_fp8, tp=self.tp)
 
     async def prefill(self, ids: Sequence[int]) -> tuple[int, int]:
         if self.constrain and self.forced is None and len(self.session) == 0:
