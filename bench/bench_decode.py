@@ -15,7 +15,7 @@ Counted per decode step, on any device (a TorchDispatchMode sees every aten op t
 On CUDA also the profiler's runtime calls per step (cudaLaunchKernel & co, cudaMemcpyAsync,
 cudaStreamSynchronize) and the time per step (median of --steps after warm-up) -> tokens/s.
 
-CPU (tiny dims): python bench/bench_decode.py --batch 1,32 [--moe-dispatch]
+CPU (tiny dims): python bench/bench_decode.py --batch 1,32
 GPU (Flash dims, 4 layers CSA/HCA/CSA/HCA, 64 experts, bf16):
     python bench/bench_decode.py --device cuda --batch 1,32,64 --out $OUT/decode.json
 """
@@ -58,21 +58,6 @@ def config(args) -> ModelConfig:
     if args.device == "cpu" and not args.flash:
         return ModelConfig.tiny().replace(**layout)
     return ModelConfig.flash().replace(**layout)
-
-
-def use_moe_dispatch() -> None:
-    """The proposed switch-over in dsv4/moe.py (MoE.forward's loop -> dsv4.moe_dispatch)."""
-    from dsv4.moe import MoE
-    from dsv4.moe_dispatch import routed_experts
-
-    def forward(self, x, token_ids):
-        flat = x.reshape(-1, x.shape[-1])
-        weights, experts = self.gate(flat, token_ids.reshape(-1))
-        y = routed_experts(flat, weights, experts, self.experts)
-        y += self.shared_experts(flat).float()
-        return y.to(x.dtype).view_as(x)
-
-    MoE.forward = forward
 
 
 def build_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
@@ -240,8 +225,6 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="CPU torch threads")
-    p.add_argument("--moe-dispatch", action="store_true",
-                   help="route the MoE through dsv4/moe_dispatch.py (the switch-over proposed for moe.py)")
     p.add_argument("--compile-sinkhorn", action="store_true",
                    help="opt-in torch.compile'd Sinkhorn (dsv4.mhc.use_compiled_sinkhorn); its kernels are "
                         "invisible to the op count, the CUDA launch count sees them")
@@ -255,14 +238,12 @@ def main() -> None:
     context = args.context or (4096 if cuda else 300)
     steps = args.steps or (20 if cuda else 5)
     cfg = config(args)
-    if args.moe_dispatch:
-        use_moe_dispatch()
     if args.compile_sinkhorn:
         from dsv4 import mhc
         mhc.use_compiled_sinkhorn(True)
     model = build_model(cfg, device, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "label": args.label, "moe_dispatch": args.moe_dispatch,
+               "label": args.label,
                "compile_sinkhorn": args.compile_sinkhorn, "torch": torch.__version__, "machine": platform.node(),
                "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
                "config": {"n_layers": cfg.n_layers, "dim": cfg.dim, "compress_ratios": cfg.compress_ratios,

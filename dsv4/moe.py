@@ -15,6 +15,7 @@ from torch import nn
 
 from dsv4.config import ModelConfig
 from dsv4.linear import Linear
+from dsv4.moe_dispatch import routed_experts
 from dsv4.parallel import SINGLE, TensorParallel
 
 
@@ -85,12 +86,7 @@ class MoE(nn.Module):
         """x [B,S,D] (ffn_norm output), token_ids [B,S] -> [B,S,D]."""
         flat = x.reshape(-1, x.shape[-1])                                      # [T,D]
         weights, experts = self.gate(flat, token_ids.reshape(-1))            # [T,k]
-        y = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
-        for e in experts.unique().tolist():
-            if self.experts[e] is None:                                        # another rank's
-                continue
-            rows, slot = torch.where(experts == e)
-            y.index_add_(0, rows, self.experts[e](flat[rows], weights[rows, slot, None]).float())
+        y = routed_experts(flat, weights, experts, self.experts)              # [T,D] fp32, this rank's
         y = self.tp.sum(y)                                                     # fp32, over ranks
         y += self.shared_experts(flat).float()
         return y.to(x.dtype).view_as(x)
