@@ -29,6 +29,7 @@ from dsv4.cache import LayerCache
 from dsv4.compressor import Compressor
 from dsv4.config import ModelConfig
 from dsv4.fakequant import fp8_fake_quant
+from dsv4.host_ints import device_ints
 from dsv4.indexer import Indexer
 from dsv4.linear import Linear
 from dsv4.norm import RMSNorm, rms_normalize
@@ -91,7 +92,7 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         if self.inv_freq.device != x.device:      # follow the model to its device, once
             self.inv_freq = self.inv_freq.to(x.device)
-        positions = torch.tensor(starts, device=x.device)[:, None] + torch.arange(S, device=x.device)
+        positions = device_ints(starts, x.device)[:, None] + torch.arange(S, device=x.device)
         cos, sin = rope_angles(positions, self.inv_freq)                     # [B,S,rd/2]
 
         qr = self.q_norm(self.wq_a(x))                                        # [B,S,Rq]
@@ -124,7 +125,7 @@ class Attention(nn.Module):
         B, S, W = q.shape[0], q.shape[1], self.window
         # keys: each row's W tokens before the chunk (from its ring, oldest first), then the chunk;
         # key i sits at position start - W + i, so query t sees keys i with t < i <= W + t
-        before = torch.tensor(starts, device=q.device)[:, None] - W + torch.arange(W, device=q.device)
+        before = device_ints(starts, q.device)[:, None] - W + torch.arange(W, device=q.device)
         rings = torch.stack([c.window for c in caches])                        # [B,W,d]
         prev = rings.gather(1, (before % W)[..., None].expand(-1, -1, self.head_dim))
         keys = torch.cat((prev.to(kv.dtype), kv), dim=1)                       # [B,W+S,d]
@@ -140,7 +141,7 @@ class Attention(nn.Module):
         n_extra = picks.shape[-1] if picks is not None else (entries.shape[1] if self.kind == "hca" else 0)
         # per block: logits [B, T, H, W + T + n_extra], compressed keys [B, T, n_extra, d]
         block = min(256, max(1, LOGIT_BUDGET.get(q.device.type, LOGIT_BUDGET['cpu']) // (B * (self.n_heads + self.head_dim) * (256 + W + n_extra))))
-        positions = torch.tensor(starts, device=q.device)[:, None]              # [B,1]
+        positions = device_ints(starts, q.device)[:, None]              # [B,1]
         out = []
         for t0 in range(0, S, block):
             t1 = min(S, t0 + block)

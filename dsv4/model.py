@@ -129,7 +129,7 @@ class Transformer(nn.Module):
             raise ValueError(f"input_ids must be [B, S] with S >= 1, got {list(input_ids.shape)}")
         if len(caches) != input_ids.shape[0]:
             raise ValueError(f"got {len(caches)} caches for {input_ids.shape[0]} rows of input_ids")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()             # one host sync, not two
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.cfg.vocab_size}), got [{lo}, {hi}]")
         for i, c in enumerate(caches):
