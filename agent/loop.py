@@ -192,19 +192,14 @@ class Agent:
             status, message = ExitStatus.interrupted, "interrupted (Ctrl-C); continue with `dsv4-agent resume`"
         return self._finish(writer, state, run_id, task, status, message, started)
 
+    def _run_started(self, run_id: str, task: str, schemas: list | None = None, system: str = "",
+                     prompt_tokens: int = 0) -> RunStarted:
+        return RunStarted(run_id=run_id, task=task, spec=self.spec, backend=self.backend.label,
+                          tools=schemas or [], system_prompt=system, prompt_tokens=prompt_tokens)
+
     def _finish(self, writer, state, run_id, task, status: ExitStatus, message: str, started: float) -> RunResult:
         if not state.run_started_written:  # failed before the prompt: keep "the log starts with run_started"
-            writer.write(
-                RunStarted(
-                    run_id=run_id,
-                    task=task,
-                    spec=self.spec,
-                    backend=self.backend.label,
-                    tools=[],
-                    system_prompt="",
-                    prompt_tokens=0,
-                )
-            )
+            writer.write(self._run_started(run_id, task))
         wall_s = time.monotonic() - started
         writer.write(
             ExitEvent(
@@ -273,17 +268,7 @@ class Agent:
         if history is None:
             system = self.config.system_prompt
             ids = encoder.prompt(prompt_messages(system, schemas, task))
-            writer.write(
-                RunStarted(
-                    run_id=run_id,
-                    task=task,
-                    spec=self.spec,
-                    backend=self.backend.label,
-                    tools=schemas,
-                    system_prompt=system,
-                    prompt_tokens=len(ids),
-                )
-            )
+            writer.write(self._run_started(run_id, task, schemas, system, len(ids)))
             state.run_started_written = True
             state.step = 1
             return ids
