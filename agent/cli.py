@@ -100,6 +100,9 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed", help="engine sampling seed (reproducible runs)"),
     kv_fp8: bool = typer.Option(False, "--kv-fp8", help="store the compressed KV in FP8 (584-byte entries)"),
     tp: int = typer.Option(1, "--tp", help="tensor-parallel ranks for --model: one process and GPU each"),
+    remote: Optional[str] = typer.Option(
+        None, "--remote", help="a `dsv4-agent serve` URL instead of a local model (key: $DSV4_AGENT_API_KEY)"
+    ),
     sandbox: str = typer.Option("docker", "--sandbox", help="docker, local (no isolation) or none"),
     image: Optional[str] = typer.Option(None, "--image", help="docker image for the sandbox"),
     network: bool = typer.Option(False, "--network", help="give the docker sandbox network access"),
@@ -137,8 +140,8 @@ def run(
     else:
         if not task.strip():
             raise _usage_error("give a TASK (or --demo)")
-        backend = _backend_spec(model, scripted, device, tp)
-        if backend.kind == "engine":
+        backend = _backend_spec(model, scripted, device, tp, remote)
+        if backend.kind in ("engine", "remote"):
             try:
                 backend = BackendSpec.model_validate(
                     {**backend.model_dump(), "temperature": temperature, "top_p": top_p, "seed": seed, "kv_fp8": kv_fp8})
@@ -183,7 +186,15 @@ def run(
     _finish(_run_agent(spec, output_dir, lambda agent: agent.run(task, run_id=run_id), as_json))
 
 
-def _backend_spec(model: Path | None, scripted: Path | None, device: str | None, tp: int = 1) -> BackendSpec:
+def _backend_spec(
+    model: Path | None, scripted: Path | None, device: str | None, tp: int = 1, remote: str | None = None
+) -> BackendSpec:
+    if remote:
+        if model or scripted:
+            raise _usage_error("--remote, --model and --scripted are different backends; pick one")
+        if not remote.startswith(("http://", "https://")):
+            raise _usage_error(f"--remote must be an http(s) URL, got {remote!r}")
+        return BackendSpec(kind="remote", url=remote)
     if tp < 1 or (tp > 1 and not model):
         raise _usage_error(f"--tp must be >= 1 and needs --model, got --tp {tp}")
     if model and scripted:
@@ -302,6 +313,37 @@ def inspect(
         console.print_json(summary.model_dump_json())
     else:
         render(summary, console)
+
+
+@app.command()
+def serve(
+    model: Path = typer.Option(..., "--model", "-m", help="DSV4 checkpoint directory"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on"),
+    port: int = typer.Option(8000, "--port", help="port to listen on"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if present)"),
+    tp: int = typer.Option(1, "--tp", help="tensor-parallel ranks: one process and GPU each"),
+    kv_fp8: bool = typer.Option(False, "--kv-fp8", help="store the compressed KV in FP8 (584-byte entries)"),
+    max_sessions: int = typer.Option(8, "--max-sessions", help="resident sessions kept for prefix reuse (LRU)"),
+    name: Optional[str] = typer.Option(None, "--served-model-name", help="model id in the API (default: folder name)"),
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API; requests reuse resident sessions by token prefix."""
+    from agent.server import serve as run_server
+
+    spec = _backend_spec(model, None, device, tp)
+    if max_sessions < 1:
+        raise _usage_error(f"--max-sessions must be >= 1, got {max_sessions}")
+    import torch
+
+    from dsv4 import Engine
+    from encoding import Tokenizer
+
+    dtype = torch.float32 if spec.device == "cpu" else torch.bfloat16  # as EngineBackend
+    engine = Engine(spec.model, device=spec.device, dtype=dtype, kv_fp8=kv_fp8, tp=tp)
+    tokenizer = engine.tokenizer if isinstance(engine.tokenizer, Tokenizer) else Tokenizer.default()
+    try:
+        run_server(engine, tokenizer, model_name=name or model.name, host=host, port=port, max_sessions=max_sessions)
+    except ValueError as e:
+        raise _usage_error(str(e)) from None
 
 
 @app.command()

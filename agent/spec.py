@@ -17,8 +17,8 @@ from agent.config import AgentConfig
 class BackendSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["engine", "scripted", "demo"] = Field(
-        description="engine: a checkpoint; scripted: pre-written turns; demo: see agent.demo"
+    kind: Literal["engine", "scripted", "demo", "remote"] = Field(
+        description="engine: a checkpoint; scripted: pre-written turns; demo: see agent.demo; remote: a server"
     )
     model: str | None = Field(None, description="checkpoint directory (engine)")
     device: str = Field("cpu", description="engine device")
@@ -32,6 +32,8 @@ class BackendSpec(BaseModel):
     kv_fp8: bool = Field(False, description="store the compressed KV in the 584-byte FP8 layout (engine)")
     constrain: bool = Field(True, description="DSML-constrained decoding of tool calls (engine; see encoding.constrain)")
     tp: int = Field(1, ge=1, description="tensor-parallel ranks, one GPU each (engine; dsv4/spmd.py)")
+    url: str | None = Field(None, description="server base URL (remote; `dsv4-agent serve`); the API key, if any, "
+                            "comes from $DSV4_AGENT_API_KEY, never from the spec")
 
 
 class SandboxSpec(BaseModel):
@@ -62,6 +64,15 @@ def build_backend(spec: BackendSpec) -> Any:
         from agent.demo import demo_backend
 
         return demo_backend(spec)
+    if spec.kind == "remote":
+        import os
+
+        from agent.backends.remote import RemoteBackend
+
+        if spec.url is None:
+            raise ValueError("a remote backend needs a server: pass --remote URL")
+        return RemoteBackend(spec.url, api_key=os.environ.get("DSV4_AGENT_API_KEY"), seed=spec.seed,
+                             temperature=spec.temperature, top_p=spec.top_p)
     from agent.backends.engine import EngineBackend
 
     if spec.model is None:
