@@ -57,14 +57,14 @@ class Server:
     def plan(self, prompt: list[int], sampling: Sampling, default_max: int | None) -> Generation:
         """Check a prompt and its budget against the model before queueing it."""
         if not prompt:
-            raise RequestError("prompt", "the prompt is empty")
+            raise RequestError("prompt", "prompt: empty")
         vocab = self.engine.cfg.vocab_size
         bad = next((t for t in prompt if isinstance(t, bool) or not 0 <= t < vocab), None)
         if bad is not None:
-            raise RequestError("prompt", f"token id {bad} is not in [0, {vocab})")
+            raise RequestError("prompt", f"prompt: token id {bad} is not in [0, {vocab})")
         room = self.engine.max_context - len(prompt)
         if room < 0:
-            raise RequestError("prompt", f"the prompt holds {len(prompt)} tokens; the context is "
+            raise RequestError("prompt", f"prompt: {len(prompt)} tokens exceed the context of "
                                f"{self.engine.max_context}", code="context_length_exceeded")
         wanted = sampling.max_tokens if sampling.max_tokens is not None else default_max
         max_tokens = room if wanted is None else wanted
