@@ -325,3 +325,24 @@ async def test_remote_errors_are_clear(server, tmp_path):
         await backend.prefill([5] * (server[1].engine.max_context + 1))
     assert backend.tokens == []  # nothing recorded that the server refused
     await backend.close()
+
+
+def test_cli_runs_an_agent_on_a_remote_server(server, tmp_path):
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    config = tmp_path / "agent.yaml"
+    config.write_text("max_turn_tokens: 8\n")
+    args = ["run", "say hi", "--remote", server[0], "--sandbox", "none", "--json", "--max-steps", "2",
+            "--seed", "3", "--config", str(config), "-o", str(tmp_path / "runs")]
+    result = CliRunner().invoke(app, args)
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert events[0]["event"] == "run_started", result.output
+    backend = events[0]["spec"]["backend"]
+    assert backend["kind"] == "remote" and backend["url"] == server[0] and backend["seed"] == 3
+    assert "remote server" in events[0]["backend"]
+    assert events[-1]["event"] == "exit" and events[-1]["status"] != "error"
+    assert result.exit_code == ExitStatus(events[-1]["status"]).exit_code
+    bad = CliRunner().invoke(app, ["run", "x", "--remote", "localhost:8000", "--sandbox", "none"])
+    assert bad.exit_code == 2 and "http" in bad.output
