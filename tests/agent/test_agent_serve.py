@@ -346,3 +346,13 @@ def test_cli_runs_an_agent_on_a_remote_server(server, tmp_path):
     assert result.exit_code == ExitStatus(events[-1]["status"]).exit_code
     bad = CliRunner().invoke(app, ["run", "x", "--remote", "localhost:8000", "--sandbox", "none"])
     assert bad.exit_code == 2 and "http" in bad.output
+
+
+def test_stop_strings_end_the_completion(client, engine, tokenizer):
+    prompt = random_ids(20, tokenizer)
+    free = greedy(engine, prompt, 8)
+    stop = tokenizer.decode(free[:3])
+    if len(free) < 4 or not stop.strip() or stop in tokenizer.decode(free[:2]):
+        pytest.skip(f"seed {SEED}: the greedy text gives no clean 3-token stop string")
+    answer = complete(client, prompt, stop=stop)["choices"][0]
+    assert answer["token_ids"] == free[:3] and answer["finish_reason"] == "stop"
