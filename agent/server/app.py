@@ -56,6 +56,9 @@ class Server:
     # ---- the engine side --------------------------------------------------------------------
     def plan(self, prompt: list[int], sampling: Sampling, default_max: int | None) -> Generation:
         """Check a prompt and its budget against the model before queueing it."""
+        if sampling.model is not None and sampling.model != self.model_name:
+            raise RequestError("model", f"model: {sampling.model!r} is not served here; this server serves "
+                               f"{self.model_name!r}", status=404, code="model_not_found")
         if not prompt:
             raise RequestError("prompt", "prompt: empty")
         vocab = self.engine.cfg.vocab_size

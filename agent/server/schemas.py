@@ -19,6 +19,7 @@ class Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     return_token_ids: bool = False
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())

@@ -262,6 +262,7 @@ def test_streamed_chat_matches_the_whole_answer(client):
     ("/v1/completions", {"prompt": []}, "prompt"),
     ("/v1/completions", {"prompt": [1, 2], "stop": [""]}, "stop"),
     ("/v1/completions", {"prompt": [1, 2], "max_tokens": 10**6}, "max_tokens"),
+    ("/v1/completions", {"prompt": [1, 2], "n": 2}, "n"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low"},
@@ -279,6 +280,8 @@ def test_bad_requests_get_400_naming_the_field(client, path, body, param):
 def test_context_overflow_and_bad_json(client, engine):
     r = client.post("/v1/completions", json={"prompt": [5] * (engine.max_context + 1)})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = client.post("/v1/completions", json={"prompt": [1], "model": "gpt-4"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model" and "tiny" in r.json()["error"]["message"]
     r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
