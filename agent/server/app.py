@@ -97,12 +97,18 @@ class Server:
                     gen.finish_reason = "length"
                     return
                 s = gen.sampling
-                tokens = session.generate(max_tokens=gen.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                          seed=s.seed, stop=gen.stop)
-                async with aclosing(tokens):
-                    async for token in tokens:
-                        gen.ids.append(token)
-                        yield token
+                while True:
+                    tokens = session.generate(max_tokens=gen.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                                              seed=s.seed, stop=gen.stop)
+                    try:
+                        async with aclosing(tokens):
+                            async for token in tokens:
+                                gen.ids.append(token)
+                                yield token
+                        break
+                    except KVBudgetExceeded:  # before the first token the session is unchanged: make room, retry
+                        if gen.ids or not self.pool.evict_one(keep=session):
+                            raise
                 gen.finish_reason = session.finish_reason
             except ContextLengthExceeded as e:
                 raise RequestError("prompt", str(e), code="context_length_exceeded") from None

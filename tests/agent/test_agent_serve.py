@@ -359,3 +359,43 @@ def test_stop_strings_end_the_completion(client, engine, tokenizer):
         pytest.skip(f"seed {SEED}: the greedy text gives no clean 3-token stop string")
     answer = complete(client, prompt, stop=stop)["choices"][0]
     assert answer["token_ids"] == free[:3] and answer["finish_reason"] == "stop"
+
+
+def test_concurrent_requests_are_served_one_at_a_time(client, server, engine, tokenizer):
+    prompts = [random_ids(25, tokenizer) for _ in range(3)]
+    answers: dict[int, list[int]] = {}
+
+    def ask(i: int) -> None:
+        with httpx2.Client(base_url=server[0], timeout=30) as own:
+            answers[i] = complete(own, prompts[i], 6)["choices"][0]["token_ids"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert [answers.get(i) for i in range(3)] == [greedy(engine, p, 6) for p in prompts], f"seed {SEED}"
+
+
+def test_a_full_kv_budget_evicts_other_sessions_then_refuses_with_413(engine, tokenizer):
+    from starlette.testclient import TestClient
+
+    measure = Engine(engine.model)  # what one served 300-token request keeps resident (KV + turn snapshot)
+    with TestClient(create_app(measure, tokenizer, model_name="tiny")) as c:
+        assert c.post("/v1/completions", json={"prompt": random_ids(300, tokenizer), "max_tokens": 1}).status_code == 200
+        one_session = measure.memory().resident_bytes
+    small = Engine(engine.model, kv_budget_bytes=int(one_session * 1.5))
+    with TestClient(create_app(small, tokenizer, model_name="tiny")) as c:
+        pool = c.app.state.server.pool
+        first = c.post("/v1/completions", json={"prompt": random_ids(300, tokenizer), "max_tokens": 1})
+        assert first.status_code == 200 and len(pool.sessions) == 1
+        kept = pool.sessions[0]
+        second = c.post("/v1/completions", json={"prompt": random_ids(300, tokenizer), "max_tokens": 1})
+        assert second.status_code == 200, second.text
+        assert len(pool.sessions) == 1 and pool.sessions[0] is not kept  # the first one made room
+        huge = c.post("/v1/completions", json={"prompt": random_ids(3000, tokenizer), "max_tokens": 1})
+        assert huge.status_code == 413 and huge.json()["error"]["code"] == "kv_budget_exceeded"
+        assert len(pool.sessions) <= 1  # everything else was evicted trying
+        # the server recovers: the next request evicts what the refused one left and is served
+        again = c.post("/v1/completions", json={"prompt": random_ids(300, tokenizer), "max_tokens": 1})
+        assert again.status_code == 200, again.text
