@@ -97,11 +97,10 @@ def main() -> None:
     with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
         for rep in range(args.repeat):
             prompt, appends = workload(args, tokenizer.vocab_size, seed=rep)  # a new conversation each round
-            runs = {"engine": lambda: direct(engine, prompt, appends, args.decode),
-                    "http": lambda: over_http(client, prompt, appends, args.decode, False),
-                    "http+sse": lambda: over_http(client, prompt, appends, args.decode, True)}
-            for name, fn in runs.items():
-                times = fn()
+            runs = {"engine": (direct, engine), "http": (over_http, client, False),
+                    "http+sse": (over_http, client, True)}
+            for name, (fn, target, *stream) in runs.items():
+                times = fn(target, prompt, appends, args.decode, *stream)
                 if name not in best or statistics.median(times) < statistics.median(best[name]):
                     best[name] = times
     server.should_exit = True

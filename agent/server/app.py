@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -23,7 +24,13 @@ from starlette.routing import Route
 
 from agent.server.chat import ChatParser, dumps, render_chat, tool_names
 from agent.server.pool import SessionPool
-from agent.server.schemas import ChatRequest, CompletionRequest, RequestError, Sampling, parse_request
+from agent.server.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    RequestError,
+    Sampling,
+    parse_request,
+)
 
 
 @dataclass

@@ -10,13 +10,15 @@ sharing the longest token-id prefix with the new prompt:
     in place;
   * nothing is shared: a new session.
 Sessions are evicted least recently used first, past `max_sessions` or when the engine's KV budget
-refuses a prefill or a decode start. The caller serialises calls (the server holds one lock for all engine work).
+refuses a prefill or a decode start. The caller serialises calls (the server holds one lock for
+all engine work).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 
 def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:

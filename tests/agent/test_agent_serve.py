@@ -6,6 +6,7 @@ get a 400 naming the field, and an agent runs end to end through `RemoteBackend`
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import socket
@@ -304,7 +305,7 @@ async def test_an_agent_runs_through_the_remote_backend_with_prefix_reuse(server
     calls = [e for e in read_events(remote.trajectory_path) if isinstance(e, EngineCall)]
     assert len(calls) >= 2
     assert calls[0].usage.prefill_reused == 0
-    for before, call in zip(calls, calls[1:]):  # from the second turn on, only the new tokens are computed
+    for before, call in itertools.pairwise(calls):  # from the second turn on, only the new tokens are computed
         assert call.usage.prefill_reused == before.backend_info["session_tokens"] - 1
         assert call.usage.prefill_new < 80 < calls[0].usage.prefill_new
     # the same seeded draws as the embedded engine: the server changes where tokens come from, not which
