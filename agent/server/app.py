@@ -4,7 +4,9 @@ Requests are serialised: one lock covers all engine work (checkout, prefill, dec
 requests wait their turn in arrival order, and a streamed response holds the engine until its last
 token. Each request runs on a pooled session found by token-id prefix (agent/server/pool.py), so a
 client that re-sends its whole conversation every turn gets append-only prefill;
-`usage.prompt_tokens_reused` counts the prompt tokens whose KV was already resident.
+`usage.prompt_tokens_reused` counts the prompt tokens whose KV was already resident. A chat request
+declaring tools decodes under the DSML constraint (agent/server/chat.py `constrained_decoding`) unless
+it says `"dsml_constraint": false`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from agent.server.chat import ChatParser, dumps, render_chat, tool_names
+from agent.server.chat import ChatParser, constrained_decoding, dumps, render_chat, tool_names
+from agent.backends.engine import ConstrainedDecoding
 from agent.server.pool import SessionPool
 from agent.server.schemas import (
     ChatRequest,
@@ -45,10 +48,14 @@ class Generation:
     how: str = ""  # how the pool found the session: new, extend, fork, truncate
     ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    constrained: ConstrainedDecoding | None = None  # chat with tools: the DSML constraint, this request's own
 
     def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.ids),
-                "total_tokens": len(self.prompt) + len(self.ids), "prompt_tokens_reused": self.reused}
+        usage = {"prompt_tokens": len(self.prompt), "completion_tokens": len(self.ids),
+                 "total_tokens": len(self.prompt) + len(self.ids), "prompt_tokens_reused": self.reused}
+        if self.constrained is not None:
+            usage["constrained_steps"] = self.constrained.constrained_steps
+        return usage
 
 
 class Server:
@@ -104,9 +111,12 @@ class Server:
                     gen.finish_reason = "length"
                     return
                 s = gen.sampling
+                processors = () if gen.constrained is None else (gen.constrained,)
                 while True:
+                    if gen.constrained is not None:  # thinking mode: the rendered prompt ends with <think>
+                        gen.constrained.start_turn(thinking=gen.prompt[-1] == self.tokenizer.think_start_id)
                     tokens = session.generate(max_tokens=gen.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                              seed=s.seed, stop=gen.stop)
+                                              seed=s.seed, stop=gen.stop, logits_processors=processors)
                     try:
                         async with aclosing(tokens):
                             async for token in tokens:
@@ -178,6 +188,7 @@ class Server:
         body = parse_request(ChatRequest, await _json(request))
         text, mode = render_chat(body)
         gen = self.plan(self.tokenizer.encode(text), body, default_max=body.max_completion_tokens)
+        gen.constrained = constrained_decoding(body, self.tokenizer)
         rid = uuid.uuid4().hex[:24]
         parser = ChatParser(mode, call_prefix=f"call_{rid[:8]}", tool_names=tool_names(body))
         head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": self.model_name}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from agent.backends.engine import ConstrainedDecoding
 from agent.server.schemas import ChatRequest, RequestError
 
 
@@ -82,6 +83,19 @@ class ChatParser:
 
     def finish_reason(self, engine_reason: str | None) -> str:
         return "tool_calls" if self.tool_calls else (engine_reason or "stop")
+
+
+def constrained_decoding(request: ChatRequest, tokenizer: Any) -> ConstrainedDecoding | None:
+    """The DSML constraint over exactly the request's tools (as the agent's EngineBackend applies it);
+    None without tools or with `"dsml_constraint": false`. Fresh per request: it holds the turn's state."""
+    from encoding import DSMLConstraint
+
+    if not request.tools or not request.dsml_constraint:
+        return None
+    try:
+        return ConstrainedDecoding(DSMLConstraint(tokenizer, request.tools))
+    except ValueError as e:  # a tool or parameter name DSML cannot write
+        raise RequestError("tools", f"tools: {e}") from None
 
 
 def tool_names(request: ChatRequest) -> set[str] | None:

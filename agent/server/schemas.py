@@ -39,6 +39,7 @@ class ChatRequest(Sampling):
     tools: list[dict[str, Any]] | None = None
     reasoning_effort: Literal["max", "high", "none"] = "max"
     max_completion_tokens: int | None = Field(None, ge=1)
+    dsml_constraint: bool = Field(True, description="extension: DSML-constrained decoding when tools are declared")
 
 
 class RequestError(ValueError):
