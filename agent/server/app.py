@@ -24,8 +24,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from agent.server.chat import ChatParser, constrained_decoding, dumps, render_chat, tool_names
 from agent.backends.engine import ConstrainedDecoding
+from agent.server.chat import (
+    ChatParser,
+    constrained_decoding,
+    dumps,
+    render_chat,
+    tool_names,
+)
 from agent.server.pool import SessionPool
 from agent.server.schemas import (
     ChatRequest,
