@@ -9,15 +9,12 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import socket
 import threading
-import time
 
 import anyio
 import httpx2
 import pytest
 import torch
-import uvicorn
 
 from agent import Agent, AgentConfig, ExitStatus, completion
 from agent.backends.engine import EngineBackend
@@ -54,22 +51,10 @@ def engine(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def server(engine, tokenizer):
-    """uvicorn in a thread on a free port; yields (base URL, the Server behind the app)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+def server(engine, tokenizer, live_server):
+    """(base URL, the Server behind the app), served in a thread for the module."""
     app = create_app(engine, tokenizer, model_name="tiny")
-    live = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=live.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not live.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", app.state.server
-    live.should_exit = True
-    thread.join(10)
+    return live_server(app), app.state.server
 
 
 @pytest.fixture

@@ -10,14 +10,10 @@ and no DSML token leaks; unconstrained, the DSML token comes first."""
 from __future__ import annotations
 
 import random
-import socket
-import threading
-import time
 
 import httpx2
 import pytest
 import torch
-import uvicorn
 
 from agent.backends.engine import ConstrainedDecoding
 from agent.server import create_app
@@ -46,24 +42,11 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def base_url(tmp_path_factory, tokenizer):
+def base_url(tmp_path_factory, tokenizer, live_server):
     cfg = ModelConfig.tiny().model_copy(update={"vocab_size": tokenizer.vocab_size})
     engine = Engine(write_random_checkpoint(tmp_path_factory.mktemp("ckpt"), cfg, seed=SEED),
                     device="cpu", dtype=torch.float32)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    live = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, model_name="tiny"), host="127.0.0.1",
-                                         port=port, log_level="warning"))
-    thread = threading.Thread(target=live.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not live.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    live.should_exit = True
-    thread.join(10)
+    return live_server(create_app(engine, tokenizer, model_name="tiny"))
 
 
 @pytest.fixture
