@@ -178,15 +178,22 @@ class ModelCache:
 
     def nbytes(self) -> int:
         """Bytes held in memory (growing buffers count their whole allocated capacity)."""
+        total = self.fixed_nbytes()
+        for layer in self.layers:
+            for rows in (layer.compressed, layer.indexer_keys):
+                if rows is not None:
+                    total += rows.data.nbytes
+        return total
+
+    def fixed_nbytes(self) -> int:
+        """Bytes of the fixed-size state (sliding rings, compressor partial blocks): what a
+        `snapshot()` copies."""
         total = 0
         for layer in self.layers:
             total += layer.window.nbytes
             for st in (layer.compressor, layer.indexer_compressor):
                 if st is not None:
                     total += st.kv.nbytes + st.score.nbytes
-            for rows in (layer.compressed, layer.indexer_keys):
-                if rows is not None:
-                    total += rows.data.nbytes
         return total
 
     # ---- copies and rollback ------------------------------------------------------------------

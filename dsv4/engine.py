@@ -221,7 +221,7 @@ class Engine:
         end = len(session) + new_tokens
         points = end // self.snapshot_every - cache.length // self.snapshot_every
         kept = len(session._snapshots)
-        snapshot_bytes = fixed_state_bytes(cache) + 4 * self.cfg.vocab_size  # + its logits
+        snapshot_bytes = cache.fixed_nbytes() + 4 * self.cfg.vocab_size  # + its logits
         growth += (min(kept + points, self.max_snapshots) - kept) * snapshot_bytes
         self._check_budget(growth + extra_bytes)
 
@@ -325,7 +325,7 @@ class Engine:
         """Bring every session to 'nothing pending, last logits known' and snapshot the turn."""
         for s in sessions:
             s._ensure_resident()
-            turn_snapshot = fixed_state_bytes(s._ref.cache) + 4 * self.cfg.vocab_size
+            turn_snapshot = s._ref.cache.fixed_nbytes() + 4 * self.cfg.vocab_size
             self.reserve(s, 1, extra_bytes=turn_snapshot)
         for s in sessions:
             s._flush()
@@ -359,17 +359,6 @@ def cache_growth_bytes(cache: Any, chunks: Iterable[tuple[int, int]]) -> int:
                 grown += (new - capacity) * rows.width * rows.data.element_size()
                 buf[2] = new
     return grown
-
-
-def fixed_state_bytes(cache: Any) -> int:
-    """Bytes of one snapshot of this cache (rings + compressor states)."""
-    total = 0
-    for layer in cache.layers:
-        total += layer.window.nbytes
-        for st in (layer.compressor, layer.indexer_compressor):
-            if st is not None:
-                total += st.kv.nbytes + st.score.nbytes
-    return total
 
 
 def kv_bytes_per_token(cfg: Any, elem_bytes: int = 2, fp8: bool = False) -> float:
