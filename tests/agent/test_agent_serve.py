@@ -341,7 +341,9 @@ def test_stop_strings_end_the_completion(client, engine, tokenizer):
     prompt = random_ids(20, tokenizer)
     free = greedy(engine, prompt, 8)
     stop = tokenizer.decode(free[:3])
-    if len(free) < 4 or not stop.strip() or stop in tokenizer.decode(free[:2]):
+    # a stop string ending in U+FFFD (token 3 holds part of a UTF-8 character) is only matched once
+    # the engine sees the character complete, which may take token 4: no clean 3-token stop then
+    if len(free) < 4 or not stop.strip() or stop in tokenizer.decode(free[:2]) or stop.endswith("\ufffd"):
         pytest.skip(f"seed {SEED}: the greedy text gives no clean 3-token stop string")
     answer = complete(client, prompt, stop=stop)["choices"][0]
     assert answer["token_ids"] == free[:3] and answer["finish_reason"] == "stop"
