@@ -68,7 +68,7 @@ DEMO_MODEL_DIR = "demo-model"
 
 
 def engine_available() -> bool:
-    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("dsv4.engine") is not None
+    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("dsv4.runtime.engine") is not None
 
 
 def docker_sandbox_ready() -> str | None:
@@ -124,7 +124,7 @@ def demo_spec(output_dir: Path, run_id: str) -> tuple[RunSpec, str, list[str]]:
 def write_demo_model(path: Path) -> Path:
     """A tiny random checkpoint with DSV4's full vocabulary (so it reads real chat tokens); reused if present."""
     from dsv4 import ModelConfig
-    from dsv4.testing import write_random_checkpoint
+    from dsv4.loading.testing import write_random_checkpoint
     from encoding import Tokenizer
 
     if (path / "config.json").is_file() and (path / "model.safetensors.index.json").is_file():

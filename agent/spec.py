@@ -31,7 +31,7 @@ class BackendSpec(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (engine)")
     kv_fp8: bool = Field(False, description="store the compressed KV in the 584-byte FP8 layout (engine)")
     constrain: bool = Field(True, description="DSML-constrained decoding of tool calls (engine; see encoding.constrain)")
-    tp: int = Field(1, ge=1, description="tensor-parallel ranks, one GPU each (engine; dsv4/spmd.py)")
+    tp: int = Field(1, ge=1, description="tensor-parallel ranks, one GPU each (engine; dsv4/runtime/spmd.py)")
     url: str | None = Field(None, description="server base URL (remote; `dsv4-agent serve`); the API key, if any, "
                             "comes from $DSV4_AGENT_API_KEY, never from the spec")
 

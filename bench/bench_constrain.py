@@ -25,7 +25,7 @@ import torch
 
 from agent.backends.engine import ConstrainedDecoding
 from dsv4 import Engine, ModelConfig
-from dsv4.testing import write_random_checkpoint
+from dsv4.loading.testing import write_random_checkpoint
 from encoding import DSMLConstraint, Tokenizer
 from encoding.dsml import render_tool_calls
 from tools import builtin_tools

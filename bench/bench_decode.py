@@ -36,8 +36,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsv4.config import ModelConfig  # noqa: E402
-from dsv4.model import Transformer  # noqa: E402
+from dsv4.network.config import ModelConfig  # noqa: E402
+from dsv4.network.model import Transformer  # noqa: E402
 
 DSV4_DIR = str(Path(__file__).resolve().parents[1] / "dsv4")
 NO_LAUNCH = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
@@ -226,7 +226,7 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="CPU torch threads")
     p.add_argument("--compile-sinkhorn", action="store_true",
-                   help="opt-in torch.compile'd Sinkhorn (dsv4.mhc.use_compiled_sinkhorn); its kernels are "
+                   help="opt-in torch.compile'd Sinkhorn (dsv4.network.mhc.use_compiled_sinkhorn); its kernels are "
                         "invisible to the op count, the CUDA launch count sees them")
     p.add_argument("--label", default="", help="free text stored with the results (e.g. the commit)")
     p.add_argument("--out", type=Path, default=None, help="JSON results")
@@ -239,7 +239,7 @@ def main() -> None:
     steps = args.steps or (20 if cuda else 5)
     cfg = config(args)
     if args.compile_sinkhorn:
-        from dsv4 import mhc
+        from dsv4.network import mhc
         mhc.use_compiled_sinkhorn(True)
     model = build_model(cfg, device, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -35,9 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsv4 import Engine, ModelConfig, SamplingParams  # noqa: E402
-from dsv4 import attention, indexer  # noqa: E402
-from dsv4.model import Transformer  # noqa: E402
+from dsv4 import Engine, ModelConfig, SamplingParams, attention, indexer  # noqa: E402  # noqa: E402
+from dsv4.network.model import Transformer  # noqa: E402
 
 
 def bench_config(args) -> ModelConfig:

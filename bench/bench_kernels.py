@@ -1,4 +1,4 @@
-"""GPU benchmark of kernels.sparse_attention (Triton) against its torch reference, at DSV4 sizes.
+"""GPU benchmark of dsv4_kernels.sparse_attention (Triton) against its torch reference, at DSV4 sizes.
 
 Per case: the relative error ||kernel - ref|| / ||ref|| of the kernel against
 `sparse_attention_reference` on fresh random bf16 inputs (the reference computes in fp32 from the
@@ -23,7 +23,12 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from kernels.sparse_attention import KernelConfig, default_config, sparse_attention, sparse_attention_reference
+from dsv4_kernels.sparse_attention import (
+    KernelConfig,
+    default_config,
+    sparse_attention,
+    sparse_attention_reference,
+)
 
 H, D, WINDOW, TOPK, CTX = 64, 512, 128, 512, 65536
 

@@ -26,7 +26,7 @@ from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "dsv4"))
 from test_model_hf_parity import PARITY_CFG, to_hf_state_dict  # the name mapping to HF
 
-from dsv4.testing import random_model
+from dsv4.loading.testing import random_model
 
 
 def paired(fn_ours, fn_hf, repeats: int) -> tuple[float, float, float]:
@@ -51,7 +51,7 @@ def bench_load_model(repeats: int) -> None:
     from safetensors.torch import load_file
 
     from dsv4 import ModelConfig, load_model
-    from dsv4.testing import write_random_checkpoint
+    from dsv4.loading.testing import write_random_checkpoint
 
     mid = ModelConfig.tiny().replace(dim=1024, moe_inter_dim=256, vocab_size=4096, n_layers=8,
                                      compress_ratios=(0, 4, 128, 4, 128, 4, 128, 4, 0))

@@ -29,7 +29,7 @@ import uvicorn
 
 from agent.server import create_app
 from dsv4 import Engine, ModelConfig
-from dsv4.testing import write_random_checkpoint
+from dsv4.loading.testing import write_random_checkpoint
 from encoding import Tokenizer
 
 

@@ -264,7 +264,7 @@ class EngineBackend:
 @contextmanager
 def _context_full_on_limits() -> Iterator[None]:
     """The engine's length and KV-budget errors, as the loop's `ContextFull` (the session is unchanged)."""
-    from dsv4.errors import ContextLengthExceeded, KVBudgetExceeded
+    from dsv4.runtime.errors import ContextLengthExceeded, KVBudgetExceeded
 
     try:
         yield

@@ -98,7 +98,7 @@ class Server:
 
     async def run(self, gen: Generation) -> AsyncIterator[int]:
         """Prefill the prompt's new suffix on a pooled session, then decode (max_tokens 0: prefill only)."""
-        from dsv4.errors import ContextLengthExceeded, KVBudgetExceeded
+        from dsv4.runtime.errors import ContextLengthExceeded, KVBudgetExceeded
 
         async with self.lock:
             found = self.pool.checkout(gen.prompt)
@@ -147,7 +147,7 @@ class Server:
                 pass
 
     def detokenizer(self):
-        from dsv4.sampling import IncrementalDetokenizer
+        from dsv4.runtime.sampling import IncrementalDetokenizer
 
         return IncrementalDetokenizer(self.tokenizer.decode)
 

@@ -17,7 +17,7 @@ from agent.history import prompt_messages
 from agent.spec import BackendSpec, build_backend
 from agent.trajectory import EngineCall, read_events
 from dsv4 import Engine, ModelConfig
-from dsv4.testing import write_random_checkpoint
+from dsv4.loading.testing import write_random_checkpoint
 from encoding import AppendOnlyEncoder, DSMLConstraint, DSMLParseError, StreamParser, Tokenizer
 from encoding.dsml import render_tools_block
 from encoding.tokens import EOS

@@ -24,7 +24,7 @@ from agent.server import SessionPool, create_app
 from agent.server.chat import ChatParser
 from agent.trajectory import EngineCall, read_events
 from dsv4 import Engine, ModelConfig
-from dsv4.testing import write_random_checkpoint
+from dsv4.loading.testing import write_random_checkpoint
 from encoding import Tokenizer, encode_messages
 from tools import tool
 

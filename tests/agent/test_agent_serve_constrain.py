@@ -18,8 +18,8 @@ import torch
 from agent.backends.engine import ConstrainedDecoding
 from agent.server import create_app
 from dsv4 import Engine, ModelConfig
-from dsv4.session import Session
-from dsv4.testing import write_random_checkpoint
+from dsv4.runtime.session import Session
+from dsv4.loading.testing import write_random_checkpoint
 from encoding import Tokenizer
 from encoding.tokens import DSML
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4.config import ModelConfig
-from dsv4.model import Transformer
+from dsv4.network.config import ModelConfig
+from dsv4.network.model import Transformer
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""dsv4.linear.Linear in its three storage formats: on-the-fly dequantised compute against a float64
+"""dsv4.network.linear.Linear in its three storage formats: on-the-fly dequantised compute against a float64
 reference, block-wise (chunked) compute, in-place dequantisation, dtype casts, checkpoint names."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import secrets
 import pytest
 import torch
 
-from dsv4 import linear as linear_mod
-from dsv4 import quant
-from dsv4.linear import Linear
+from dsv4.formats import quant
+from dsv4.network import linear as linear_mod
+from dsv4.network.linear import Linear
 
 torch.set_num_threads(1)
 
@@ -126,7 +126,7 @@ def test_bad_formats_are_refused():
 
 
 def test_quant_sim_rounds_the_input_of_quantised_layers_only(gen):
-    from dsv4.fakequant import fp8_fake_quant
+    from dsv4.formats.fakequant import fp8_fake_quant
     x = torch.randn(3, 200, generator=gen)
     fp8 = Linear(200, 64).quantize_("fp8")
     plain = fp8(x)

@@ -12,13 +12,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dsv4
-from dsv4 import quant
-from dsv4.checkpoint import (INDEX_FILE, CheckpointError, checkpoint_layout, default_tokenizer_dir,
-                             n_shards, shard_file_name)
-from dsv4.config import ModelConfig
-from dsv4.linear import Linear
-from dsv4.model import Transformer
-from dsv4.testing import random_model, write_random_checkpoint
+from dsv4.formats import quant
+from dsv4.loading.checkpoint import (
+    INDEX_FILE,
+    CheckpointError,
+    checkpoint_layout,
+    default_tokenizer_dir,
+    n_shards,
+    shard_file_name,
+)
+from dsv4.loading.testing import random_model, write_random_checkpoint
+from dsv4.network.config import ModelConfig
+from dsv4.network.linear import Linear
+from dsv4.network.model import Transformer
 
 torch.set_num_threads(1)
 CFG = ModelConfig.tiny()
@@ -61,7 +67,7 @@ def edit_index(path, edit) -> None:
 
 
 def dequantised(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """A stored linear weight's float64 value, decoded by dsv4.quant."""
+    """A stored linear weight's float64 value, decoded by dsv4.formats.quant."""
     w, s = tensors[f"{name}.weight"], tensors.get(f"{name}.scale")
     if s is None:
         return w.double()
@@ -135,7 +141,7 @@ def test_model_names_are_the_layout_names_for_flash_shapes():
     at Flash dims (fewer layers and experts, so the meta build stays quick)."""
     cfg = ModelConfig.flash().replace(n_layers=5, n_routed_experts=8,
                                       compress_ratios=(0, 0, 4, 128, 4, 0))
-    from dsv4.checkpoint import _check_against_model, _parameters_on_meta
+    from dsv4.loading.checkpoint import _check_against_model, _parameters_on_meta
     with _parameters_on_meta():
         model = Transformer(cfg)
     headers = {s.name: (s.dtype, s.shape) for s in checkpoint_layout(cfg)}

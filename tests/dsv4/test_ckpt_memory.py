@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from dsv4.config import ModelConfig
-from dsv4.testing import write_random_checkpoint
+from dsv4.loading.testing import write_random_checkpoint
+from dsv4.network.config import ModelConfig
 
 MiB = 2**20
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,8 +27,8 @@ torch.set_num_threads(1)
 from pathlib import Path
 from safetensors.torch import load_file
 from dsv4 import load_model
-from dsv4.checkpoint import _read_headers, _read_index, build_model
-from dsv4.config import ModelConfig
+from dsv4.loading.checkpoint import _read_headers, _read_index, build_model
+from dsv4.network.config import ModelConfig
 
 path = Path(sys.argv[1])
 

@@ -7,7 +7,7 @@ import secrets
 import pytest
 import torch
 
-from dsv4 import quant
+from dsv4.formats import quant
 
 torch.set_num_threads(1)
 

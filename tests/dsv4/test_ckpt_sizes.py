@@ -2,15 +2,14 @@
 §1.3, §4), and the byte model of a shard file against real files."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from dsv4.checkpoint import checkpoint_layout, n_shards, shard_file_name
-from dsv4.config import ModelConfig
-from dsv4.sizes import main as sizes_main
-from dsv4.sizes import model_sizes, shard_file_bytes
-from dsv4.testing import write_random_checkpoint
+from dsv4.loading.checkpoint import checkpoint_layout, n_shards, shard_file_name
+from dsv4.loading.sizes import main as sizes_main
+from dsv4.loading.sizes import model_sizes, shard_file_bytes
+from dsv4.loading.testing import write_random_checkpoint
+from dsv4.network.config import ModelConfig
 
 torch.set_num_threads(1)
 GiB = 2**30
@@ -94,7 +93,7 @@ def test_shard_byte_model_matches_written_files(tmp_path):
 
 
 def test_cli_prints_both_models(capsys):
-    sizes_main()                                   # what `python -m dsv4.sizes` runs
+    sizes_main()                                   # what `python -m dsv4.loading.sizes` runs
     out = capsys.readouterr().out
     assert "DeepSeek-V4-Flash: 284.33B total / 13.27B active" in out
     assert "69,187 tensors in 46 shards, 148.66 GiB" in out

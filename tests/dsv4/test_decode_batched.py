@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4.cache import CompressorState, LayerCache
-from dsv4.compressor import Compressor
-from dsv4.config import ModelConfig
-from dsv4.indexer import Indexer
-from dsv4.rope import inv_frequencies
+from dsv4.network.cache import CompressorState, LayerCache
+from dsv4.network.compressor import Compressor
+from dsv4.network.config import ModelConfig
+from dsv4.network.indexer import Indexer
+from dsv4.network.rope import inv_frequencies
 
 CFG = ModelConfig.tiny()
 ATOL = 5e-5          # fp32 logits of O(1): batched and per-row decode differ only by matmul shapes

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.bench_decode import OpCounter
-from dsv4.config import ModelConfig
+from dsv4.network.config import ModelConfig
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from bench.bench_decode import OpCounter
-from dsv4 import mhc
-from dsv4.config import ModelConfig
-from dsv4.mhc import sinkhorn_reference, sinkhorn_split
+from dsv4.network import mhc
+from dsv4.network.config import ModelConfig
+from dsv4.network.mhc import sinkhorn_reference, sinkhorn_split
 
 CFG = ModelConfig.tiny()
 OWN = ("mhc", "compressor", "indexer", "rope", "norm")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from dsv4.config import ModelConfig
-from dsv4.moe import MoE
-from dsv4.moe_dispatch import routed_experts
+from dsv4.network.config import ModelConfig
+from dsv4.network.moe import MoE
+from dsv4.network.moe_dispatch import routed_experts
 
 CFG = ModelConfig.tiny()
 

@@ -7,8 +7,8 @@ import torch
 
 from dsv4 import Engine, ModelConfig, SamplingParams
 
-# the random model comes from dsv4.testing (branch model-ckpt); the model itself from model-net
-random_model = pytest.importorskip("dsv4.testing").random_model
+# the random model comes from dsv4.loading.testing (branch model-ckpt); the model itself from model-net
+random_model = pytest.importorskip("dsv4.loading.testing").random_model
 CFG = ModelConfig.tiny()
 
 
@@ -103,7 +103,7 @@ def test_stop_strings_need_a_tokenizer(engine, prompt):
 
 
 def test_generate_on_an_empty_session_is_an_error(engine):
-    from dsv4.errors import SessionStateError
+    from dsv4.runtime.errors import SessionStateError
 
     with pytest.raises(SessionStateError, match="empty"):
         anyio.run(lambda: collect(engine.new_session(), max_tokens=3))
@@ -130,7 +130,7 @@ def test_event_loop_runs_between_steps(engine, prompt):
 
 
 def test_one_session_cannot_generate_twice_at_once(engine, prompt):
-    from dsv4.errors import SessionStateError
+    from dsv4.runtime.errors import SessionStateError
 
     s = engine.new_session(prompt)
 
@@ -174,7 +174,7 @@ def test_rolling_back_a_completion_restores_the_turn_snapshot_without_recompute(
 
 
 def test_engine_from_a_checkpoint_folder_with_its_tokenizer(tmp_path, prompt):
-    testing = pytest.importorskip("dsv4.testing")
+    testing = pytest.importorskip("dsv4.loading.testing")
     path = testing.write_random_checkpoint(tmp_path / "ckpt", CFG, seed=0)
     eng = Engine(path, device="cpu", prefill_chunk=128)
     assert eng.tokenizer is not None and eng.eos_token_ids == (eng.tokenizer.eos_id,)

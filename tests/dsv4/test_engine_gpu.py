@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsv4 import Engine, ModelConfig
-from dsv4.model import Transformer
+from dsv4.network.model import Transformer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from dsv4.kv_fp8 import DSV4_LAYOUT as L, Fp8KVLayout
+from dsv4.formats.kv_fp8 import DSV4_LAYOUT as L
+from dsv4.formats.kv_fp8 import Fp8KVLayout
 
 torch.set_num_threads(1)
 
@@ -82,8 +83,8 @@ def test_smaller_head_dims_use_the_same_layout():
 
 
 def test_mxfp4_indexer_keys_are_68_bytes_and_lossless_on_fp4_rounded_keys():
-    from dsv4.fakequant import fp4_fake_quant, hadamard_rotate
-    from dsv4.kv_fp8 import Fp4Rows
+    from dsv4.formats.fakequant import fp4_fake_quant, hadamard_rotate
+    from dsv4.formats.kv_fp8 import Fp4Rows
 
     keys = torch.randn(9, 128, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     rounded = fp4_fake_quant(hadamard_rotate(keys), 32)  # what the model stores with quant_sim

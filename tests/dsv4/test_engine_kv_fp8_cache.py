@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from dsv4 import Engine, ModelConfig
-from dsv4.errors import SessionMismatch
+from dsv4.runtime.errors import SessionMismatch
 
-random_model = pytest.importorskip("dsv4.testing").random_model
+random_model = pytest.importorskip("dsv4.loading.testing").random_model
 CFG = ModelConfig.tiny()
 
 

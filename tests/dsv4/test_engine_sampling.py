@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from dsv4.sampling import (SamplingParams, StopChecker, IncrementalDetokenizer, make_generator,
-                           sample_next, top_k_mask, top_p_mask)
+from dsv4.runtime.sampling import (
+    IncrementalDetokenizer,
+    SamplingParams,
+    StopChecker,
+    make_generator,
+    sample_next,
+    top_k_mask,
+    top_p_mask,
+)
 
 torch.set_num_threads(1)
 

@@ -8,11 +8,17 @@ import anyio
 import pytest
 import torch
 
-from dsv4 import ContextLengthExceeded, Engine, KVBudgetExceeded, ModelConfig, SamplingParams
-from dsv4.errors import SessionFormatError, SessionMismatch, SessionStateError
+from dsv4 import (
+    ContextLengthExceeded,
+    Engine,
+    KVBudgetExceeded,
+    ModelConfig,
+    SamplingParams,
+)
+from dsv4.runtime.errors import SessionFormatError, SessionMismatch, SessionStateError
 
-# the random model comes from dsv4.testing (branch model-ckpt); the model itself from model-net
-random_model = pytest.importorskip("dsv4.testing").random_model
+# the random model comes from dsv4.loading.testing (branch model-ckpt); the model itself from model-net
+random_model = pytest.importorskip("dsv4.loading.testing").random_model
 CFG = ModelConfig.tiny()
 N = 272  # longest sequence compared against the full forward
 ATOL = RTOL = 2e-4  # fp32 on CPU; chunked vs full only reorder sums

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from dsv4 import Engine, ModelConfig
 
-random_model = pytest.importorskip("dsv4.testing").random_model
+random_model = pytest.importorskip("dsv4.loading.testing").random_model
 CFG = ModelConfig.tiny()
 MAX_LEN = 520
 

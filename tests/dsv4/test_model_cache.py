@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from dsv4.cache import ModelCache
-from dsv4.config import ModelConfig
+from dsv4.network.cache import ModelCache
+from dsv4.network.config import ModelConfig
 
 CFG = ModelConfig.tiny()
 ATOL = 5e-5
@@ -223,9 +223,9 @@ def test_flash_cache_bytes_at_one_million_tokens():
 
 def test_tiny_workspace_blocks_give_the_same_logits(model, long_run, monkeypatch):
     # one query per block everywhere (the path a 1M-token context takes) == the default blocks
-    import dsv4.attention
-    import dsv4.indexer
+    import dsv4.network.attention
+    import dsv4.network.indexer
     ids, full = long_run
-    monkeypatch.setitem(dsv4.attention.LOGIT_BUDGET, "cpu", 1)
-    monkeypatch.setitem(dsv4.indexer.SCORE_BUDGET, "cpu", 1)
+    monkeypatch.setitem(dsv4.network.attention.LOGIT_BUDGET, "cpu", 1)
+    monkeypatch.setitem(dsv4.network.indexer.SCORE_BUDGET, "cpu", 1)
     torch.testing.assert_close(_run_chunked(model, ids[:, :260], [200, 60]), full[:, :260], atol=ATOL, rtol=0)

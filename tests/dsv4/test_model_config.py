@@ -6,7 +6,7 @@ import json
 import pytest
 from transformers import DeepseekV4Config
 
-from dsv4.config import ModelConfig
+from dsv4.network.config import ModelConfig
 
 
 @pytest.mark.parametrize("preset", ["flash", "pro", "tiny"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
-from dsv4.config import ModelConfig
+from dsv4.network.config import ModelConfig
 
 # official name (after `layers.{i}.`) -> HF name (after `model.layers.{i}.`)
 _LAYER_NAMES = {

@@ -4,13 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4.attention import Attention
-from dsv4.compressor import Compressor
-from dsv4.config import ModelConfig
-from dsv4.fakequant import fp4_fake_quant, fp8_fake_quant
-from dsv4.indexer import Indexer
-from dsv4.norm import RMSNorm
-from dsv4.testing import random_model
+from dsv4.formats.fakequant import fp4_fake_quant, fp8_fake_quant
+from dsv4.loading.testing import random_model
+from dsv4.network.attention import Attention
+from dsv4.network.compressor import Compressor
+from dsv4.network.config import ModelConfig
+from dsv4.network.indexer import Indexer
+from dsv4.network.norm import RMSNorm
 
 CFG = ModelConfig.tiny()
 NOPE = CFG.head_dim - CFG.rope_head_dim

@@ -8,11 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsv4.cache import LayerCache
-from dsv4.config import ModelConfig
-from dsv4.fakequant import fp4_fake_quant, fp8_fake_quant, hadamard_rotate, round_to_e2m1
-from dsv4.mhc import sinkhorn_split
-from dsv4.rope import apply_rope, inv_frequencies, rope_angles
+from dsv4.formats.fakequant import (
+    fp4_fake_quant,
+    fp8_fake_quant,
+    hadamard_rotate,
+    round_to_e2m1,
+)
+from dsv4.network.cache import LayerCache
+from dsv4.network.config import ModelConfig
+from dsv4.network.mhc import sinkhorn_split
+from dsv4.network.rope import apply_rope, inv_frequencies, rope_angles
 
 CFG = ModelConfig.tiny()
 

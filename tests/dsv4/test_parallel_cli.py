@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from agent.cli import app
 from dsv4 import ModelConfig
-from dsv4.testing import write_random_checkpoint
+from dsv4.loading.testing import write_random_checkpoint
 from encoding import Tokenizer
 
 pytestmark = pytest.mark.timeout(180, method="thread")

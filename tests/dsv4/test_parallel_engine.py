@@ -1,4 +1,4 @@
-"""`dsv4.Engine(path, tp=2)` (dsv4/spmd.py): this process is rank 0, one spawned CPU rank follows
+"""`dsv4.Engine(path, tp=2)` (dsv4/runtime/spmd.py): this process is rank 0, one spawned CPU rank follows
 over gloo. Every session operation gives the single-process engine's tokens and logits (fp32,
 atol below); the follower stays in step through refusals, forks, roll-backs, saves and spills."""
 from __future__ import annotations
@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 import dsv4
 from dsv4 import CheckpointError, ContextLengthExceeded, ModelConfig, SessionStateError
-from dsv4.errors import EngineError
-from dsv4.spmd import LeaderEngine
-from dsv4.testing import write_random_checkpoint
+from dsv4.loading.testing import write_random_checkpoint
+from dsv4.runtime.errors import EngineError
+from dsv4.runtime.spmd import LeaderEngine
 
 CFG = ModelConfig.tiny().replace(head_dim=128, rope_head_dim=64, o_groups=4, o_lora_rank=128,
                                  index_head_dim=128, max_seq_len=1024)

@@ -10,8 +10,9 @@ import torch
 
 import dsv4
 from dsv4 import ModelConfig, load_model
-from dsv4.parallel import TensorParallel, launch
-from dsv4.testing import write_random_checkpoint
+from dsv4.loading.testing import write_random_checkpoint
+from dsv4.network.tensor_parallel import TensorParallel
+from dsv4.runtime.launch import launch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300, method="thread"),
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")]

@@ -1,4 +1,4 @@
-"""Tensor + expert parallel model (dsv4/parallel.py) on CPU ranks over gloo: the W-rank model's
+"""Tensor + expert parallel model (dsv4/network/tensor_parallel.py, dsv4/loading/sharding.py) on CPU ranks over gloo: the W-rank model's
 logits equal the single-process model's (fp32, atol below), for a full forward, chunked prefill +
 batched decode and the MTP head; loading reads exactly the rank's slices; bad splits raise."""
 from __future__ import annotations
@@ -10,9 +10,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dsv4 import CheckpointError, ModelConfig, Transformer, checkpoint, load_model
-from dsv4.parallel import TensorParallel, expert_of, launch, rank_bytes, split_dim
-from dsv4.testing import write_random_checkpoint
+from dsv4 import CheckpointError, ModelConfig, Transformer, load_model
+from dsv4.loading import checkpoint
+from dsv4.loading.sharding import expert_of, split_dim
+from dsv4.loading.sizes import rank_bytes
+from dsv4.loading.testing import write_random_checkpoint
+from dsv4.network.tensor_parallel import TensorParallel
+from dsv4.runtime.launch import launch
 
 # tiny() with every split block-aligned for 2 and 4 ranks: wq_b / indexer wq_b rows 4 x 128,
 # wo_a rows 4 groups x 128, wo_b columns likewise (FP8 128x128 scale blocks)

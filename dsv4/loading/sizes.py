@@ -1,6 +1,6 @@
 """Parameter and byte counts of DeepSeek-V4 computed from the configs and the checkpoint layout.
 
-    python -m dsv4.sizes        # Flash and Pro: total / active parameters, tensors, shards, bytes
+    python -m dsv4.loading.sizes        # Flash and Pro: total / active parameters, tensors, shards, bytes
 
 Conventions that reproduce the release figures (284B / 13B Flash, 1.6T / 49B Pro; checkpoints of
 148.66 and 805.33 "GB", which are GiB of whole shard files, headers included):
@@ -13,10 +13,14 @@ Conventions that reproduce the release figures (284B / 13B Flash, 1.6T / 49B Pro
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
+from typing import Any
 
-from dsv4.checkpoint import TensorSpec, checkpoint_layout, n_shards
-from dsv4.config import ModelConfig
+from dsv4.loading.checkpoint import ST_DTYPES, TensorSpec, checkpoint_layout, n_shards
+from dsv4.loading.sharding import shard_headers
+from dsv4.network.config import ModelConfig
+from dsv4.network.tensor_parallel import TensorParallel
 
 _ST_METADATA = {"format": "pt"}
 # safetensors writes the data grouped by dtype in this order (its Dtype enum, descending), then
@@ -91,3 +95,18 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def rank_bytes(cfg: Any, world: int) -> list[int]:
+    """Checkpoint bytes each rank reads (the release layout of `cfg`, stored dtypes), rank order;
+    raises ValueError when the split does not divide or cuts an FP8 block."""
+    headers = {s.name: (s.dtype, s.shape) for s in checkpoint_layout(cfg)}
+    out = []
+    for rank in range(world):
+        tp = TensorParallel(rank, world)
+        tp.check(cfg)
+        local, _, problems = shard_headers(headers, tp, cfg.n_routed_experts)
+        if problems:
+            raise ValueError(f"cannot split over {world} ranks: {problems[0]}")
+        out.append(sum(math.prod(shape) * ST_DTYPES[code].itemsize for code, shape in local.values()))
+    return out

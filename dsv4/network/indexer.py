@@ -15,14 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.cache import LayerCache
-from dsv4.compressor import Compressor
-from dsv4.config import ModelConfig
-from dsv4.fakequant import fp4_fake_quant, hadamard_rotate
-from dsv4.host_ints import device_ints
-from dsv4.linear import Linear
-from dsv4.parallel import SINGLE, TensorParallel
-from dsv4.rope import apply_rope
+from dsv4.formats.fakequant import fp4_fake_quant, hadamard_rotate
+from dsv4.network.cache import LayerCache
+from dsv4.network.compressor import Compressor
+from dsv4.network.config import ModelConfig
+from dsv4.network.host_ints import device_ints
+from dsv4.network.linear import Linear
+from dsv4.network.rope import apply_rope
+from dsv4.network.tensor_parallel import SINGLE, TensorParallel
 
 # fp32 elements of one query block's [queries, heads, entries] scores, per device type (as
 # attention.LOGIT_BUDGET: larger blocks on a GPU)

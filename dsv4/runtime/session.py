@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import torch
 
-from . import session_io
-from .errors import SessionStateError
-from .sampling import SamplingParams
+from dsv4.runtime import session_io
+from dsv4.runtime.errors import SessionStateError
+from dsv4.runtime.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from dsv4.runtime.engine import Engine
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.cache import CompressorState
-from dsv4.config import ModelConfig
-from dsv4.fakequant import fp4_fake_quant, fp8_fake_quant, hadamard_rotate
-from dsv4.host_ints import device_ints
-from dsv4.linear import Linear
-from dsv4.norm import RMSNorm
-from dsv4.rope import apply_rope, rope_angles
+from dsv4.formats.fakequant import fp4_fake_quant, fp8_fake_quant, hadamard_rotate
+from dsv4.network.cache import CompressorState
+from dsv4.network.config import ModelConfig
+from dsv4.network.host_ints import device_ints
+from dsv4.network.linear import Linear
+from dsv4.network.norm import RMSNorm
+from dsv4.network.rope import apply_rope, rope_angles
 
 
 class Compressor(nn.Module):

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.config import ModelConfig
-from dsv4.linear import Linear
-from dsv4.moe_dispatch import routed_experts
-from dsv4.parallel import SINGLE, TensorParallel
+from dsv4.network.config import ModelConfig
+from dsv4.network.linear import Linear
+from dsv4.network.moe_dispatch import routed_experts
+from dsv4.network.tensor_parallel import SINGLE, TensorParallel
 
 
 class Gate(nn.Module):

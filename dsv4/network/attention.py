@@ -25,16 +25,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.cache import LayerCache
-from dsv4.compressor import Compressor
-from dsv4.config import ModelConfig
-from dsv4.fakequant import fp8_fake_quant
-from dsv4.host_ints import device_ints
-from dsv4.indexer import Indexer
-from dsv4.linear import Linear
-from dsv4.norm import RMSNorm, rms_normalize
-from dsv4.parallel import SINGLE, TensorParallel
-from dsv4.rope import apply_rope, inv_frequencies, rope_angles
+from dsv4.formats.fakequant import fp8_fake_quant
+from dsv4.network.cache import LayerCache
+from dsv4.network.compressor import Compressor
+from dsv4.network.config import ModelConfig
+from dsv4.network.host_ints import device_ints
+from dsv4.network.indexer import Indexer
+from dsv4.network.linear import Linear
+from dsv4.network.norm import RMSNorm, rms_normalize
+from dsv4.network.rope import apply_rope, inv_frequencies, rope_angles
+from dsv4.network.tensor_parallel import SINGLE, TensorParallel
 
 # fp32 elements of one query block's [queries, heads, keys] logits, per device type: bounded whatever
 # the context length; a GPU gets larger blocks (fewer, bigger matmuls: 1 GiB of logits at most).
@@ -48,11 +48,11 @@ SPARSE_KERNEL = "cuda"
 
 def _sparse_kernel_enabled(q: torch.Tensor) -> bool:
     if SPARSE_KERNEL not in ("cuda", "always", "off"):
-        raise ValueError(f"dsv4.attention.SPARSE_KERNEL must be 'cuda', 'always' or 'off', got {SPARSE_KERNEL!r}")
+        raise ValueError(f"dsv4.network.attention.SPARSE_KERNEL must be 'cuda', 'always' or 'off', got {SPARSE_KERNEL!r}")
     if SPARSE_KERNEL == "off" or (SPARSE_KERNEL == "cuda" and not q.is_cuda):
         return False
-    import kernels          # lazily: Triton must be imported after a test sets TRITON_INTERPRET
-    return kernels.triton_available()
+    import dsv4_kernels  # lazily: Triton must be imported after a test sets TRITON_INTERPRET
+    return dsv4_kernels.triton_available()
 
 
 class Attention(nn.Module):
@@ -174,9 +174,9 @@ class Attention(nn.Module):
 
     def _attend_kernel(self, q: torch.Tensor, keys: torch.Tensor, starts: list[int],
                        caches: list[LayerCache], picks: torch.Tensor | None) -> torch.Tensor:
-        """_attend's softmax through kernels.sparse_attention, one launch per row (each row's
+        """_attend's softmax through dsv4_kernels.sparse_attention, one launch per row (each row's
         compressed entries are their own tensor): same keys [B,W+S,d], same fp32 output [B,S,H,d]."""
-        import kernels
+        import dsv4_kernels
         S, W = q.shape[1], self.window
         out = []
         for b, (cache, start) in enumerate(zip(caches, starts)):
@@ -184,7 +184,7 @@ class Attention(nn.Module):
             n_visible = None
             if self.kind == "hca":                         # entries j < (pos + 1) // m
                 n_visible = (start + torch.arange(1, S + 1, device=q.device)) // self.ratio
-            out.append(kernels.sparse_attention(
+            out.append(dsv4_kernels.sparse_attention(
                 q[b], keys[b, W - n_prev:], cache.compressed.view() if self.ratio else None,
                 self.attn_sink, scale=self.scale, window=W, n_prev=n_prev,
                 picks=None if picks is None else picks[b], n_visible=n_visible))

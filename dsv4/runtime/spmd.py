@@ -40,11 +40,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dsv4 import parallel
-from dsv4.checkpoint import load_model
-from dsv4.engine import Engine, _tokenizer_beside
-from dsv4.errors import EngineError
-from dsv4.session import Session
+from dsv4.loading.checkpoint import load_model
+from dsv4.runtime import launch
+from dsv4.runtime.engine import Engine, _tokenizer_beside
+from dsv4.runtime.errors import EngineError
+from dsv4.runtime.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +179,13 @@ class LeaderEngine(Engine):
         if dist.is_initialized():
             raise RuntimeError("Engine(tp=N) starts its own process group, but one is initialised already")
         path = Path(model_or_path)
-        here = parallel.device_for(0, device)
+        here = launch.device_for(0, device)
         if here.type == "cuda" and torch.cuda.device_count() < tp:
             raise ValueError(f"Engine(tp={tp}) on CUDA needs {tp} GPUs (one a rank), "
                              f"found {torch.cuda.device_count()}")
-        backend = backend or parallel.default_backend(here)
+        backend = backend or launch.default_backend(here)
         load = {"dtype": dtype} if dtype is not None else {}
-        init_method = f"tcp://127.0.0.1:{parallel.free_port()}"
+        init_method = f"tcp://127.0.0.1:{launch.free_port()}"
         follower_kwargs = {k: v for k, v in kwargs.items() if k in _REPLICATED}
         ctx = torch.multiprocessing.get_context("spawn")
         procs = [ctx.Process(target=_follow, daemon=True, name=f"dsv4-tp-rank{r}",
@@ -195,8 +195,8 @@ class LeaderEngine(Engine):
         for p in procs:
             p.start()
         try:
-            rank0 = parallel.init(0, tp, init_method, backend, timeout_s)
-            control = parallel.control_group()
+            rank0 = launch.init(0, tp, init_method, backend, timeout_s)
+            control = launch.control_group()
             error = None
             try:
                 model = load_model(path, device=here, tp=rank0, **load)
@@ -262,13 +262,13 @@ def _agree(group: Any, error: str | None, world: int) -> None:
 def _follow(rank: int, world: int, init_method: str, backend: str, timeout_s: float, path: Path,
             device: Any, load: dict, engine_kwargs: dict, parent: int, threads: int) -> None:
     """A follower rank's process: load its part, build its engine, replay rank 0's commands."""
-    parallel.exit_with_parent(parent)
+    launch.exit_with_parent(parent)
     torch.set_num_threads(threads)                 # as many as rank 0 uses
-    tp = parallel.init(rank, world, init_method, backend, timeout_s)
-    control = parallel.control_group()
+    tp = launch.init(rank, world, init_method, backend, timeout_s)
+    control = launch.control_group()
     engine, error = None, None
     try:
-        model = load_model(path, device=parallel.device_for(rank, device), tp=tp, **load)
+        model = load_model(path, device=launch.device_for(rank, device), tp=tp, **load)
         engine = Engine(model, **engine_kwargs)
         engine.session_class = FollowerSession
     except Exception as e:  # noqa: BLE001 - reported to rank 0, which raises it

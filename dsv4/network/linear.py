@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4 import quant
-from dsv4.fakequant import fp8_fake_quant
+from dsv4.formats import quant
+from dsv4.formats.fakequant import fp8_fake_quant
 
 WeightFormat = Literal["float", "fp8", "fp4"]
 

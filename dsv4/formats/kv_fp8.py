@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv4 import quant
-from dsv4.cache import GrowingRows
-from dsv4.fakequant import FP8_MAX, pow2_scale
+from dsv4.formats import quant
+from dsv4.formats.fakequant import FP8_MAX, pow2_scale
+from dsv4.formats.rows import GrowingRows
 
 TILE = 64
 

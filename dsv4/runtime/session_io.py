@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import SessionFormatError, SessionMismatch
+from dsv4.runtime.errors import SessionFormatError, SessionMismatch
 
 FORMAT, VERSION = "dsv4-session", 1
 MANIFEST, TENSORS = "manifest.json", "kv.safetensors"
@@ -45,7 +45,7 @@ def model_fingerprint(model: torch.nn.Module, cfg: Any) -> str:
         if flat.numel():
             step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
             sample = flat[::step][:_SAMPLES_PER_TENSOR].contiguous().cpu()
-            h.update(sample.view(torch.uint8).numpy().tobytes())
+            h.update(bytes(sample.view(torch.uint8).tolist()))   # no numpy: not a dependency
     return h.hexdigest()
 
 

@@ -17,14 +17,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.attention import Attention
-from dsv4.cache import LayerCache, ModelCache
-from dsv4.config import ModelConfig
-from dsv4.linear import Linear
-from dsv4.mhc import hc_head, hc_post, hc_pre
-from dsv4.moe import MoE
-from dsv4.norm import RMSNorm
-from dsv4.parallel import SINGLE, TensorParallel, VocabParallelEmbedding, VocabParallelHead
+from dsv4.network.attention import Attention
+from dsv4.network.cache import LayerCache, ModelCache
+from dsv4.network.config import ModelConfig
+from dsv4.network.linear import Linear
+from dsv4.network.mhc import hc_head, hc_post, hc_pre
+from dsv4.network.moe import MoE
+from dsv4.network.norm import RMSNorm
+from dsv4.network.tensor_parallel import (
+    SINGLE,
+    TensorParallel,
+    VocabParallelEmbedding,
+    VocabParallelHead,
+)
 
 
 def _hc_params(n_out: int, hc_dim: int, n_scales: int) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from dsv4.config import ModelConfig
+from dsv4.network.config import ModelConfig
 
 
 def inv_frequencies(cfg: ModelConfig, compressed: bool) -> torch.Tensor:

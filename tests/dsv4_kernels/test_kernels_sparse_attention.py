@@ -1,4 +1,4 @@
-"""kernels.sparse_attention (Triton; the interpreter on CPU) against its torch reference computed
+"""dsv4_kernels.sparse_attention (Triton; the interpreter on CPU) against its torch reference computed
 in float64 on the same inputs, and dsv4's Attention through the kernel against its torch path."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import zlib
 import pytest
 import torch
 
-import kernels
-from kernels import sparse_attention, sparse_attention_reference
+import dsv4_kernels
+from dsv4_kernels import sparse_attention, sparse_attention_reference
 
-pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason="Triton is not installed")
+pytestmark = pytest.mark.skipif(not dsv4_kernels.triton_available(), reason="Triton is not installed")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # ||out - ref|| / ||ref|| against float64 on the same (already rounded) inputs: fp32 dots are exact
@@ -120,9 +120,9 @@ def test_attention_layers_through_the_kernel_equal_the_torch_path(monkeypatch):
     """The tiny model (sliding, CSA and HCA layers; window 128, ratios 4 / 128, top-16) with
     chunked prefill past 128 tokens then batched decode, once through dsv4's torch attention and
     once through the kernel: the logits agree to fp32 rounding."""
-    import dsv4.attention
-    from dsv4.config import ModelConfig
-    from dsv4.model import Transformer
+    import dsv4.network.attention
+    from dsv4.network.config import ModelConfig
+    from dsv4.network.model import Transformer
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.tiny()).eval().to(DEVICE)
@@ -139,10 +139,10 @@ def test_attention_layers_through_the_kernel_equal_the_torch_path(monkeypatch):
     def counted(*args, **kw):
         calls.append(kw.get("picks") is not None or kw.get("n_visible") is not None)
         return sparse_attention(*args, **kw)
-    monkeypatch.setattr(kernels, "sparse_attention", counted)
+    monkeypatch.setattr(dsv4_kernels, "sparse_attention", counted)
 
     def run(mode):
-        monkeypatch.setattr(dsv4.attention, "SPARSE_KERNEL", mode)
+        monkeypatch.setattr(dsv4.network.attention, "SPARSE_KERNEL", mode)
         caches = [model.new_cache(), model.new_cache()]
         with torch.no_grad():
             outs = [model(ids[:, a:b], caches=caches) for a, b in chunks]
@@ -159,7 +159,7 @@ def test_attention_layers_through_the_kernel_equal_the_torch_path(monkeypatch):
 
 
 def test_dispatch_flag_is_checked(monkeypatch):
-    import dsv4.attention
-    monkeypatch.setattr(dsv4.attention, "SPARSE_KERNEL", "sometimes")
+    import dsv4.network.attention
+    monkeypatch.setattr(dsv4.network.attention, "SPARSE_KERNEL", "sometimes")
     with pytest.raises(ValueError, match="SPARSE_KERNEL"):
-        dsv4.attention._sparse_kernel_enabled(torch.zeros(1))
+        dsv4.network.attention._sparse_kernel_enabled(torch.zeros(1))

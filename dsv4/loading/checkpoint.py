@@ -29,11 +29,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dsv4 import quant
-from dsv4.config import ModelConfig
-from dsv4.linear import Linear
-from dsv4.model import Transformer
-from dsv4.parallel import SINGLE, TensorParallel, shard_headers
+from dsv4.formats import quant
+from dsv4.loading.sharding import shard_headers
+from dsv4.network.config import ModelConfig
+from dsv4.network.linear import Linear
+from dsv4.network.model import Transformer
+from dsv4.network.tensor_parallel import SINGLE, TensorParallel
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

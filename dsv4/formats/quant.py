@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.fakequant import round_to_e2m1
+from dsv4.formats.fakequant import round_to_e2m1
 
 FP8_BLOCK = 128          # FP8 weight scale block: 128 x 128
 FP4_BLOCK = 32           # FP4 weight scale block: 1 x 32 along the input dim

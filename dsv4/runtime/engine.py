@@ -26,13 +26,24 @@ from typing import Any
 import anyio
 import torch
 
-from . import session_io
-from .cache import ModelCache
-from .checkpoint import load_model
-from .errors import ContextLengthExceeded, KVBudgetExceeded, SessionFormatError, SessionMismatch
-from .kv_fp8 import Fp8KVLayout
-from .sampling import DecodeState, SamplingParams, StopChecker, make_generator, sample_next
-from .session import _LAST_LOGITS, Session, tree_bytes
+from dsv4.formats.kv_fp8 import Fp8KVLayout
+from dsv4.loading.checkpoint import load_model
+from dsv4.network.cache import ModelCache
+from dsv4.runtime import session_io
+from dsv4.runtime.errors import (
+    ContextLengthExceeded,
+    KVBudgetExceeded,
+    SessionFormatError,
+    SessionMismatch,
+)
+from dsv4.runtime.sampling import (
+    DecodeState,
+    SamplingParams,
+    StopChecker,
+    make_generator,
+    sample_next,
+)
+from dsv4.runtime.session import _LAST_LOGITS, Session, tree_bytes
 
 ALIGN = 128  # compression boundary shared by every layer type (lcm of the ratios 4 and 128)
 
@@ -64,7 +75,7 @@ class Engine:
     kv_fp8          quantised KV storage: compressed main entries in the 584-byte FP8 layout,
                     indexer keys in MXFP4 (68 bytes); lossless when the model's quantisation
                     simulation is on (as it is for FP8 checkpoints on GPU)
-    tp              tensor-parallel ranks: `Engine(path, tp=N)` is a `dsv4.spmd.LeaderEngine`
+    tp              tensor-parallel ranks: `Engine(path, tp=N)` is a `dsv4.runtime.spmd.LeaderEngine`
                     (this process is rank 0 and runs the API; N - 1 spawned ranks follow it)
     """
 
@@ -74,7 +85,7 @@ class Engine:
         if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
             raise ValueError(f"tp must be an int >= 1, got {tp!r}")
         if tp > 1 and cls is Engine:                # tensor parallel over tp ranks
-            from .spmd import LeaderEngine
+            from dsv4.runtime.spmd import LeaderEngine
             cls = LeaderEngine
         return super().__new__(cls)
 
@@ -85,7 +96,7 @@ class Engine:
                  snapshot_every: int = 4096, max_snapshots: int = 4, kv_fp8: bool = False,
                  eos_token_ids: Iterable[int] | None = None, tp: int = 1):
         if tp != 1:     # Engine(path, tp=N) is built by __new__ as a LeaderEngine, which passes none
-            raise ValueError("tp > 1 is served by dsv4.Engine(path, tp=N) (dsv4.spmd.LeaderEngine)")
+            raise ValueError("tp > 1 is served by dsv4.Engine(path, tp=N) (dsv4.runtime.spmd.LeaderEngine)")
         if isinstance(model_or_path, (str, os.PathLike)):
             model = load_model(model_or_path, device=device or "cuda",
                                **({"dtype": dtype} if dtype is not None else {}))

@@ -16,10 +16,16 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from dsv4 import quant
-from dsv4.checkpoint import (ST_DTYPES, TensorSpec, build_model, checkpoint_layout, n_shards,
-                             write_checkpoint_folder)
-from dsv4.config import ModelConfig
+from dsv4.formats import quant
+from dsv4.loading.checkpoint import (
+    ST_DTYPES,
+    TensorSpec,
+    build_model,
+    checkpoint_layout,
+    n_shards,
+    write_checkpoint_folder,
+)
+from dsv4.network.config import ModelConfig
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
