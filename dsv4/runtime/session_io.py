@@ -45,7 +45,7 @@ def model_fingerprint(model: torch.nn.Module, cfg: Any) -> str:
         if flat.numel():
             step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
             sample = flat[::step][:_SAMPLES_PER_TENSOR].contiguous().cpu()
-            h.update(bytes(sample.view(torch.uint8).tolist()))   # no numpy: not a dependency
+            h.update(bytes(sample.view(torch.uint8).tolist()))
     return h.hexdigest()
 
 
