@@ -326,7 +326,7 @@ class DockerSandbox:
             raise SandboxError(
                 f"sandbox {self.name} cannot run commands ({exc.explanation or exc}); it may have passed its "
                 f"ttl of {self.ttl:.0f}s or been removed (`dsv4-agent sandbox gc`): start a new one") from exc
-        return ShellSession(transport, SHELL_STATE, output_cap=self.output_cap)
+        return ShellSession(transport, SHELL_STATE, log_dir="/tmp", output_cap=self.output_cap)
 
     def _revive(self) -> str:
         """After the shell died: if the whole container died (killed, removed by hand), start a replacement
@@ -357,11 +357,12 @@ class DockerSandbox:
         except docker.errors.APIError:
             pass  # container gone or out of pids: the driver replaces the shell if it does not come back
 
-    async def run(self, command: str, timeout: float | None = None) -> CommandResult:
-        """Run `command` in the persistent shell; `timeout` defaults to the sandbox's `timeout`.
+    async def run(self, command: str, timeout: float | None = None, *, background: bool = False) -> CommandResult:
+        """Run `command` in the persistent shell; `timeout` defaults to the sandbox's `timeout`. With
+        `background`, start it and return at once; its output goes to `log_path` under /tmp.
         A command that finds the container dead fails with a note, and a replacement is started."""
         self._require_started()
-        return await self._driver.run(command, self.timeout if timeout is None else timeout)
+        return await self._driver.run(command, self.timeout if timeout is None else timeout, background)
 
     async def reset(self) -> None:
         """Kill every process of the sandbox user (background jobs, a fork bomb) and forget the shell state;

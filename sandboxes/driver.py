@@ -31,7 +31,7 @@ class ShellDriver:
             if self._session is None:
                 self._session = await anyio.to_thread.run_sync(self._open_session)
 
-    async def run(self, command: str, timeout: float | None) -> CommandResult:
+    async def run(self, command: str, timeout: float | None, background: bool = False) -> CommandResult:
         async with self._lock:
             if self._session is None:
                 self._session = await anyio.to_thread.run_sync(self._open_session)
@@ -42,7 +42,7 @@ class ShellDriver:
 
             def work() -> None:
                 try:
-                    outcome.append(session.run(command, timeout))
+                    outcome.append(session.run(command, timeout, background))
                 except BaseException as exc:  # handed to the event loop below
                     outcome.append(exc)
                 finally:

@@ -99,7 +99,7 @@ class LocalSandbox:
         self.workspace.mkdir(parents=True, exist_ok=True)
         if self._state_dir is None:
             self._state_dir = tempfile.mkdtemp(prefix="dsv4-local-shell-")  # outside the workspace
-        return ShellSession(PipeTransport(self.workspace, self._env), self._state_dir,
+        return ShellSession(PipeTransport(self.workspace, self._env), self._state_dir, log_dir=self._state_dir,
                             output_cap=self.output_cap)
 
     def _interrupt(self) -> None:
@@ -111,9 +111,10 @@ class LocalSandbox:
         except (OSError, ValueError):
             pass  # no command running, or it already ended
 
-    async def run(self, command: str, timeout: float | None = None) -> CommandResult:
-        """Run `command` in the persistent shell; `timeout` defaults to the sandbox's `timeout`."""
-        return await self._driver.run(command, self.timeout if timeout is None else timeout)
+    async def run(self, command: str, timeout: float | None = None, *, background: bool = False) -> CommandResult:
+        """Run `command` in the persistent shell; `timeout` defaults to the sandbox's `timeout`. With
+        `background`, start it and return at once; its output goes to `log_path` in the state folder."""
+        return await self._driver.run(command, self.timeout if timeout is None else timeout, background)
 
     async def reset(self) -> None:
         """End the shell and the background jobs it left, forget the shell state; the next command starts fresh."""

@@ -54,7 +54,7 @@ def _command_report(result: CommandResult, timeout: float) -> ToolResult:
 
 
 @tool
-async def bash(command: str, ctx: ToolContext, timeout: Timeout = 120.0) -> ToolResult:
+async def bash(command: str, ctx: ToolContext, timeout: Timeout = 120.0, background: bool = False) -> ToolResult:
     """Run a command in a persistent bash shell inside the sandbox.
 
     The shell keeps its state between calls: the working directory, exported variables and
@@ -64,8 +64,17 @@ async def bash(command: str, ctx: ToolContext, timeout: Timeout = 120.0) -> Tool
     Args:
         command: the bash command line (may span several lines).
         timeout: seconds before the command and everything it started are killed.
+        background: start the command in the background and return at once (for servers); its output
+            goes to a log file whose path the result names. Processes started without it are ended
+            when the command returns.
     """
-    result = await _sandbox(ctx).run(command, timeout=timeout)
+    result = await _sandbox(ctx).run(command, timeout=timeout, background=background)
+    if result.log_path is not None:
+        return ToolResult(
+            content=f"[started in the background as process {result.background_pid}; its output goes to "
+                    f"{result.log_path}]",
+            metadata={"background_pid": result.background_pid, "log_path": result.log_path},
+        )
     return _command_report(result, timeout)
 
 

@@ -204,9 +204,11 @@ async def test_a_dead_container_is_replaced_and_the_host_workspace_kept(sandbox_
 
 
 async def test_reset_kills_background_jobs_and_forgets_state_but_keeps_files(sandbox):
-    await sandbox.run("mkdir keep; cd keep; echo data > f; export GONE=1; (sleep 300 &); sleep 300 &")
+    await sandbox.run("mkdir keep; cd keep; echo data > f; export GONE=1")
+    await sandbox.run("sleep 300", background=True)
+    await sandbox.run("(sleep 300 &); sleep 300", background=True)
     r = await sandbox.run("ps -e --no-headers -o comm | grep -c '^sleep$'; pwd; echo \"[$GONE]\"")
-    assert r.stdout == "2\n/workspace/keep\n[1]\n"
+    assert r.stdout == "3\n/workspace/keep\n[1]\n"
     await sandbox.reset()
     r = await sandbox.run('ps -e --no-headers -o comm | grep -c "^sleep$"; pwd; echo "[${GONE-}]"; cat keep/f')
     assert r.stdout == "0\n/workspace\n[]\ndata\n"

@@ -81,22 +81,52 @@ async def test_endless_output_is_capped_and_killed(tmp_path):
         assert (await sb.run("echo ok")).stdout == "ok\n"
 
 
-async def test_background_output_does_not_leak_into_the_next_command(sandbox):
-    await sandbox.run("(sleep 0.2; echo late) &")
+def _gone(pid: int) -> bool:
+    """The process ended (a zombie counts: this host's init may never reap it)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def _wait_gone(pid: int, within_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        await anyio.sleep(0.05)
+    return True
+
+
+async def test_output_of_an_escaped_process_does_not_leak_into_the_next_command(sandbox):
+    await sandbox.run("setsid sh -c 'sleep 0.2; echo late' &")  # its own session: out of the command's reach
     await anyio.sleep(0.5)
     assert (await sandbox.run("echo now")).stdout == "now\n"
 
 
+async def test_processes_a_command_leaves_behind_end_when_it_returns(sandbox):
+    r = await sandbox.run("sleep 300 & echo $!; (sleep 300 & echo $!)")  # a job, and an orphan
+    for pid in r.stdout.split():
+        assert await _wait_gone(int(pid)), f"{pid} outlived its command"
+
+
+async def test_a_background_command_runs_on_in_the_session_state_without_changing_it(sandbox):
+    await sandbox.run("cd / && export MODE=served")
+    r = await sandbox.run('cd /tmp; echo "$MODE from $PWD"; export MODE=changed; exec sleep 300', background=True)
+    assert r.exit_code == 0 and r.background_pid and r.log_path and r.stdout == ""
+    deadline = time.monotonic() + 10
+    while (log := (await sandbox.run(f"cat {r.log_path}")).stdout) == "":
+        assert time.monotonic() < deadline
+        await anyio.sleep(0.05)
+    assert log == "served from /tmp\n"
+    assert not _gone(r.background_pid)
+    assert (await sandbox.run('echo "$MODE from $PWD"')).stdout == "served from /\n"
+
+
 async def test_background_jobs_end_with_the_sandbox(tmp_path):
     async with LocalSandbox(workspace=tmp_path) as sb:
-        r = await sb.run("sleep 300 & echo $!")
-    pid = int(r.stdout)
-    for _ in range(50):
-        if not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]:
-            break
-        await anyio.sleep(0.05)
-    else:
-        pytest.fail(f"background job {pid} outlived its sandbox")
+        r = await sb.run("sleep 300", background=True)
+    assert await _wait_gone(r.background_pid), f"background job {r.background_pid} outlived its sandbox"
 
 
 async def test_cancelling_run_kills_the_command(sandbox):
@@ -164,10 +194,10 @@ async def test_nul_in_a_command_is_a_clear_error(sandbox):
 
 
 async def test_reset_ends_background_jobs_and_forgets_state(sandbox):
-    r = await sandbox.run("cd /; export GONE=1; sleep 300 & echo $!")
-    pid = int(r.stdout)
+    await sandbox.run("cd /; export GONE=1")
+    pid = (await sandbox.run("sleep 300", background=True)).background_pid
     assert (await sandbox.run('pwd; echo "[${GONE-}]"')).stdout == "/\n[1]\n"
     await sandbox.reset()
     r = await sandbox.run('pwd; echo "[${GONE-}]"')
     assert r.stdout == f"{sandbox.workspace}\n[]\n"
-    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert await _wait_gone(pid)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import time
 
+import anyio
 import pytest
 
 from tools import ToolContext, Toolset, builtin_tools
@@ -51,6 +53,40 @@ async def test_builtin_names_and_schemas(tools):
         params = schema["function"]["parameters"]
         assert "ctx" not in params["properties"] and schema["function"]["description"]
     assert [t.name for t in tools if t.parallel_safe] == ["read_file", "list_dir", "find", "grep"]
+
+
+def test_bash_schema_offers_background(tools):
+    [bash_schema] = [s["function"] for s in tools.openai_schemas() if s["function"]["name"] == "bash"]
+    background = bash_schema["parameters"]["properties"]["background"]
+    assert background["type"] == "boolean" and background["default"] is False
+    assert "background" not in bash_schema["parameters"]["required"]
+    words = " ".join(background["description"].split())
+    assert "return at once (for servers)" in words and "log file" in words
+    assert "processes started without it are ended when the command returns" in words.lower()
+
+
+async def _process_state(tools, ctx, pid: int) -> str:
+    """ps's state letter of `pid` in the sandbox, "" once it is gone ("Z": killed, not yet reaped)."""
+    shown = await tools.invoke("bash", {"command": f"ps -o stat= -p {pid} || true"}, ctx)
+    return shown.content.removesuffix("[exit code 0]").strip()[:1]
+
+
+async def test_bash_background_keeps_a_server_and_ends_other_leftovers(tools, ctx):
+    left = await tools.invoke("bash", {"command": "sleep 300 & echo $!"}, ctx)
+    assert await _process_state(tools, ctx, int(left.content.split()[0])) in ("", "Z")
+    started = await tools.invoke("bash", {"command": "cd / && while :; do echo tick; sleep 0.1; done",
+                                          "background": True}, ctx)
+    assert not started.is_error and started.content.startswith("[started in the background as process ")
+    log, pid = started.metadata["log_path"], started.metadata["background_pid"]
+    assert log in started.content
+    deadline = time.monotonic() + 30
+    while (await tools.invoke("bash", {"command": f"grep -c tick {log}"}, ctx)).content.split()[0] in ("0", "1"):
+        assert time.monotonic() < deadline, "the background command wrote nothing to its log"
+        await anyio.sleep(0.1)
+    assert await _process_state(tools, ctx, pid) not in ("", "Z"), "the background command was ended"
+    # it ran in the session's state, but its `cd` is not the session's
+    here = await tools.invoke("bash", {"command": "pwd"}, ctx)
+    assert here.content.splitlines()[0] != "/"
 
 
 async def test_bash_is_a_persistent_shell(tools, ctx):
