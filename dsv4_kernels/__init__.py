@@ -4,6 +4,7 @@ Imports only torch and Triton; Triton is optional (CPU installs keep the torch r
 dsv4 imports this package lazily, on the device paths that use it, so a test can set
 TRITON_INTERPRET=1 before the first import.
 """
+from dsv4_kernels import mhc
 from dsv4_kernels.sparse_attention import (
     KernelConfig,
     sparse_attention,
@@ -11,4 +12,4 @@ from dsv4_kernels.sparse_attention import (
     triton_available,
 )
 
-__all__ = ["KernelConfig", "sparse_attention", "sparse_attention_reference", "triton_available"]
+__all__ = ["KernelConfig", "mhc", "sparse_attention", "sparse_attention_reference", "triton_available"]

@@ -9,6 +9,10 @@ FFN) a block:
   hc_post: h_new[k] = post[k] * out + sum_j comb[j, k] * h[j].
 The final collapse before the head (`hc_head`) uses only sigmoid `pre` weights.
 All weight math in fp32; the streams stay in the activation dtype.
+
+On CUDA (with Triton) each of the three runs as one fused kernel (dsv4_kernels/mhc.py: one launch
+instead of ~80, which decode is bound by); the torch code here is the path everywhere else and the
+reference the kernels are tested against.
 """
 from __future__ import annotations
 
@@ -77,9 +81,23 @@ def sinkhorn_split(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
     return pre, post, comb
 
 
+def _fused_kernels(h: torch.Tensor):
+    """dsv4_kernels.mhc for CUDA tensors when Triton is there, else None (the torch path)."""
+    if not h.is_cuda:
+        return None
+    import dsv4_kernels          # lazily: Triton must be imported after a test sets TRITON_INTERPRET
+    return dsv4_kernels.mhc if dsv4_kernels.triton_available() else None
+
+
 def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
            iters: int, norm_eps: float, hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h [B,S,hc,D] -> sub-layer input x [B,S,D] (h's dtype), post [B,S,hc], comb [B,S,hc,hc]."""
+    fused = _fused_kernels(h)
+    if fused is not None:
+        b, s, hc, d = h.shape
+        x, post, comb = fused.hc_pre(h.reshape(b * s, hc, d), fn, scale, base, iters=iters,
+                                     norm_eps=norm_eps, hc_eps=hc_eps)
+        return x.view(b, s, d), post.view(b, s, hc), comb.view(b, s, hc, hc)
     split = _compiled_sinkhorn or sinkhorn_split
     pre, post, comb = split(_mixes(h, fn, norm_eps), scale, base, h.shape[2], iters, hc_eps)
     x = (pre.unsqueeze(-1) * h.float()).sum(2)
@@ -88,6 +106,11 @@ def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
 
 def hc_post(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """out [B,S,D], residual streams h [B,S,hc,D] -> new streams [B,S,hc,D] in h's dtype."""
+    fused = _fused_kernels(h)
+    if fused is not None:
+        b, s, hc, d = h.shape
+        return fused.hc_post(out.reshape(b * s, d), h.reshape(b * s, hc, d), post.reshape(b * s, hc),
+                             comb.reshape(b * s, hc, hc)).view(b, s, hc, d)
     mixed = torch.einsum("bsjk,bsjd->bskd", comb, h.float())
     return (post.unsqueeze(-1) * out.float().unsqueeze(-2) + mixed).to(h.dtype)
 
@@ -95,5 +118,10 @@ def hc_post(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.
 def hc_head(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
             norm_eps: float, hc_eps: float) -> torch.Tensor:
     """Final collapse of the streams: h [B,S,hc,D] -> [B,S,D] (h's dtype), sigmoid weights only."""
+    fused = _fused_kernels(h)
+    if fused is not None:
+        b, s, hc, d = h.shape
+        return fused.hc_head(h.reshape(b * s, hc, d), fn, scale, base, norm_eps=norm_eps,
+                             hc_eps=hc_eps).view(b, s, d)
     pre = torch.sigmoid(_mixes(h, fn, norm_eps) * scale.float() + base.float()) + hc_eps
     return (pre.unsqueeze(-1) * h.float()).sum(2).to(h.dtype)
