@@ -6,6 +6,7 @@ Exit codes (also written to each trajectory's exit event): 0 completed, 1 error,
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -127,19 +128,61 @@ def run(
 ) -> None:
     """Run one task to completion and exit with its status code."""
     run_id = new_run_id()
+    demo_run = None
     if demo:
         from agent.demo import demo_spec
 
         if task or model or scripted:
             raise _usage_error("--demo runs its own task and backend; drop TASK, --model and --scripted")
-        spec, task, notes = demo_spec(output_dir, run_id)
+        demo_run, task, notes = demo_spec(output_dir, run_id)
         # stdout carries only JSON lines with --json
         (err if as_json else console).print(
             Panel("\n".join(notes), title="dsv4-agent demo: what is real in this run", expand=False)
         )
+    elif not task.strip():
+        raise _usage_error("give a TASK (or --demo)")
+    flags = locals()  # every parameter of this command, by name
+    spec = run_spec(run_id, demo_run, **{name: flags[name] for name in SPEC_OPTIONS})
+    if spec.config.approval == "confirm" and not os.isatty(0):
+        raise _usage_error("tool calls need confirmation but stdin is not a terminal: use --sandbox docker or --yolo")
+    _finish(_run_agent(spec, output_dir, lambda agent: agent.run(task, run_id=run_id), as_json))
+
+
+def run_spec(
+    run_id: str | None,
+    demo_run: RunSpec | None = None,
+    *,
+    model: Path | None,
+    scripted: Path | None,
+    device: str | None,
+    temperature: float,
+    top_p: float,
+    no_constrain: bool,
+    seed: int | None,
+    kv_fp8: bool,
+    tp: int,
+    remote: str | None,
+    sandbox: str,
+    image: str | None,
+    network: bool,
+    workspace: Path | None,
+    mcp: list[str],
+    mcp_config: Path | None,
+    effort: str | None,
+    max_steps: int | None,
+    max_tokens: int | None,
+    max_wall: float | None,
+    approve: bool,
+    yolo: bool,
+    config: Path | None,
+    output_dir: Path,
+) -> RunSpec:
+    """The RunSpec that `run`'s flags describe (`dsv4-agent mcp` takes the same flags). `demo_run` is the
+    demo's spec (its backend wins over the backend flags). With `run_id` None and no --workspace, the
+    sandbox's workspace is left for the caller to set per run."""
+    if demo_run is not None:
+        spec = demo_run
     else:
-        if not task.strip():
-            raise _usage_error("give a TASK (or --demo)")
         backend = _backend_spec(model, scripted, device, tp, remote)
         if backend.kind in ("engine", "remote"):
             try:
@@ -164,7 +207,7 @@ def run(
     # Tools run freely in a docker sandbox; on the host (a local sandbox, MCP servers without a sandbox)
     # each call is confirmed unless --yolo says otherwise.
     on_host = sandbox == "local" or (sandbox == "none" and bool(mcp or mcp_config or spec.mcp))
-    overrides["approval"] = "confirm" if approve or (on_host and not yolo and not demo) else "auto"
+    overrides["approval"] = "confirm" if approve or (on_host and not yolo and demo_run is None) else "auto"
     try:
         agent_config = (
             AgentConfig.from_yaml(config, **overrides) if config else spec.config.model_copy(update=overrides)
@@ -176,14 +219,18 @@ def run(
         build_mcp_servers(spec)  # reject a bad flag or file now, with its message
     except ValueError as e:
         raise _usage_error(str(e)) from None
-    if not demo:
+    if demo_run is None:
         # The run's files live with the run (bind-mounted into a docker sandbox), so `resume` finds them.
-        folder = str((workspace or output_dir / run_id / "workspace").absolute()) if sandbox != "none" else None
+        folder = workspace or (output_dir / run_id / "workspace" if run_id else None)
+        folder = str(folder.absolute()) if folder is not None and sandbox != "none" else None
         spec.sandbox = SandboxSpec(kind=sandbox, image=image, network=network, workspace=folder)
-    spec = spec.model_copy(update={"config": agent_config})
-    if agent_config.approval == "confirm" and not os.isatty(0):
-        raise _usage_error("tool calls need confirmation but stdin is not a terminal: use --sandbox docker or --yolo")
-    _finish(_run_agent(spec, output_dir, lambda agent: agent.run(task, run_id=run_id), as_json))
+    return spec.model_copy(update={"config": agent_config})
+
+
+# The flags `run_spec` reads: `run` hands them on, and `dsv4-agent mcp` shares their definitions.
+SPEC_OPTIONS = frozenset(
+    name for name, p in inspect.signature(run_spec).parameters.items() if p.kind is p.KEYWORD_ONLY
+)
 
 
 def _backend_spec(

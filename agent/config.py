@@ -39,6 +39,10 @@ class AgentConfig(BaseModel):
     stuck_repeats: int = Field(3, ge=2, description="identical consecutive tool-call turns that count as stuck")
     tool_timeout_s: float = Field(120.0, gt=0, description="default per-call timeout for tools that set none")
     max_parallel_tools: int = Field(8, ge=1, description="parallel-safe calls that may run at once")
+    session_save_max_bytes: int = Field(
+        1 << 30, ge=0, description="a call's KV session is saved into its run folder when it ends if it takes at "
+        "most this many bytes (engine backend), so a later `reply` loads it instead of re-prefilling; 0 = never",
+    )
     approval: Approval = Field("auto", description="auto runs tool calls freely; confirm asks before each call")
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="rendered once, before the tool schemas")
 

@@ -14,11 +14,19 @@ from agent.trajectory import ParsedCall, Usage
 
 
 class Budget:
-    """Steps, tokens and wall time. The wall-clock deadline is also enforced by a cancel scope in the loop."""
+    """Steps, tokens and wall time. The wall-clock deadline is also enforced by a cancel scope in the loop.
 
-    def __init__(self, config: AgentConfig, started: float | None = None) -> None:
+    A run and a resume count every step and token of the run; a reply counts its own, past
+    `steps_before` steps and `tokens_before` computed tokens.
+    """
+
+    def __init__(
+        self, config: AgentConfig, started: float | None = None, *, steps_before: int = 0, tokens_before: int = 0
+    ) -> None:
         self.config = config
         self.started = time.monotonic() if started is None else started
+        self.steps_before = steps_before
+        self.tokens_before = tokens_before
 
     @property
     def deadline(self) -> float | None:
@@ -26,22 +34,21 @@ class Budget:
         return None if self.config.max_wall_s is None else self.started + self.config.max_wall_s
 
     def before_step(self, step: int, usage: Usage) -> None:
-        if step > self.config.max_steps:
+        if step - self.steps_before > self.config.max_steps:
             raise RunStopped(ExitStatus.max_steps, f"step budget spent ({self.config.max_steps} steps)")
         self.check_tokens(usage)
 
     def check_tokens(self, usage: Usage) -> None:
         limit = self.config.max_tokens
-        if limit is not None and usage.processed >= limit:
-            raise RunStopped(
-                ExitStatus.max_tokens, f"token budget spent ({usage.processed} of {limit} tokens computed)"
-            )
+        spent = usage.processed - self.tokens_before
+        if limit is not None and spent >= limit:
+            raise RunStopped(ExitStatus.max_tokens, f"token budget spent ({spent} of {limit} tokens computed)")
 
     def decode_cap(self, usage: Usage) -> int:
         """How many tokens the next turn may decode: the per-turn cap, or what is left of the budget."""
         cap = self.config.max_turn_tokens
         if self.config.max_tokens is not None:
-            cap = min(cap, self.config.max_tokens - usage.processed)
+            cap = min(cap, self.config.max_tokens - (usage.processed - self.tokens_before))
         return max(cap, 0)
 
 

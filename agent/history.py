@@ -20,6 +20,7 @@ from agent.trajectory import (
     ToolResultEvent,
     TrajectoryError,
     Usage,
+    UserMessage,
 )
 
 RESUMABLE_NOTICE_KINDS = ("tools_changed",)  # notices that are not derived from the turn itself
@@ -74,7 +75,8 @@ class StepRecord:
             )
 
     def followup_ids(self, encoder: Any, extra_notices: list[str]) -> list[int]:
-        """The ids appended after this turn: tool results in call order, then notices as one user turn."""
+        """The ids appended after this turn: tool results in call order, then notices (and a reply's
+        message, last) as one user turn."""
         messages: list[dict[str, Any]] = [
             {"role": "tool", "tool_call_id": encoder_id, "content": self.results[c.call_id].content}
             for encoder_id, c in zip(self.encoder_call_ids, self.call.calls)
@@ -116,8 +118,9 @@ class History:
     started: RunStarted
     steps: list[StepRecord]
     notices: list[Notice]
-    exit: ExitEvent | None  # the last exit event, if the previous process got to write one
+    exit: ExitEvent | None  # the exit event that closed the log; None when the process died after it
     reprefilled: int = 0  # history tokens prefilled by earlier resumes
+    messages: list[UserMessage] = field(default_factory=list)  # what `reply` appended, in order
 
     @classmethod
     def from_events(cls, events: list[Any]) -> History:
@@ -125,6 +128,7 @@ class History:
         steps: dict[int, StepRecord] = {}
         results: list[ToolResultEvent] = []
         notices: list[Notice] = []
+        messages: list[UserMessage] = []
         exit_event = None
         reprefilled = 0
         for event in events[1:]:
@@ -134,22 +138,35 @@ class History:
                 results.append(event)
             elif isinstance(event, Notice) and event.kind in RESUMABLE_NOTICE_KINDS:
                 notices.append(event)
+            elif isinstance(event, UserMessage):
+                messages.append(event)
             elif isinstance(event, RunResumed):
                 reprefilled += event.reprefill_tokens
-            elif isinstance(event, ExitEvent):
-                exit_event = event
+            exit_event = event if isinstance(event, ExitEvent) else None
         for result in results:
             if result.step in steps:  # results of a step whose engine call was never recorded are dropped
                 steps[result.step].results[result.call_id] = result
-        return cls(started, [steps[s] for s in sorted(steps)], notices, exit_event, reprefilled)
+        return cls(started, [steps[s] for s in sorted(steps)], notices, exit_event, reprefilled, messages)
 
     def check_resumable(self) -> None:
         run_id, exit_event = self.started.run_id, self.exit
         if exit_event is not None and exit_event.status == ExitStatus.completed.value:
             raise TrajectoryError(f"run {run_id} already completed; nothing to resume")
+        self.check_replyable()
+
+    def check_replyable(self) -> None:
         if self.started.prompt_tokens == 0:
+            run_id, exit_event = self.started.run_id, self.exit
             reason = f" ({exit_event.message})" if exit_event else ""
             raise TrajectoryError(f"run {run_id} failed before its first prompt{reason}; start it again with `run`")
+
+    def unfinished(self) -> bool:
+        """The last call stopped part-way (interrupted, killed, or before a step's calls all ran):
+        `reply` resumes such a run before it appends a message."""
+        if self.exit is None or self.exit.status == ExitStatus.interrupted.value or not self.steps:
+            return True
+        last = self.steps[-1]
+        return any(call.call_id not in last.results for call in last.call.calls)
 
     def replay_into(self, encoder: Any) -> list[int]:
         """Feed the recorded run to a fresh `AppendOnlyEncoder`; return every id the session held:
@@ -165,11 +182,16 @@ class History:
             record.record_into(encoder)
             ids += record.call.token_ids
             if record is not self.steps[-1]:
-                ids += record.followup_ids(encoder, self.extra_notices(record.step))
+                ids += record.followup_ids(
+                    encoder, self.extra_notices(record.step) + self.user_messages(record.step)
+                )
         return ids
 
     def extra_notices(self, step: int) -> list[str]:
         return [n.text for n in self.notices if n.step == step]
+
+    def user_messages(self, step: int) -> list[str]:
+        return [m.text for m in self.messages if m.step == step]
 
     def usage(self) -> Usage:
         total = Usage(prefill_new=self.reprefilled)

@@ -10,6 +10,11 @@ A run, step by step:
   4. encode only the new messages (tool results, notices) with `AppendOnlyEncoder.append`, prefill just
      those ids into the same session, and go to 2 — until the model answers without a call or a stop
      rule fires (budgets, format errors, stuck, Ctrl-C).
+
+`reply(run, message)` continues a run's conversation: the message is appended as a user turn after
+the last step and steps 2-4 run again. With `resident=True` the backend's session outlives each call,
+so a reply prefills only the message's ids; otherwise (a new process) the session comes back from a
+KV session saved at the end of the run, or from the trajectory by one full prefill.
 """
 
 from __future__ import annotations
@@ -46,12 +51,14 @@ from agent.trajectory import (
     ToolCall,
     TrajectoryWriter,
     Usage,
+    UserMessage,
     new_run_id,
     read_events,
     resolve_run,
 )
 
 CLEANUP_TIMEOUT_S = 30.0  # sandboxes and MCP servers get this long to close, even after Ctrl-C
+KV_SESSION_DIR = "kv_session"  # in a run's folder: its KV session, saved when a call ends (engine backend)
 
 
 @dataclass
@@ -74,7 +81,9 @@ class Agent:
     """A DSV4 agent: a backend (token session), tools, an optional sandbox and MCP servers.
 
     The agent enters the sandbox and the MCP servers itself (they must not be open already) and
-    always closes them, on success, error, budget stop and Ctrl-C alike.
+    always closes them, on success, error, budget stop and Ctrl-C alike. The backend is closed at
+    the end of each call too, unless `resident`: then its session stays for the next `reply` and
+    `close()` releases it.
     """
 
     def __init__(
@@ -92,6 +101,7 @@ class Agent:
         tokenizer: Any | None = None,
         spec: dict[str, Any] | None = None,
         on_event: Callable[[str], None] | None = None,
+        resident: bool = False,
     ) -> None:
         overrides = {k: v for k, v in {"effort": effort, "max_steps": max_steps}.items() if v is not None}
         self.config = (config or AgentConfig()).model_copy(update=overrides)
@@ -105,6 +115,8 @@ class Agent:
         self.spec = spec or {}
         self.on_event = on_event  # gets each trajectory line (JSON + newline) as it is written
         self._tokenizer = tokenizer
+        self.resident = resident
+        self._backend_open = False
         self._scope: anyio.CancelScope | None = None
         self._cancelled = False
 
@@ -122,6 +134,29 @@ class Agent:
         history = History.from_events(read_events(run_dir / TRAJECTORY_FILE))
         history.check_resumable()
         return await self._execute(run_dir, history.started.run_id, history.started.task, history=history)
+
+    async def reply(self, run: str | Path, message: str) -> RunResult:
+        """Continue a run's conversation: `message` becomes a user turn after its last step, then the
+        loop runs until the model answers it or a stop rule fires (budgets count this call only).
+        A run whose last call did not finish (interrupted, killed) is resumed to its end first."""
+        if not message.strip():
+            raise ValueError("the message is empty")
+        run_dir = resolve_run(str(run), self.output_dir)
+        history = History.from_events(read_events(run_dir / TRAJECTORY_FILE))
+        history.check_replyable()
+        if history.unfinished():
+            resumed = await self.resume(run_dir)
+            if resumed.status is ExitStatus.interrupted:
+                return resumed
+            history = History.from_events(read_events(run_dir / TRAJECTORY_FILE))
+        return await self._execute(run_dir, history.started.run_id, history.started.task, history=history,
+                                   message=message)
+
+    async def close(self) -> None:
+        """Release a resident backend (its session); safe to call twice."""
+        if self._backend_open:
+            self._backend_open = False
+            await _shielded(self.backend.close)
 
     def cancel(self) -> None:
         """Stop the current run at once (decoding included); resources are still closed. Status: interrupted."""
@@ -143,15 +178,20 @@ class Agent:
             raise RunStopped(ExitStatus.interrupted, "interrupted")
 
     # --- one run ---------------------------------------------------------------------------------------
-    async def _execute(self, run_dir: Path, run_id: str, task: str, history: History | None) -> RunResult:
+    async def _execute(
+        self, run_dir: Path, run_id: str, task: str, history: History | None, message: str | None = None
+    ) -> RunResult:
         from encoding import AppendOnlyEncoder
 
         writer = TrajectoryWriter(run_dir / TRAJECTORY_FILE, tee=self.on_event)
         started = time.monotonic()
         self._cancelled = False
         state = _State(usage=history.usage() if history else Usage(), run_started_written=history is not None)
-        status, message = ExitStatus.error, ""
-        budget = Budget(self.config, started)
+        status, reason = ExitStatus.error, ""
+        if message is None:  # a run or a resume: the budgets count the whole run
+            budget = Budget(self.config, started)
+        else:  # a reply: they count this call
+            budget = Budget(self.config, started, steps_before=len(history.steps), tokens_before=state.usage.processed)
         try:
             async with AsyncExitStack() as resources:  # closed outside every cancel scope below
                 tokenizer = self._tokenizer_or_default()
@@ -162,42 +202,63 @@ class Agent:
                     reasoning_effort="max" if self.config.effort == "max" else None,
                 )
                 self.observer.run_started(run_id, self.backend.label, task, len(history.steps) + 1 if history else None)
-                with self._interruptible():
-                    await self.backend.start(tokenizer)  # may load weights: Ctrl-C stops it
-                resources.push_async_callback(_shielded, self.backend.close)
+                if not self._backend_open:
+                    with self._interruptible():
+                        await self.backend.start(tokenizer)  # may load weights: Ctrl-C stops it
+                    self._backend_open = True
                 tools = await self._open(resources, writer)
                 self.observer.tools_ready(list(tools))
                 runner = self._runner(tools, run_id)
                 with self._interruptible(), anyio.CancelScope(deadline=budget.deadline or float("inf")) as wall:
-                    state.pending = await self._begin(writer, run_id, task, encoder, runner, tools, history, state)
+                    state.pending = await self._begin(
+                        writer, run_dir, run_id, task, encoder, runner, tools, history, state, message
+                    )
                     if state.pending is not None:
                         state.final_answer = await self._steps(
                             writer, tokenizer, encoder, runner, budget, thinking, state
                         )
                     status = ExitStatus.completed
                 if wall.cancelled_caught and not self._cancelled:
-                    status, message = ExitStatus.timeout, f"wall-clock budget spent ({self.config.max_wall_s:g} s)"
+                    status, reason = ExitStatus.timeout, f"wall-clock budget spent ({self.config.max_wall_s:g} s)"
         except Exception as e:  # noqa: BLE001 - recorded in the trajectory and returned as status error
             leaf = _single_leaf(e)  # a stop raised inside a turn's task group arrives wrapped in a group
             if isinstance(leaf, RunStopped):
-                status, message = leaf.status, leaf.message
+                status, reason = leaf.status, leaf.message
             elif isinstance(leaf, ContextFull):
-                status, message = ExitStatus.context_full, str(leaf)
+                status, reason = ExitStatus.context_full, str(leaf)
             else:
-                status, message = ExitStatus.error, f"{type(leaf).__name__}: {leaf}"
+                status, reason = ExitStatus.error, f"{type(leaf).__name__}: {leaf}"
         except BaseException:  # KeyboardInterrupt, or the caller cancelled us: record it, then let it go on
             self._finish(writer, state, run_id, task, ExitStatus.interrupted, "interrupted from outside", started)
+            if not self.resident:
+                await self.close()
             raise
         if self._cancelled:
-            status, message = ExitStatus.interrupted, "interrupted (Ctrl-C); continue with `dsv4-agent resume`"
-        return self._finish(writer, state, run_id, task, status, message, started)
+            status, reason = ExitStatus.interrupted, "interrupted (Ctrl-C); continue with `dsv4-agent resume`"
+        saved = await self._save_session(run_dir) if status is not ExitStatus.interrupted else None
+        if not self.resident:
+            await self.close()
+        return self._finish(writer, state, run_id, task, status, reason, started, saved)
+
+    async def _save_session(self, run_dir: Path) -> str | None:
+        """Save the backend's KV session into the run's folder when it can (`save_session`: the engine
+        backend) and the session is at most `session_save_max_bytes`; return the folder, or None."""
+        save = getattr(self.backend, "save_session", None)
+        limit = self.config.session_save_max_bytes
+        if save is None or not self._backend_open or limit == 0:
+            return None
+        folder = run_dir / KV_SESSION_DIR
+        with anyio.CancelScope(shield=True):
+            return str(folder) if await save(folder, limit) else None
 
     def _run_started(self, run_id: str, task: str, schemas: list | None = None, system: str = "",
                      prompt_tokens: int = 0) -> RunStarted:
         return RunStarted(run_id=run_id, task=task, spec=self.spec, backend=self.backend.label,
                           tools=schemas or [], system_prompt=system, prompt_tokens=prompt_tokens)
 
-    def _finish(self, writer, state, run_id, task, status: ExitStatus, message: str, started: float) -> RunResult:
+    def _finish(
+        self, writer, state, run_id, task, status: ExitStatus, message: str, started: float, saved: str | None = None
+    ) -> RunResult:
         if not state.run_started_written:  # failed before the prompt: keep "the log starts with run_started"
             writer.write(self._run_started(run_id, task))
         wall_s = time.monotonic() - started
@@ -210,6 +271,7 @@ class Agent:
                 steps=state.steps_done,
                 usage=state.usage,
                 wall_s=wall_s,
+                kv_session=saved,
             )
         )
         writer.close()
@@ -262,8 +324,11 @@ class Agent:
             max_parallel=self.config.max_parallel_tools,
         )
 
-    async def _begin(self, writer, run_id, task, encoder, runner, tools, history, state) -> list[int] | None:
-        """Render the prompt (fresh run) or rebuild the session from the trajectory (resume); return ids to prefill."""
+    async def _begin(
+        self, writer, run_dir, run_id, task, encoder, runner, tools, history, state, message
+    ) -> list[int] | None:
+        """Render the prompt (fresh run) or rebuild the session from the trajectory (resume, reply);
+        return the ids to prefill."""
         schemas = [tool.openai_schema() for tool in tools.values()]
         if history is None:
             system = self.config.system_prompt
@@ -272,28 +337,31 @@ class Agent:
             state.run_started_written = True
             state.step = 1
             return ids
-        return await self._rebuild(writer, run_id, task, encoder, runner, tools, schemas, history, state)
+        return await self._rebuild(writer, run_dir, encoder, runner, schemas, history, state, message)
 
-    async def _rebuild(self, writer, run_id, task, encoder, runner, tools, schemas, history, state) -> list[int] | None:
-        """Replay the recorded turns through the encoder, restore the backend, finish the interrupted step.
+    async def _rebuild(self, writer, run_dir, encoder, runner, schemas, history, state, message) -> list[int] | None:
+        """Replay the recorded turns through the encoder, bring the backend's session to them, finish the
+        interrupted step, and append `message` (a reply) after it.
 
-        Returns the ids to prefill next, or None when the last recorded turn already answered the task.
+        Returns the ids to prefill next, or None when the last recorded turn already answered the task
+        (and there is no message to answer).
         """
         records = history.steps
         state.step = len(records) + 1
         state.steps_done = len(records)
-        session = history.replay_into(encoder)  # every id the interrupted session held
+        session = history.replay_into(encoder)  # every id the session held after the last recorded turn
         if not records:
             await self.backend.restore([], turns_done=0)
             writer.write(RunResumed(from_step=1, reprefill_tokens=0))
             return session  # the prompt: nothing was decoded yet
         last = records[-1]
-        if last.final_answer is not None:
+        if message is None and last.final_answer is not None and not history.user_messages(last.step):
             state.final_answer = last.final_answer
             return None
-        await self.backend.restore(session, turns_done=len(records))
-        state.usage.prefill_new += len(session)
-        writer.write(RunResumed(from_step=state.step, reprefill_tokens=len(session)))
+        if list(self.backend.tokens) != session:  # a resident session that holds exactly these ids is kept
+            computed = await self.backend.restore(session, len(records), saved=run_dir / KV_SESSION_DIR)
+            state.usage.prefill_new += computed
+            writer.write(RunResumed(from_step=state.step, reprefill_tokens=computed))
         for call in last.call.calls:  # the process died while these ran: run the ones without a result
             if call.call_id not in last.results:
                 outcome = await runner.run(call)
@@ -305,7 +373,11 @@ class Agent:
             writer.write(Notice(step=last.step, kind="tools_changed", text=text))
             self.observer.notice("tools_changed", text)
             notices.append(text)
-        return last.followup_ids(encoder, notices)
+        messages = history.user_messages(last.step)
+        if message is not None:
+            writer.write(UserMessage(step=last.step, text=message))
+            messages.append(message)
+        return last.followup_ids(encoder, notices + messages)
 
     async def _steps(self, writer, tokenizer, encoder, runner, budget, thinking, state) -> str:
         """Steps 2-4 of the module docstring, until the model answers or a stop rule fires."""

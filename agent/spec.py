@@ -55,7 +55,10 @@ class RunSpec(BaseModel):
     config: AgentConfig = Field(default_factory=AgentConfig)
 
 
-def build_backend(spec: BackendSpec) -> Any:
+def build_backend(spec: BackendSpec, *, engine: Any = None, make_room: Any = None) -> Any:
+    """The backend a spec describes. An engine spec runs on `engine` when given (a loaded `dsv4.Engine`
+    shared by several agents, which then ignore `model`, `kv_fp8` and `tp`), with `make_room` (see
+    EngineBackend); otherwise the backend loads the checkpoint itself."""
     if spec.kind == "scripted":
         from agent.backends.scripted import ScriptedBackend
 
@@ -77,8 +80,9 @@ def build_backend(spec: BackendSpec) -> Any:
 
     if spec.model is None:
         raise ValueError("an engine backend needs a checkpoint: pass --model PATH")
-    return EngineBackend(spec.model, device=spec.device, seed=spec.seed, temperature=spec.temperature,
-                         top_p=spec.top_p, kv_fp8=spec.kv_fp8, constrain=spec.constrain, tp=spec.tp)
+    return EngineBackend(engine if engine is not None else spec.model, device=spec.device, seed=spec.seed,
+                         temperature=spec.temperature, top_p=spec.top_p, kv_fp8=spec.kv_fp8,
+                         constrain=spec.constrain, tp=spec.tp, make_room=make_room)
 
 
 def build_sandbox(spec: SandboxSpec) -> Any:
@@ -109,12 +113,22 @@ def build_mcp_servers(spec: RunSpec) -> list[Any]:
     return servers
 
 
-def build_agent(spec: RunSpec, *, output_dir: Path, observer: Any = None, on_event: Any = None) -> Any:
-    """The agent a spec describes, ready for `run` or `resume`."""
+def build_agent(
+    spec: RunSpec,
+    *,
+    output_dir: Path,
+    observer: Any = None,
+    on_event: Any = None,
+    engine: Any = None,
+    make_room: Any = None,
+    resident: bool = False,
+) -> Any:
+    """The agent a spec describes, ready for `run`, `resume` or `reply` (`engine`, `make_room`: see
+    `build_backend`; `resident`: see `Agent`)."""
     from agent.loop import Agent
 
     return Agent(
-        build_backend(spec.backend),
+        build_backend(spec.backend, engine=engine, make_room=make_room),
         sandbox=build_sandbox(spec.sandbox),
         mcp_servers=build_mcp_servers(spec),
         config=spec.config,
@@ -122,4 +136,5 @@ def build_agent(spec: RunSpec, *, output_dir: Path, observer: Any = None, on_eve
         observer=observer,
         spec=spec.model_dump(mode="json"),
         on_event=on_event,
+        resident=resident,
     )

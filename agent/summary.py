@@ -31,6 +31,11 @@ class StepSummary(BaseModel):
     calls: list[CallSummary]
 
 
+class ReplySummary(BaseModel):
+    after_step: int
+    text: str
+
+
 class RunSummary(BaseModel):
     run_id: str
     task: str
@@ -43,6 +48,7 @@ class RunSummary(BaseModel):
     usage: Usage
     wall_s: float | None
     resumes: int
+    replies: list[ReplySummary]
     sandbox_events: list[str]
 
 
@@ -90,6 +96,7 @@ def summarise(events: list[Any]) -> RunSummary:
         usage=history.usage() if killed else last.usage,
         wall_s=None if killed else last.wall_s,
         resumes=sum(isinstance(e, RunResumed) for e in events),
+        replies=[ReplySummary(after_step=m.step, text=m.text) for m in history.messages],
         sandbox_events=[f"{e.kind}: {e.detail}" for e in events if isinstance(e, SandboxEvent)],
     )
 
@@ -127,6 +134,8 @@ def render(summary: RunSummary, console: Console) -> None:
             "(no call)" if st.stop_reason == "eos" else "(cut off)"
         )
         console.print(f"  step {st.step}: {escape(calls)}")
+        for reply in (r for r in summary.replies if r.after_step == st.step):
+            console.print(f"  [bold]reply[/]: {escape(reply.text)}")
     u = summary.usage
     console.print(
         f"totals: {u.engine_calls} engine calls · prefill {u.prefill_new:,} new / {u.prefill_reused:,} reused · "

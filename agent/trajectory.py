@@ -7,6 +7,8 @@ can continue from: at worst the last line is cut short, and the reader drops it.
 Format versions (bump `TRAJECTORY_FORMAT` and add a line here when the event schema changes):
   dsv4-agent.trajectory/1  run_started, engine_call, tool_call, tool_result, sandbox_event, notice,
                            run_resumed, exit
+  dsv4-agent.trajectory/2  + user_message (a `reply`), exit.kv_session; a /1 log that gets a reply
+                           keeps its run_started (and format) and gains /2 events
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import BaseModel, Field, TypeAdapter
 
-TRAJECTORY_FORMAT = "dsv4-agent.trajectory/1"
-SUPPORTED_FORMATS = (TRAJECTORY_FORMAT,)
+TRAJECTORY_FORMAT = "dsv4-agent.trajectory/2"
+SUPPORTED_FORMATS = ("dsv4-agent.trajectory/1", TRAJECTORY_FORMAT)
 TRAJECTORY_FILE = "trajectory.jsonl"
 
 
@@ -136,7 +138,15 @@ class Notice(_Event):
 class RunResumed(_Event):
     event: Literal["run_resumed"] = "run_resumed"
     from_step: int
-    reprefill_tokens: int = Field(description="history tokens prefilled once to rebuild the KV cache")
+    reprefill_tokens: int = Field(
+        description="history tokens prefilled once to rebuild the KV cache (0: a saved KV session was loaded)"
+    )
+
+
+class UserMessage(_Event):
+    event: Literal["user_message"] = "user_message"
+    step: int = Field(description="the step it follows: appended after that step's tool results and notices")
+    text: str
 
 
 class ExitEvent(_Event):
@@ -148,10 +158,11 @@ class ExitEvent(_Event):
     steps: int
     usage: Usage
     wall_s: float
+    kv_session: str | None = Field(None, description="the folder the KV session was saved to, if it was")
 
 
 Event = Annotated[
-    Union[RunStarted, EngineCall, ToolCall, ToolResultEvent, SandboxEvent, Notice, RunResumed, ExitEvent],
+    Union[RunStarted, EngineCall, ToolCall, ToolResultEvent, SandboxEvent, Notice, RunResumed, UserMessage, ExitEvent],
     Field(discriminator="event"),
 ]
 _EVENT = TypeAdapter(Event)

@@ -9,6 +9,14 @@ masks every logit but the next scripted token. The engine still runs every forwa
 decode step per token, with its KV cache); only the choice of token is overridden. This is how the
 demo drives a real multi-turn task through a model with random weights, which could not write one.
 
+`make_room` serves several backends on one engine (`dsv4-agent mcp`): when the engine's KV budget
+refuses this session's prefill or the start of a decode, it is called to free device memory (the
+owner spills an idle session) and the refused step is tried again; it returns False when nothing
+can be freed, and the run then ends with context_full.
+
+At the end of a call the loop saves the session (`save_session`), and `restore` loads it back when
+its token ids are exactly the history's, instead of prefilling the history again.
+
 `constrain=True` (the default) applies `encoding.DSMLConstraint` while decoding: tool calls can only
 name the tools the prompt declares, with their parameters and string flags, and close properly
 (`ConstrainedDecoding` masks the logits at those points; free text stays free). The tools are read
@@ -20,7 +28,8 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Sequence
 
 import anyio
 
@@ -152,6 +161,7 @@ class EngineBackend:
         constrain: bool = True,
         label: str | None = None,
         tp: int = 1,
+        make_room: Callable[[], bool] | None = None,
     ) -> None:
         # `engine` is a dsv4.Engine, or a checkpoint path loaded on `device` by start() (interruptible).
         self.engine = None if isinstance(engine, (str, os.PathLike)) else engine
@@ -164,6 +174,7 @@ class EngineBackend:
         self.kv_fp8 = kv_fp8  # for a checkpoint path; an Engine passed in keeps its own KV format
         self.forced = ForcedTokens(forced) if forced is not None else None
         self.constrain = constrain
+        self.make_room = make_room
         self.constrained: ConstrainedDecoding | None = None  # built from the prompt's tools block
         where = f"on {self.engine.device}" if self.engine is not None else f"{self.checkpoint} on {device}"
         self.label = label or f"embedded dsv4 engine ({where}), one resident KV session"
@@ -183,21 +194,28 @@ class EngineBackend:
         self.session = self.engine.new_session()
 
     def _load(self) -> Any:
-        import torch
+        return load_engine(self.checkpoint, device=self.device, kv_fp8=self.kv_fp8, tp=self.tp)
 
-        from dsv4 import Engine
-
-        # CPU runs in float32 (no fast bf16 matmuls there); GPUs in bfloat16 like the release.
-        dtype = torch.float32 if self.device == "cpu" else torch.bfloat16
-        return Engine(self.checkpoint, device=self.device, dtype=dtype, kv_fp8=self.kv_fp8, tp=self.tp)
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return self.session.tokens if self.session is not None else ()
 
     async def prefill(self, ids: Sequence[int]) -> tuple[int, int]:
+        from dsv4.errors import KVBudgetExceeded
+
         if self.constrain and self.forced is None and len(self.session) == 0:
             self._constrain_to(ids)
         before = self.session.cached_length
         # The last token of the previous turn (drawn, never fed) is pending: it is computed here too.
-        with _context_full_on_limits():
-            await self.session.aappend(list(ids))
+        # A spilled session comes back to the device here.
+        while True:
+            try:
+                with _context_full_on_limits():
+                    await self.session.aappend(list(ids))
+                break
+            except ContextFull as e:  # a refused append changed nothing: make room and try again
+                if not (isinstance(e.__cause__, KVBudgetExceeded) and self.make_room and self.make_room()):
+                    raise
         return self.session.cached_length - before, before
 
     async def decode(self, max_tokens: int) -> AsyncIterator[int]:
@@ -210,19 +228,29 @@ class EngineBackend:
         elif self.constrained is not None:
             self.constrained.start_turn(thinking=self.session.tokens[-1] == self._tokenizer.think_start_id)
             processors = (self.constrained,)
+        from dsv4.errors import KVBudgetExceeded
+
         seed = None if self.seed is None else self.seed + self._turn  # reproducible, not the same draw each turn
         self._turn += 1
-        tokens = self.session.generate(
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=seed,
-            logits_processors=processors,
-        )
-        async with aclosing(tokens):  # releases the session even when the loop stops early
-            with _context_full_on_limits():
-                async for token in tokens:
-                    yield token
+        drawn = 0
+        while True:
+            tokens = self.session.generate(
+                max_tokens=max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                seed=seed,
+                logits_processors=processors,
+            )
+            try:
+                async with aclosing(tokens):  # releases the session even when the loop stops early
+                    with _context_full_on_limits():
+                        async for token in tokens:
+                            drawn += 1
+                            yield token
+                return
+            except ContextFull as e:  # refused before the first token, the session is unchanged: make room, retry
+                if drawn or not (isinstance(e.__cause__, KVBudgetExceeded) and self.make_room and self.make_room()):
+                    raise
 
     def turn_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"session_tokens": len(self.session), "kv_bytes": self.session.kv_bytes()}
@@ -243,22 +271,63 @@ class EngineBackend:
         tools = tools_from_prompt(self._tokenizer.decode(prompt))
         self.constrained = ConstrainedDecoding(DSMLConstraint(self._tokenizer, tools)) if tools else None
 
-    async def restore(self, history: Sequence[int], turns_done: int) -> None:
+    async def restore(self, history: Sequence[int], turns_done: int, saved: Path | None = None) -> int:
         if self.session is not None:
             self.session.close()
-        self.session = self.engine.new_session()
+            self.session = None
+        computed = 0
         if history:
             if self.constrain and self.forced is None:
                 self._constrain_to(history)
-            await self.session.aappend(list(history))  # the one full prefill a resume costs
+            if saved is not None:
+                self.session = await anyio.to_thread.run_sync(self._load_saved, saved, list(history))
+        if self.session is None:
+            self.session = self.engine.new_session()
+            if history:
+                await self.prefill(history)  # the one full prefill a resume costs
+                computed = self.session.cached_length
         self._turn = turns_done
         if self.forced is not None:
             self.forced.turn = turns_done
+        return computed
+
+    def _load_saved(self, folder: Path, history: list[int]) -> Any | None:
+        """The session saved in `folder` if it holds exactly `history` and fits this engine; else None."""
+        from dsv4.errors import EngineError
+        from dsv4.session_io import read_manifest
+
+        try:
+            if read_manifest(folder)["token_ids"] != history:
+                return None
+            return self.engine.load_session(folder)
+        except (EngineError, OSError, ValueError):  # absent, another model or KV format, over the KV budget
+            return None
+
+    async def save_session(self, folder: Path, max_bytes: int) -> bool:
+        """Write the session into `folder` (dsv4 `Session.save`) if it takes at most `max_bytes`."""
+        session = self.session
+        if session is None or not len(session) or session.kv_bytes() + session.snapshot_bytes() > max_bytes:
+            return False
+        await anyio.to_thread.run_sync(session.save, folder)
+        return True
 
     async def close(self) -> None:
         if self.session is not None:
             self.session.close()
             self.session = None
+
+
+def load_engine(
+    checkpoint: str, *, device: str, kv_fp8: bool = False, tp: int = 1, kv_budget_bytes: int | None = None
+) -> Any:
+    """A `dsv4.Engine` on a checkpoint, as the agent runs it: CPU in float32 (no fast bf16 matmuls
+    there), GPUs in bfloat16 like the release."""
+    import torch
+
+    from dsv4 import Engine
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    return Engine(checkpoint, device=device, dtype=dtype, kv_fp8=kv_fp8, tp=tp, kv_budget_bytes=kv_budget_bytes)
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.backends.base import ContextFull
@@ -104,10 +105,12 @@ class RemoteBackend:
     def turn_info(self) -> dict[str, Any]:
         return {"session_tokens": len(self.tokens), "server": self.base_url, **self._last}
 
-    async def restore(self, history: Sequence[int], turns_done: int) -> None:
+    async def restore(self, history: Sequence[int], turns_done: int, saved: Path | None = None) -> int:
         self.tokens, self._turn = [], turns_done
-        if history:  # the server may still hold it: then nothing is recomputed
-            await self.prefill(history)
+        if not history:
+            return 0
+        computed, _ = await self.prefill(history)  # the server may still hold it: then nothing is recomputed
+        return computed
 
     async def close(self) -> None:
         if self.client is not None:

@@ -7,6 +7,7 @@ token accounting, `AppendOnlyEncoder.record_completion`. No model is involved, a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Sequence
 
 import anyio
@@ -37,15 +38,15 @@ class ScriptedBackend:
         self.token_delay_s = token_delay_s
         self.label = f"scripted backend ({len(self.completions)} pre-written completions; no model)"
         self.turn = 0
-        self.length = 0  # tokens a real session would hold: what `prefill` reports as reused
+        self.tokens: list[int] = []  # what a real session would hold: its length is what `prefill` reports as reused
         self._tokenizer: Tokenizer | None = None
 
     async def start(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
 
     async def prefill(self, ids: Sequence[int]) -> tuple[int, int]:
-        reused = self.length
-        self.length += len(ids)
+        reused = len(self.tokens)
+        self.tokens += ids
         await anyio.lowlevel.checkpoint()
         return len(ids), reused
 
@@ -69,12 +70,13 @@ class ScriptedBackend:
                 await anyio.sleep(self.token_delay_s)
             else:
                 await anyio.lowlevel.checkpoint()
-            self.length += 1
+            self.tokens.append(token)
             yield token
 
-    async def restore(self, history: Sequence[int], turns_done: int) -> None:
-        self.length = len(history)
+    async def restore(self, history: Sequence[int], turns_done: int, saved: Path | None = None) -> int:
+        self.tokens = list(history)
         self.turn = turns_done
+        return len(history)
 
     async def close(self) -> None:
         return None
