@@ -1,4 +1,5 @@
-"""`dsv4-agent`: run, resume, replay and inspect agent runs; `sandbox` manages the Docker sandboxes.
+"""`dsv4-agent`: run, resume, replay and inspect agent runs; `mcp` serves them to MCP hosts (agent/mcp_server.py);
+`sandbox` manages the Docker sandboxes.
 
 Exit codes (also written to each trajectory's exit event): 0 completed, 1 error, 2 usage,
 3 max_steps, 4 max_tokens, 5 timeout, 6 format_error, 7 stuck, 8 context_full, 130 interrupted.
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.panel import Panel
 
+from agent import mcp_server
 from agent.config import AgentConfig
 from agent.display import Observer, RichDisplay
 from agent.spec import BackendSpec, RunSpec, SandboxSpec, build_agent, build_mcp_servers
@@ -401,4 +403,5 @@ def version() -> None:
     typer.echo(_v("dsv4-agent"))
 
 
+app.command("mcp")(mcp_server.command(run, run_spec))
 app.add_typer(sandbox_app, name="sandbox")
