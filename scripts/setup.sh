@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine of our kind (Debian, root, 2 cores, no GPU).
 #   .venv with the CPU torch wheel, the package in editable mode with its test extras,
-#   a running Docker engine, and the offline-built sandbox base image.
+#   a running Docker engine, the offline-built sandbox base image, and the MCP Inspector
+#   (npm, into .tools/: a third-party MCP client the `dsv4-agent mcp` tests drive it with).
 # Every step checks before it acts, so running it twice costs seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,4 +39,11 @@ if [ "${DSV4_SKIP_DOCKER:-0}" != "1" ]; then
     if docker info >/dev/null 2>&1 && $PY -c 'import sandboxes.image' 2>/dev/null; then
         .venv/bin/dsv4-agent sandbox build --if-missing
     fi
+fi
+
+# --- MCP Inspector (a third-party MCP client for tests/agent/test_agent_mcp_server.py) ------------
+# 0.15.0: the last release that runs on Node.js 20 (later ones need 22). About 40 s, once.
+if command -v npm >/dev/null 2>&1 && [ ! -x .tools/node_modules/.bin/mcp-inspector ]; then
+    npm install --prefix .tools --no-audit --no-fund --silent @modelcontextprotocol/inspector@0.15.0 >/dev/null \
+        || echo "setup: the MCP Inspector did not install; its test will be skipped" >&2
 fi
