@@ -191,7 +191,7 @@ class EngineBackend:
                 f"({tokenizer.vocab_size}): this checkpoint cannot read DSV4 chat tokens"
             )
         self._tokenizer = tokenizer
-        self.session = self.engine.new_session()
+        self.session = await self._making_room(self._new_session)
 
     def _load(self) -> Any:
         return load_engine(self.checkpoint, device=self.device, kv_fp8=self.kv_fp8, tp=self.tp)
@@ -201,22 +201,32 @@ class EngineBackend:
         return self.session.tokens if self.session is not None else ()
 
     async def prefill(self, ids: Sequence[int]) -> tuple[int, int]:
-        from dsv4.errors import KVBudgetExceeded
-
         if self.constrain and self.forced is None and len(self.session) == 0:
             self._constrain_to(ids)
         before = self.session.cached_length
         # The last token of the previous turn (drawn, never fed) is pending: it is computed here too.
         # A spilled session comes back to the device here.
+        await self._making_room(lambda: self.session.aappend(list(ids)))
+        return self.session.cached_length - before, before
+
+    async def _new_session(self) -> Any:
+        return self.engine.new_session()
+
+    async def _making_room(self, attempt: Callable[[], Any]) -> Any:
+        """`await attempt()`, tried again after `make_room` while the KV budget refuses it (a refusal
+        changes nothing); the engine's limits otherwise end the run as ContextFull."""
+        from dsv4.errors import KVBudgetExceeded
+
         while True:
             try:
                 with _context_full_on_limits():
-                    await self.session.aappend(list(ids))
-                break
-            except ContextFull as e:  # a refused append changed nothing: make room and try again
-                if not (isinstance(e.__cause__, KVBudgetExceeded) and self.make_room and self.make_room()):
+                    return await attempt()
+            except ContextFull as e:
+                if not (isinstance(e.__cause__, KVBudgetExceeded) and self._room_made()):
                     raise
-        return self.session.cached_length - before, before
+
+    def _room_made(self) -> bool:
+        return self.make_room is not None and self.make_room()
 
     async def decode(self, max_tokens: int) -> AsyncIterator[int]:
         from contextlib import aclosing
@@ -249,7 +259,7 @@ class EngineBackend:
                             yield token
                 return
             except ContextFull as e:  # refused before the first token, the session is unchanged: make room, retry
-                if drawn or not (isinstance(e.__cause__, KVBudgetExceeded) and self.make_room and self.make_room()):
+                if drawn or not (isinstance(e.__cause__, KVBudgetExceeded) and self._room_made()):
                     raise
 
     def turn_info(self) -> dict[str, Any]:
@@ -282,7 +292,7 @@ class EngineBackend:
             if saved is not None:
                 self.session = await anyio.to_thread.run_sync(self._load_saved, saved, list(history))
         if self.session is None:
-            self.session = self.engine.new_session()
+            self.session = await self._making_room(self._new_session)
             if history:
                 await self.prefill(history)  # the one full prefill a resume costs
                 computed = self.session.cached_length

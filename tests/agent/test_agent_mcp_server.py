@@ -316,3 +316,44 @@ def test_the_mcp_inspector_cli_lists_and_calls_the_tools(tmp_path):
     replied = inspector("--method", "tools/call", "--tool-name", "reply", "--tool-arg", f"run_id={run_id}",
                         "--tool-arg", "message=and again?")
     assert replied["structuredContent"]["final_answer"] == "second answer"
+
+
+# ---- several runs on one engine under a KV budget ----------------------------------------------
+async def test_idle_sessions_spill_under_the_kv_budget_and_come_back_on_reply(tmp_path):
+    from agent.config import AgentConfig
+    from agent.mcp_server import AgentRuns
+    from agent.spec import BackendSpec, RunSpec, SandboxSpec
+    from dsv4 import ModelConfig
+    from dsv4.testing import write_random_checkpoint
+
+    cfg = ModelConfig.tiny().model_copy(update={"vocab_size": Tokenizer.default().vocab_size})
+    checkpoint = write_random_checkpoint(tmp_path / "ckpt", cfg, seed=5)
+    # random weights: each run decodes 4 sampled tokens (seeded), then its step budget stops it
+    config = AgentConfig(max_steps=1, max_turn_tokens=4, session_save_max_bytes=0)
+    spec = RunSpec(backend=BackendSpec(kind="engine", model=str(checkpoint), device="cpu", seed=0),
+                   sandbox=SandboxSpec(kind="none"), config=config)
+    runs = AgentRuns(spec, tmp_path / "runs")
+
+    async def report(progress, message):
+        pass
+
+    try:
+        a = await runs.run("the first task", None, None, report)
+        session_a = runs.conversations[a.run_id].agent.backend.session
+        engine = session_a.engine
+        engine.kv_budget_bytes = engine.memory().resident_bytes * 3 // 2  # one run's session fits, not two
+        b = await runs.run("the second task", None, None, report)
+        session_b = runs.conversations[b.run_id].agent.backend.session
+        assert a.status.value == b.status.value == "max_steps"
+        assert session_a.location == "disk" and (tmp_path / "runs" / a.run_id / "kv_session").is_dir()
+
+        replied = await runs.reply(a.run_id, "and now?", report)
+        assert replied.steps == 2
+        assert session_a.location == "device" and session_b.location == "disk"
+    finally:
+        await runs.aclose()
+    events = read_events(replied.trajectory_path)
+    assert not [e for e in events if isinstance(e, RunResumed)]  # the same session, back from disk
+    step1, step2 = [e for e in events if isinstance(e, EngineCall)]
+    assert step2.usage.prefill_reused == step1.backend_info["session_tokens"] - 1
+    assert step2.usage.prefill_new < 40  # the truncation notice and the message, not the history
