@@ -215,7 +215,7 @@ class EngineBackend:
     async def _making_room(self, attempt: Callable[[], Any]) -> Any:
         """`await attempt()`, tried again after `make_room` while the KV budget refuses it (a refusal
         changes nothing); the engine's limits otherwise end the run as ContextFull."""
-        from dsv4.errors import KVBudgetExceeded
+        from dsv4 import KVBudgetExceeded
 
         while True:
             try:
@@ -238,7 +238,7 @@ class EngineBackend:
         elif self.constrained is not None:
             self.constrained.start_turn(thinking=self.session.tokens[-1] == self._tokenizer.think_start_id)
             processors = (self.constrained,)
-        from dsv4.errors import KVBudgetExceeded
+        from dsv4 import KVBudgetExceeded
 
         seed = None if self.seed is None else self.seed + self._turn  # reproducible, not the same draw each turn
         self._turn += 1
@@ -303,8 +303,8 @@ class EngineBackend:
 
     def _load_saved(self, folder: Path, history: list[int]) -> Any | None:
         """The session saved in `folder` if it holds exactly `history` and fits this engine; else None."""
-        from dsv4.errors import EngineError
-        from dsv4.session_io import read_manifest
+        from dsv4 import EngineError
+        from dsv4.runtime.session_io import read_manifest
 
         try:
             if read_manifest(folder)["token_ids"] != history:

@@ -324,7 +324,7 @@ async def test_idle_sessions_spill_under_the_kv_budget_and_come_back_on_reply(tm
     from agent.mcp_server import AgentRuns
     from agent.spec import BackendSpec, RunSpec, SandboxSpec
     from dsv4 import ModelConfig
-    from dsv4.testing import write_random_checkpoint
+    from dsv4.loading.testing import write_random_checkpoint
 
     cfg = ModelConfig.tiny().model_copy(update={"vocab_size": Tokenizer.default().vocab_size})
     checkpoint = write_random_checkpoint(tmp_path / "ckpt", cfg, seed=5)

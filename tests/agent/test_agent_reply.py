@@ -15,7 +15,7 @@ from agent.backends.engine import EngineBackend
 from agent.history import History
 from agent.trajectory import EngineCall, ExitEvent, RunResumed, UserMessage, read_events
 from dsv4 import Engine, ModelConfig
-from dsv4.testing import write_random_checkpoint
+from dsv4.loading.testing import write_random_checkpoint
 from encoding import AppendOnlyEncoder, Tokenizer
 from tools import tool
 
