@@ -24,6 +24,16 @@ class ToolResult(BaseModel):
         return cls(content=message, is_error=True, metadata=metadata)
 
 
+def valid_unicode(text: str) -> str:
+    """`text` with every lone surrogate as U+FFFD (and split surrogate pairs joined), so it encodes as
+    UTF-8: a tool's str may come from bytes decoded with `surrogateescape` or from JSON `\\ud800` escapes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def cap_output(text: str, max_bytes: int = DEFAULT_OUTPUT_CAP_BYTES, head_fraction: float = 0.5) -> tuple[str, int]:
     """Keep the head and the tail of `text` within `max_bytes` of UTF-8, stating what was cut.
 

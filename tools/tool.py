@@ -7,10 +7,12 @@ comes back as an error `ToolResult` for the model to read, never as an exception
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import json
 import re
+import threading
 import time
 import types
 import typing
@@ -18,12 +20,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
-import anyio.to_thread
+import anyio.from_thread
+import anyio.lowlevel
 import docstring_parser
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from tools.context import ToolContext
-from tools.result import DEFAULT_OUTPUT_CAP_BYTES, ToolResult, cap_output
+from tools.result import DEFAULT_OUTPUT_CAP_BYTES, ToolResult, cap_output, valid_unicode
 
 # What OpenAI-style function calling accepts as a name; DSML is laxer, so this is the binding rule.
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -92,11 +95,16 @@ class Tool:
                 result = _as_result(await self._handler(dict(arguments), ctx))
             except ArgumentError as exc:
                 result = ToolResult.error(f"invalid arguments for tool {self.name!r}: {exc}")
+            except SystemExit as exc:  # sys.exit() in a tool ends this call, not the agent
+                result = ToolResult.error(
+                    f"tool {self.name!r} failed: SystemExit: it called sys.exit({exc.code!r}), "
+                    "which ends only this call"
+                )
             except Exception as exc:  # the tool's own failure is information for the model
                 result = ToolResult.error(f"tool {self.name!r} failed: {type(exc).__name__}: {exc}")
         if deadline.cancelled_caught:
             result = ToolResult.error(f"tool {self.name!r} timed out after {self.timeout_s:g} s", timed_out=True)
-        content, elided = cap_output(result.content, self.max_output_bytes)
+        content, elided = cap_output(valid_unicode(result.content), self.max_output_bytes)
         metadata = {**result.metadata, "duration_s": time.perf_counter() - started}
         if elided:
             metadata["elided_bytes"] = metadata.get("elided_bytes", 0) + elided
@@ -131,7 +139,8 @@ def tool(
 
     Every parameter needs a type hint. A parameter annotated `ToolContext` is injected at call time
     and hidden from the model. A function whose only other parameter is a pydantic model takes that
-    model's fields as its arguments. Sync functions run in a worker thread.
+    model's fields as its arguments. Sync functions run in a daemon thread of their own (see
+    `_run_in_daemon_thread`). Arguments are validated strictly as JSON: `true` is no integer.
     """
 
     def build(f: Callable[..., Any]) -> Tool:
@@ -186,17 +195,13 @@ def _from_function(
     is_async = inspect.iscoroutinefunction(fn)
 
     async def handler(arguments: dict[str, Any], ctx: ToolContext | None) -> Any:
-        try:
-            validated = args_model.model_validate(arguments)
-        except ValidationError as exc:
-            raise ArgumentError(_describe_validation_error(exc, args_model)) from None
+        validated = _validate(args_model, arguments)
         kwargs = {model_param: validated} if model_param else {k: getattr(validated, k) for k in args_model.model_fields}
         if context_param is not None:
             kwargs[context_param] = ctx if ctx is not None else ToolContext()
         if is_async:
             return await fn(**kwargs)
-        # abandon_on_cancel: a timed-out sync tool cannot be interrupted; the call returns, the thread finishes alone
-        return await anyio.to_thread.run_sync(functools.partial(fn, **kwargs), abandon_on_cancel=True)
+        return await _run_in_daemon_thread(functools.partial(fn, **kwargs), tool_name)
 
     summary = "\n\n".join(part for part in (doc.short_description, doc.long_description) if part)
     return Tool(
@@ -208,6 +213,49 @@ def _from_function(
         parallel_safe=parallel_safe,
         max_output_bytes=max_output_bytes,
     )
+
+
+def _validate(args_model: type[BaseModel], arguments: dict[str, Any]) -> BaseModel:
+    """The model's arguments checked as the JSON they are, in pydantic's strict mode: `true` is not an
+    integer and "5" is not a number, while JSON strings still become dates, enums and paths."""
+    try:
+        payload = json.dumps(arguments)
+    except (TypeError, ValueError) as exc:
+        raise ArgumentError(f"arguments must be JSON values: {exc}") from None
+    try:
+        return args_model.model_validate_json(payload, strict=True)
+    except ValidationError as exc:
+        raise ArgumentError(_describe_validation_error(exc, args_model)) from None
+
+
+async def _run_in_daemon_thread(call: Callable[[], Any], name: str) -> Any:
+    """Run a sync tool function in a daemon thread of its own and wait for it.
+
+    A sync function cannot be interrupted: a call that times out returns at once and leaves the
+    thread to finish alone. Being a daemon, such a thread never keeps the process from exiting
+    (anyio's worker threads are joined at interpreter exit, so a tool blocked forever would hang it).
+    """
+    token = anyio.lowlevel.current_token()
+    done = anyio.Event()
+    outcome: list[tuple[bool, Any]] = []  # (raised, value or exception)
+    context = contextvars.copy_context()
+
+    def work() -> None:
+        try:
+            outcome.append((False, context.run(call)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting task, which raises it
+            outcome.append((True, exc))
+        try:
+            anyio.from_thread.run_sync(done.set, token=token)
+        except RuntimeError:  # the event loop has ended: nobody waits for this result any more
+            pass
+
+    threading.Thread(target=work, name=f"tool {name}", daemon=True).start()
+    await done.wait()
+    raised, value = outcome[0]
+    if raised:
+        raise value
+    return value
 
 
 def json_schema(model: type[BaseModel]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """A small MCP server the tools tests run as a real process, over stdio or streamable HTTP.
 
 It is a low-level `mcp.server.Server` so the tests control what the SDK's high-level server hides:
-paginated tool listings, JSON-RPC errors, slow calls, a crash, and a grandchild process.
+paginated tool listings, JSON-RPC errors, slow calls, a crash, a death by signal, and a grandchild process.
 
     python tests/tools/mcp_fixture_server.py stdio [--page-size N] [--tools N] [--start-once MARKER]
     python tests/tools/mcp_fixture_server.py http --port PORT
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
@@ -27,6 +28,7 @@ FIXED_TOOLS: dict[str, tuple[str, dict, list[str]]] = {
     "explode": ("Raise an exception inside the handler.", {}, []),
     "soft_fail": ("Return a result flagged isError.", {}, []),
     "crash": ("Exit the server process at once.", {}, []),
+    "kill_self": ("End the server process with SIGKILL, as the OOM killer would.", {}, []),
     "spawn_child": ("Start a long-lived grandchild process; answer its pid.", {}, []),
     "pid": ("Answer the server's process id.", {}, []),
 }
@@ -79,6 +81,8 @@ def build_server(page_size: int, extra_tools: int) -> Server:
             return _text("soft failure reported by the tool", is_error=True)
         if name == "crash":
             os._exit(3)
+        if name == "kill_self":
+            os.kill(os.getpid(), signal.SIGKILL)
         if name == "spawn_child":
             child = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
             return _text(str(child.pid))

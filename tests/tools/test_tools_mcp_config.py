@@ -23,7 +23,8 @@ def test_json_config_with_variable_expansion(tmp_path):
                         "env": {"API_KEY": "${SECRET}"},
                         "timeout": 5,
                     },
-                    "remote": {"url": "https://${HOST}/mcp", "headers": {"Authorization": "Bearer ${SECRET}"}},
+                    "remote": {"url": "https://${HOST}/mcp", "headers": {"Authorization": "Bearer ${SECRET}"},
+                               "start_timeout": 90},
                 }
             }
         )
@@ -32,7 +33,8 @@ def test_json_config_with_variable_expansion(tmp_path):
     time_server, remote = load_mcp_config(path, environ=env)
     assert (time_server.name, time_server.command) == ("time", "/usr/bin/python3")
     assert time_server.args == ["-m", "mcp_server_time", "--local-timezone", "UTC"]
-    assert time_server.env == {"API_KEY": "s3"} and time_server.timeout_s == 5
+    assert time_server.env == {"API_KEY": "s3"} and time_server.timeout_s == 5 == time_server.start_timeout_s
+    assert (remote.timeout_s, remote.start_timeout_s) == (60, 90)
     assert (remote.name, remote.url) == ("remote", "https://tools.example/mcp")
     assert remote.headers == {"Authorization": "Bearer s3"} and remote.command is None
 
@@ -55,6 +57,7 @@ def test_yaml_config(tmp_path):
         ('{"mcpServers": {"a b": {"command": "x"}}}', "server 'a b'"),
         ('{"mcpServers": {"a": {"url": "http://h/mcp", "type": "sse"}}}', "transport 'sse' is not supported"),
         ('{"mcpServers": {"a": {"command": "x", "timeout": -1}}}', "'timeout' must be a positive number"),
+        ('{"mcpServers": {"a": {"command": "x", "start_timeout": true}}}', "'start_timeout' must be a positive"),
         ("{not json", "not valid JSON"),
     ],
 )

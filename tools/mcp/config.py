@@ -22,8 +22,8 @@ import yaml
 from tools.mcp.server import DEFAULT_TIMEOUT_S, MCPServer
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_STDIO_KEYS = {"command", "args", "env", "cwd", "type", "timeout"}
-_HTTP_KEYS = {"url", "headers", "type", "timeout"}
+_STDIO_KEYS = {"command", "args", "env", "cwd", "type", "timeout", "start_timeout"}
+_HTTP_KEYS = {"url", "headers", "type", "timeout", "start_timeout"}
 
 
 class MCPConfigError(ValueError):
@@ -68,8 +68,10 @@ def _server(name: str, spec: Any, env: Mapping[str, str], where: str) -> MCPServ
     spec = _expand(spec, env, where)
     kind = spec.get("type")
     timeout = spec.get("timeout", DEFAULT_TIMEOUT_S)
-    if not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise MCPConfigError(f"{where}: 'timeout' must be a positive number of seconds, got {timeout!r}")
+    start_timeout = spec.get("start_timeout", timeout)
+    for key, value in (("timeout", timeout), ("start_timeout", start_timeout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise MCPConfigError(f"{where}: {key!r} must be a positive number of seconds, got {value!r}")
     try:
         if "url" in spec:
             _check_keys(spec, _HTTP_KEYS, where)
@@ -77,16 +79,16 @@ def _server(name: str, spec: Any, env: Mapping[str, str], where: str) -> MCPServ
                 raise MCPConfigError(f"{where}: transport {kind!r} is not supported (use streamable HTTP)")
             headers = spec.get("headers") or {}
             _check_str_map(headers, "headers", where)
-            return MCPServer.http(spec["url"], headers=headers, name=name, timeout_s=float(timeout))
+            return MCPServer.http(spec["url"], headers=headers, name=name, timeout_s=float(timeout),
+                                  start_timeout_s=float(start_timeout))
         if "command" in spec:
             _check_keys(spec, _STDIO_KEYS, where)
             args, server_env = spec.get("args") or [], spec.get("env") or {}
             if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
                 raise MCPConfigError(f"{where}: 'args' must be a list of strings")
             _check_str_map(server_env, "env", where)
-            return MCPServer.stdio(
-                spec["command"], args, server_env, name=name, cwd=spec.get("cwd"), timeout_s=float(timeout)
-            )
+            return MCPServer.stdio(spec["command"], args, server_env, name=name, cwd=spec.get("cwd"),
+                                   timeout_s=float(timeout), start_timeout_s=float(start_timeout))
     except ValueError as exc:
         if isinstance(exc, MCPConfigError):
             raise

@@ -5,13 +5,15 @@
 The transport starts this in a new session, so it leads the server's process group. It asks the kernel
 (Linux prctl PR_SET_PDEATHSIG) for SIGTERM when the agent dies, forks the server into its group, and on
 that signal kills the whole group: the server and anything it spawned. A clean shutdown is untouched:
-the server exits on stdin EOF and this exits with its status. Without prctl (not Linux) it only execs
-the server, and the transport's own group kill on exit remains the guard.
+the server exits on stdin EOF and this exits with its status; a server killed by a signal makes this
+end by the same signal, so the agent sees what happened (-9, not the exit code 247). Without prctl (not
+Linux) it only execs the server, and the transport's own group kill on exit remains the guard.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 import sys
 
@@ -39,9 +41,19 @@ def main(argv: list[str]) -> int:
     while True:
         try:
             _, status = os.waitpid(child, 0)
-            return os.waitstatus_to_exitcode(status)
         except InterruptedError:
             continue
+        if os.WIFSIGNALED(status):
+            _end_by(os.WTERMSIG(status))
+        return os.waitstatus_to_exitcode(status)
+
+
+def _end_by(signum: int) -> None:
+    """End this process by `signum`, as the server ended."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the server's crash, not a core file of this launcher
+    if signum != signal.SIGKILL:  # SIGKILL's action cannot be set (nor caught)
+        signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -48,6 +49,10 @@ class MCPConnectionLost(Exception):
     """The connection ended while a request was in flight."""
 
 
+class MCPHandshakeTimeout(Exception):
+    """The server did not finish the handshake (initialize, tools/list) within its `timeout_s`."""
+
+
 @dataclass
 class _Request:
     """One operation on the connected client, run by the owner task on the caller's behalf."""
@@ -75,17 +80,22 @@ class MCPServer:
         url: str | None = None,
         headers: Mapping[str, str] | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        start_timeout_s: float | None = None,
     ) -> None:
         if (command is None) == (url is None):
             raise ValueError(f"MCP server {name!r}: give exactly one of a command (stdio) or a url (HTTP)")
         if not name or _UNSAFE_NAME_CHARS.search(name):
             raise ValueError(f"MCP server name {name!r} must be letters, digits, '_' or '-' (it prefixes tool names)")
-        if timeout_s <= 0:
-            raise ValueError(f"MCP server {name!r}: timeout_s must be positive, got {timeout_s}")
+        for what, value in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
+            if value is not None and value <= 0:
+                raise ValueError(f"MCP server {name!r}: {what} must be positive, got {value}")
         self.name = name
         self.command, self.args, self.env, self.cwd = command, list(args), dict(env or {}), cwd
         self.url, self.headers = url, dict(headers or {})
         self.timeout_s = timeout_s
+        """Bound on each request (a tool call, a listing)."""
+        self.start_timeout_s = start_timeout_s if start_timeout_s is not None else timeout_s
+        """Bound on each (re)connection: the process start and the whole handshake (initialize, tools/list)."""
         self.tools: list[mcp_types.Tool] = []
         """The server's tools as listed at connect time (refreshed only by `list_tools()`)."""
         self.restarts = 0
@@ -106,10 +116,12 @@ class MCPServer:
         name: str | None = None,
         cwd: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        start_timeout_s: float | None = None,
     ) -> MCPServer:
         """A server run as a child process speaking MCP on its stdin/stdout."""
         default_name = _UNSAFE_NAME_CHARS.sub("_", command.rsplit("/", 1)[-1]) or "mcp"
-        return cls(name or default_name, command=command, args=args, env=env, cwd=cwd, timeout_s=timeout_s)
+        return cls(name or default_name, command=command, args=args, env=env, cwd=cwd, timeout_s=timeout_s,
+                   start_timeout_s=start_timeout_s)
 
     @classmethod
     def http(
@@ -119,10 +131,12 @@ class MCPServer:
         headers: Mapping[str, str] | None = None,
         name: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        start_timeout_s: float | None = None,
     ) -> MCPServer:
         """A server reached over streamable HTTP at `url` (e.g. http://127.0.0.1:8000/mcp)."""
         host = httpx2.URL(url).host or "mcp"
-        return cls(name or _UNSAFE_NAME_CHARS.sub("_", host), url=url, headers=headers, timeout_s=timeout_s)
+        return cls(name or _UNSAFE_NAME_CHARS.sub("_", host), url=url, headers=headers, timeout_s=timeout_s,
+                   start_timeout_s=start_timeout_s)
 
     def __repr__(self) -> str:
         where = f"stdio {self.command} {' '.join(self.args)}".rstrip() if self.command else f"http {self.url}"
@@ -170,16 +184,24 @@ class MCPServer:
         async with requests:
             while True:
                 failure: Exception | None = None
+                shaking_hands = True
                 try:
-                    async with self._connect() as client:
-                        listing = await _list_all_tools(client)
-                        if not started:
-                            self.tools = listing
-                            task_status.started()
-                            started = True
-                        if not await self._serve(client, requests, waiting):
-                            return  # asked to stop
+                    # One bound on the whole handshake, whatever the SDK's own per-request timeouts add up to.
+                    with anyio.fail_after(self.start_timeout_s) as handshake:
+                        async with self._connect() as client:
+                            listing = await _list_all_tools(client)
+                            handshake.deadline, shaking_hands = math.inf, False
+                            if not started:
+                                self.tools = listing
+                                task_status.started()
+                                started = True
+                            if not await self._serve(client, requests, waiting):
+                                return  # asked to stop
                 except Exception as exc:
+                    if shaking_hands and isinstance(exc, TimeoutError):
+                        exc = MCPHandshakeTimeout(
+                            f"no answer to the MCP handshake (initialize, tools/list) within {self.start_timeout_s:g} s"
+                        )
                     if not started:
                         self._down = f"failed to start: {self._describe_loss(exc)}"
                         task_status.started()
@@ -279,16 +301,18 @@ class MCPServer:
     def _describe_loss(self, exc: BaseException | None) -> str:
         """What ended the connection: the exit code and stderr of a stdio server, and the error seen."""
         parts = []
-        if self._transport is not None and self._transport.returncode is not None:
-            parts.append(f"exited with code {self._transport.returncode}")
-            tail = " | ".join(line for line in self._transport.stderr_tail if line.strip())[-500:]
+        transport = self._transport
+        if transport is not None and transport.returncode is not None:
+            parts.append(transport.describe_exit())
+            tail = " | ".join(line for line in transport.stderr_tail if line.strip())[-500:]
             if tail:
                 parts.append(f"(stderr: {tail})")
         else:
             parts.append("lost its connection")
         if exc is not None:
             parts.append(f"[{_describe(exc)}]")
-        return f"MCP server {self.name!r} " + " ".join(parts)
+        hint = transport.stray_output_hint() if transport is not None else ""
+        return f"MCP server {self.name!r} " + " ".join(parts) + (f"; {hint}" if hint else "")
 
     def _lost_message(self) -> str:
         """For a request cut off by a lost connection. Called before the owner counts the restart,
@@ -338,14 +362,12 @@ class MCPServer:
         return _to_tool_result(result, meta)
 
     def as_tools(self) -> list[Tool]:
-        """The listed tools as `Tool`s named `<server>__<tool>`, sorted by name so the prompt's tool
-        block does not change with the server's listing order."""
-        return [self._as_tool(t) for t in sorted(self.tools, key=lambda t: t.name)]
+        """The listed tools as `Tool`s named `<server>__<tool>` (see `local_tool_names`), sorted by name
+        so the prompt's tool block does not change with the server's listing order."""
+        names = local_tool_names(self.name, [t.name for t in self.tools])
+        return [self._as_tool(t, names[t.name]) for t in sorted(self.tools, key=lambda t: t.name)]
 
-    def _as_tool(self, remote: mcp_types.Tool) -> Tool:
-        name = f"{self.name}__{_UNSAFE_NAME_CHARS.sub('_', remote.name)}"
-        if len(name) > 64:
-            name = f"{name[:55]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    def _as_tool(self, remote: mcp_types.Tool, name: str) -> Tool:
         schema = strip_titles(dict(remote.input_schema or {}))
         schema.setdefault("type", "object")
         remote_name = remote.name
@@ -363,6 +385,28 @@ class MCPServer:
             timeout_s=self.timeout_s * 2 + 5,
             parallel_safe=read_only,
         )
+
+
+def local_tool_names(server: str, remote_names: Sequence[str]) -> dict[str, str]:
+    """remote tool name -> `<server>__<tool>`, cut to what a tool name may hold (letters, digits, _ and -,
+    64 characters). Names that would come out the same get a short hash of their remote name (a name
+    that needed no cleaning keeps its own), so each tool gets a distinct name that depends on nothing
+    but the names themselves, never on the listing order."""
+
+    def digest(text: str) -> str:
+        return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+    def fit(name: str) -> str:
+        return name if len(name) <= 64 else f"{name[:55]}_{digest(name)}"
+
+    cleaned = {remote: f"{server}__{_UNSAFE_NAME_CHARS.sub('_', remote)}" for remote in remote_names}
+    uses = Counter(fit(name) for name in cleaned.values())
+    names = {}
+    for remote, name in cleaned.items():
+        if uses[fit(name)] > 1 and _UNSAFE_NAME_CHARS.search(remote):
+            name = f"{name}_{digest(remote)}"
+        names[remote] = fit(name)
+    return names
 
 
 async def _list_all_tools(client: Client) -> list[mcp_types.Tool]:

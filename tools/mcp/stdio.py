@@ -34,6 +34,9 @@ GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guard.py")
 EXIT_GRACE_S = 2.0
 # Time between SIGTERM and SIGKILL to the process group.
 TERM_GRACE_S = 1.0
+# Lines that are not JSON-RPC before the server's first message, past which it is taken for no MCP
+# server at all and the connection ends at once (a banner line or two is tolerated).
+STRAY_LINES_LIMIT = 10
 _POLL_S = 0.01
 
 
@@ -56,6 +59,12 @@ class StdioTransport:
         self.pid: int | None = None
         self.returncode: int | None = None
         self.stderr_tail: deque[str] = deque(maxlen=stderr_lines)
+        self.stopped_with: signal.Signals | None = None
+        """The first signal the agent sent while the server still ran (it was stopped, it did not die)."""
+        self.stray_lines = 0
+        """stdout lines that were not JSON-RPC, counted until the server's first message."""
+        self.first_stray_line = ""
+        self._answered = False
         self.disconnected = anyio.Event()
         """Set when the server closed its stdout: it exited or crashed."""
         self._cm: AbstractAsyncContextManager[Any] | None = None
@@ -99,7 +108,7 @@ class StdioTransport:
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                _kill_group(process.pid, signal.SIGKILL)
+                self._signal(process, signal.SIGKILL)
                 with anyio.move_on_after(TERM_GRACE_S):
                     await process.aclose()  # reap it and close the pipes
                 self.returncode = process.returncode
@@ -113,11 +122,43 @@ class StdioTransport:
             assert process.stdin is not None
             await process.stdin.aclose()
         if not await _wait_exit(process, EXIT_GRACE_S):
-            _kill_group(process.pid, signal.SIGTERM)
+            self._signal(process, signal.SIGTERM)
             await _wait_exit(process, TERM_GRACE_S)
-        _kill_group(process.pid, signal.SIGKILL)
+        self._signal(process, signal.SIGKILL)
         await _wait_exit(process, TERM_GRACE_S)
         self.returncode = process.returncode
+
+    def _signal(self, process: Process, sig: signal.Signals) -> None:
+        """Signal the whole group; remember it when the server was still running, for `describe_exit`."""
+        if process.returncode is None and self.stopped_with is None:
+            self.stopped_with = sig
+        _kill_group(process.pid, sig)
+
+    def describe_exit(self) -> str:
+        """How the server process ended, as words for a crash report ("" while it runs)."""
+        code = self.returncode
+        if code is None:
+            return ""
+        if self.stopped_with is not None:
+            return f"was stopped by the agent with {self.stopped_with.name}"
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:  # a real-time signal has no name
+                name = f"signal {-code}"
+            return f"was killed by {name} ({-code}), a signal the agent did not send"
+        return f"exited with code {code}"
+
+    def stray_output_hint(self) -> str:
+        """What was wrong with the server's stdout before its first message ("" if nothing)."""
+        if self._answered or not self.stray_lines:
+            return ""
+        first = self.first_stray_line if len(self.first_stray_line) <= 120 else self.first_stray_line[:117] + "..."
+        return (
+            f"its stdout held {self.stray_lines} line(s) that are not JSON-RPC, the first: {first!r}; "
+            f"is {self.command!r} an MCP server? A stdio MCP server may write only JSON-RPC messages "
+            "to stdout (logs belong on stderr)"
+        )
 
     async def _pump_stdout(self, process: Process, to_session: Any) -> None:
         assert process.stdout is not None
@@ -129,8 +170,17 @@ class StdioTransport:
                 for line in lines:
                     if not deliver or not line.strip():
                         continue  # after the session has gone, keep draining so the server never blocks
+                    message = _parse(line)
+                    if not self._answered and isinstance(message, Exception):
+                        self.stray_lines += 1
+                        self.first_stray_line = self.first_stray_line or line.strip()
+                        if self.stray_lines >= STRAY_LINES_LIMIT:  # not an MCP server: end the handshake now
+                            deliver = False
+                            to_session.close()
+                            continue
+                    self._answered = self._answered or not isinstance(message, Exception)
                     try:
-                        await to_session.send(_parse(line))
+                        await to_session.send(message)
                     except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                         deliver = False
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
