@@ -3,10 +3,13 @@
 
 Exit codes (also written to each trajectory's exit event): 0 completed, 1 error, 2 usage,
 3 max_steps, 4 max_tokens, 5 timeout, 6 format_error, 7 stuck, 8 context_full, 130 interrupted.
+A usage error is one line on stderr, found before any run folder is made or any model loads.
+`serve` exits 2 on bad flags and 1 when it cannot listen on its address (a busy port) or load the model.
 """
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import os
@@ -19,13 +22,15 @@ import anyio
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 
 from agent import mcp_server
-from agent.config import AgentConfig
-from agent.display import Observer, RichDisplay
+from agent.config import AgentConfig, describe_validation_error
+from agent.display import Observer, RichDisplay, terminal_safe
 from agent.spec import BackendSpec, RunSpec, SandboxSpec, build_agent, build_mcp_servers
-from agent.status import ExitStatus
+from agent.status import ExitStatus, single_leaf
+from agent.history import History
 from agent.trajectory import (
     TRAJECTORY_FILE,
     RunStarted,
@@ -35,6 +40,9 @@ from agent.trajectory import (
     resolve_run,
 )
 from sandboxes.cli import sandbox_app
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 app = typer.Typer(
     help="Run DeepSeek-V4 as a tool-using agent on its own embedded engine.",
@@ -47,11 +55,28 @@ err = Console(stderr=True, highlight=False)
 
 OUTPUT_DIR = typer.Option(Path("runs"), "--output-dir", "-o", help="where runs are written, one folder each")
 JSON_EVENTS = typer.Option(False, "--json", help="print the trajectory events as JSON lines instead of the display")
+# AgentConfig fields under the names of the flags that set them, for error messages
+CONFIG_FLAGS = {
+    "effort": "--effort", "max_steps": "--max-steps", "max_tokens": "--max-tokens", "max_wall_s": "--max-wall"
+}
+# the official checkpoint layout (dsv4's loader): a config and the weights, one file or an index of shards
+CHECKPOINT_WEIGHTS = ("model.safetensors.index.json", "model.safetensors")
+
+
+def _error(message: str, status: ExitStatus) -> typer.Exit:
+    err.print(f"[red]error:[/] {escape(terminal_safe(message))}", soft_wrap=True)  # one line, however long
+    return typer.Exit(status.exit_code)
 
 
 def _usage_error(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}")
-    return typer.Exit(ExitStatus.usage.exit_code)
+    return _error(message, ExitStatus.usage)
+
+
+def _signal_words(signum: int) -> tuple[str, str]:
+    """What the operator did, and how to do it again, for the interrupt message."""
+    if signum == signal.SIGINT:
+        return "Ctrl-C", "Ctrl-C again"
+    return signal.Signals(signum).name, f"a second {signal.Signals(signum).name}"
 
 
 async def _with_interrupts(agent: Any, body: Callable[[], Awaitable[Any]]) -> Any:
@@ -62,13 +87,14 @@ async def _with_interrupts(agent: Any, body: Callable[[], Awaitable[Any]]) -> An
         async def watch() -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 count = 0
-                async for _ in signals:
+                async for signum in signals:
                     count += 1
                     if count == 1:
+                        what, again = _signal_words(signum)
                         err.print(
-                            "\n[yellow]interrupting: closing sandboxes and MCP servers (Ctrl-C again to exit now)[/]"
+                            f"\n[yellow]{what}: interrupting, closing sandboxes and MCP servers ({again} exits now)[/]"
                         )
-                        agent.cancel()
+                        agent.cancel(what)
                     else:
                         os._exit(ExitStatus.interrupted.exit_code)
 
@@ -191,7 +217,7 @@ def run_spec(
                 backend = BackendSpec.model_validate(
                     {**backend.model_dump(), "temperature": temperature, "top_p": top_p, "seed": seed, "kv_fp8": kv_fp8})
             except ValidationError as e:
-                raise _usage_error(f"bad sampling options: {e.errors()[0]['loc'][0]} {e.errors()[0]['msg']}") from None
+                raise _usage_error(f"bad sampling options: {describe_validation_error(e)}") from None
         spec = RunSpec(backend=backend.model_copy(update={"constrain": not no_constrain}))
     if approve and yolo:
         raise _usage_error("--approve and --yolo contradict each other")
@@ -211,10 +237,7 @@ def run_spec(
     on_host = sandbox == "local" or (sandbox == "none" and bool(mcp or mcp_config or spec.mcp))
     overrides["approval"] = "confirm" if approve or (on_host and not yolo and demo_run is None) else "auto"
     try:
-        agent_config = (
-            AgentConfig.from_yaml(config, **overrides) if config else spec.config.model_copy(update=overrides)
-        )
-        AgentConfig.model_validate(agent_config.model_dump())
+        agent_config = _with_flags(AgentConfig.from_yaml(config) if config else spec.config, overrides)
         spec = spec.model_copy(
             update={"mcp": spec.mcp + list(mcp), "mcp_config": str(mcp_config.absolute()) if mcp_config else None}
         )
@@ -257,14 +280,55 @@ def _backend_spec(
             raise _usage_error(f"--scripted {scripted} must hold a JSON list of completion strings")
         return BackendSpec(kind="scripted", completions=completions)
     if model:
-        if not model.is_dir():
-            raise _usage_error(f"--model {model} is not a checkpoint directory")
-        if device is None:
-            import torch
+        _check_checkpoint(model)
+        import torch
 
+        if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        _check_device(device, tp)
         return BackendSpec(kind="engine", model=str(model.absolute()), device=device, tp=tp)
     raise _usage_error("no model: pass --model PATH (a DSV4 checkpoint), --scripted FILE, or --demo")
+
+
+def _check_checkpoint(model: Path) -> None:
+    if not model.is_dir():
+        raise _usage_error(f"--model {model} is not a checkpoint directory")
+    if not (model / "config.json").is_file():
+        raise _usage_error(f"--model {model} is not a DSV4 checkpoint: it has no config.json")
+    if not any((model / name).is_file() for name in CHECKPOINT_WEIGHTS):
+        raise _usage_error(
+            f"--model {model} is not a DSV4 checkpoint: it has neither {' nor '.join(CHECKPOINT_WEIGHTS)}"
+        )
+
+
+def _check_device(device: str, tp: int) -> None:
+    """A device this machine has, with a GPU a rank under --tp on CUDA."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise _usage_error(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type != "cuda":
+        raise _usage_error(f"--device {device!r}: the engine runs on cpu or cuda")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        raise _usage_error(f"--device {device}: this machine has no CUDA GPU (use --device cpu)")
+    if parsed.index is not None and parsed.index >= gpus:
+        raise _usage_error(f"--device {device}: this machine has {gpus} CUDA GPU(s), cuda:0 to cuda:{gpus - 1}")
+    if tp > gpus:
+        raise _usage_error(f"--tp {tp} on CUDA needs {tp} GPUs (one a rank); this machine has {gpus}")
+
+
+def _with_flags(config: AgentConfig, flags: dict[str, Any]) -> AgentConfig:
+    """`config` with the values of command-line flags on top, checked; a bad value is a usage error naming its flag."""
+    try:
+        return AgentConfig.model_validate({**config.model_dump(), **flags})
+    except ValidationError as e:
+        names = {field: flag for field, flag in CONFIG_FLAGS.items() if field in flags}
+        raise _usage_error(describe_validation_error(e, names)) from None
 
 
 def _run_agent(spec: RunSpec, output_dir: Path, start: Callable[[Any], Awaitable[Any]], as_json: bool = False) -> Any:
@@ -283,7 +347,13 @@ def _run_agent(spec: RunSpec, output_dir: Path, start: Callable[[Any], Awaitable
         )
     except (ValueError, ImportError) as e:
         raise _usage_error(str(e)) from None
-    return anyio.run(_with_interrupts, agent, lambda: start(agent))
+    try:
+        return anyio.run(_with_interrupts, agent, lambda: start(agent))
+    except BaseExceptionGroup as group:  # an error of `start` arrives wrapped by the interrupt watcher's task group
+        leaf = single_leaf(group)
+        if leaf is group:
+            raise
+        raise leaf from None
 
 
 def _load(run_arg: str, output_dir: Path) -> tuple[Path, list[Any]]:
@@ -311,13 +381,17 @@ def resume(
 ) -> None:
     """Continue an interrupted run (Ctrl-C, a crash, SIGKILL, a spent budget) in place."""
     run_dir, events = _load(run_arg, output_dir)
+    try:  # checked again, under the run's lock, by Agent.resume: here so that nothing starts for nothing
+        History.from_events(events).check_resumable()
+    except TrajectoryError as e:
+        raise _usage_error(str(e)) from None
     spec = _spec_of(events[0])
     updates = {
         k: v
         for k, v in (("max_steps", max_steps), ("max_tokens", max_tokens), ("max_wall_s", max_wall))
         if v is not None
     }
-    spec = spec.model_copy(update={"config": spec.config.model_copy(update=updates)})
+    spec = spec.model_copy(update={"config": _with_flags(spec.config, updates)})
     try:
         _finish(_run_agent(spec, run_dir.parent, lambda agent: agent.resume(run_dir), as_json))
     except TrajectoryError as e:
@@ -375,22 +449,40 @@ def serve(
     max_sessions: int = typer.Option(8, "--max-sessions", help="resident sessions kept for prefix reuse (LRU)"),
     name: Optional[str] = typer.Option(None, "--served-model-name", help="model id in the API (default: folder name)"),
 ) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API; requests reuse resident sessions by token prefix."""
+    """Serve the model over an OpenAI-compatible HTTP API; requests reuse resident sessions by token prefix.
+
+    Exits 2 on bad flags and 1 when the address cannot be listened on (a busy port) or the model fails to load.
+    """
+    from agent.server import listen
     from agent.server import serve as run_server
 
     spec = _backend_spec(model, None, device, tp)
     if max_sessions < 1:
         raise _usage_error(f"--max-sessions must be >= 1, got {max_sessions}")
+    if not 1 <= port <= 65535:
+        raise _usage_error(f"--port must be a TCP port, 1 to 65535, got {port}")
+    try:  # before the model loads: a busy port fails at once, and the port stays ours while it loads
+        sock = listen(host, port)
+    except OSError as e:
+        why = "the address is already in use: another server runs there, pick another --port" if (
+            e.errno == errno.EADDRINUSE) else (e.strerror or str(e))
+        raise _error(f"cannot listen on {host}:{port}: {why}", ExitStatus.error) from None
     import torch
 
     from dsv4 import Engine
     from encoding import Tokenizer
 
     dtype = torch.float32 if spec.device == "cpu" else torch.bfloat16  # as EngineBackend
-    engine = Engine(spec.model, device=spec.device, dtype=dtype, kv_fp8=kv_fp8, tp=tp)
-    tokenizer = engine.tokenizer if isinstance(engine.tokenizer, Tokenizer) else Tokenizer.default()
     try:
-        run_server(engine, tokenizer, model_name=name or model.name, host=host, port=port, max_sessions=max_sessions)
+        engine = Engine(spec.model, device=spec.device, dtype=dtype, kv_fp8=kv_fp8, tp=tp)
+    except (OSError, ValueError) as e:  # a missing or inconsistent checkpoint file (dsv4.CheckpointError)
+        sock.close()
+        raise _error(f"cannot load --model {model}: {e}", ExitStatus.error) from None
+    tokenizer = engine.tokenizer if isinstance(engine.tokenizer, Tokenizer) else Tokenizer.default()
+    bound_host, bound_port = sock.getsockname()[:2]
+    err.print(f"serving {escape(name or model.name)} on http://{bound_host}:{bound_port} (Ctrl-C stops it)")
+    try:
+        run_server(engine, tokenizer, model_name=name or model.name, max_sessions=max_sessions, sock=sock)
     except ValueError as e:
         raise _usage_error(str(e)) from None
 

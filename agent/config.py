@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -58,4 +59,16 @@ class AgentConfig(BaseModel):
         try:
             return cls(**{**data, **overrides})
         except ValidationError as e:
-            raise ValueError(f"config {path}: {e}") from e
+            raise ValueError(f"config {path}: {describe_validation_error(e)}") from None
+
+
+def describe_validation_error(error: ValidationError, names: Mapping[str, str] | None = None) -> str:
+    """A pydantic error as one line: each bad field (under `names[field]` when given, e.g. the flag that
+    set it), what is wrong, and the value given."""
+    problems = []
+    for problem in error.errors():
+        field = ".".join(str(part) for part in problem["loc"]) or "(settings)"
+        field = (names or {}).get(field, field)
+        given = "" if problem["type"] == "missing" else f" (got {problem.get('input')!r})"
+        problems.append(f"{field}: {problem['msg']}{given}")
+    return "; ".join(problems)

@@ -17,6 +17,7 @@ from agent.trajectory import (
     Notice,
     RunResumed,
     RunStarted,
+    ToolCall,
     ToolResultEvent,
     TrajectoryError,
     Usage,
@@ -121,6 +122,7 @@ class History:
     exit: ExitEvent | None  # the exit event that closed the log; None when the process died after it
     reprefilled: int = 0  # history tokens prefilled by earlier resumes
     messages: list[UserMessage] = field(default_factory=list)  # what `reply` appended, in order
+    started_calls: set[str] = field(default_factory=set)  # ids of the calls that began (a tool_call event)
 
     @classmethod
     def from_events(cls, events: list[Any]) -> History:
@@ -131,9 +133,12 @@ class History:
         messages: list[UserMessage] = []
         exit_event = None
         reprefilled = 0
+        started_calls: set[str] = set()
         for event in events[1:]:
             if isinstance(event, EngineCall):
                 steps[event.step] = StepRecord(event)
+            elif isinstance(event, ToolCall):
+                started_calls.add(event.call_id)
             elif isinstance(event, ToolResultEvent):
                 results.append(event)
             elif isinstance(event, Notice) and event.kind in RESUMABLE_NOTICE_KINDS:
@@ -146,7 +151,9 @@ class History:
         for result in results:
             if result.step in steps:  # results of a step whose engine call was never recorded are dropped
                 steps[result.step].results[result.call_id] = result
-        return cls(started, [steps[s] for s in sorted(steps)], notices, exit_event, reprefilled, messages)
+        return cls(
+            started, [steps[s] for s in sorted(steps)], notices, exit_event, reprefilled, messages, started_calls
+        )
 
     def check_resumable(self) -> None:
         run_id, exit_event = self.started.run_id, self.exit
@@ -158,7 +165,9 @@ class History:
         if self.started.prompt_tokens == 0:
             run_id, exit_event = self.started.run_id, self.exit
             reason = f" ({exit_event.message})" if exit_event else ""
-            raise TrajectoryError(f"run {run_id} failed before its first prompt{reason}; start it again with `run`")
+            raise TrajectoryError(
+                f"run {run_id} ended before its first prompt{reason}: nothing to continue; start it again with `run`"
+            )
 
     def unfinished(self) -> bool:
         """The last call stopped part-way (interrupted, killed, or before a step's calls all ran):

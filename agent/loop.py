@@ -19,7 +19,6 @@ KV session saved at the end of the run, or from the trajectory by one full prefi
 
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
@@ -28,15 +27,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import anyio
 
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
-
 from agent.backends.base import Backend, ContextFull
 from agent.config import AgentConfig
 from agent.display import Observer
 from agent.guards import Budget, FormatErrors, StuckDetector
 from agent.history import History, StepRecord, prompt_messages, result_event, turn_notices
-from agent.status import ExitStatus, RunStopped
+from agent.status import ExitStatus, RunStopped, single_leaf
 from agent.stream import DecodedTurn, decode_turn
 from agent.tooling import ToolOutcome, ToolRunner, TurnCalls
 from agent.trajectory import (
@@ -55,10 +51,16 @@ from agent.trajectory import (
     new_run_id,
     read_events,
     resolve_run,
+    run_lock,
 )
 
 CLEANUP_TIMEOUT_S = 30.0  # sandboxes and MCP servers get this long to close, even after Ctrl-C
 KV_SESSION_DIR = "kv_session"  # in a run's folder: its KV session, saved when a call ends (engine backend)
+RERUN_NOTE = (
+    "[Note: this call was already running when the run was interrupted, and its result was lost. It was "
+    "started again from the beginning on resume, so what the first attempt did (files written, commands run, "
+    "processes started) may have happened twice.]"
+)
 
 
 @dataclass
@@ -119,6 +121,7 @@ class Agent:
         self._backend_open = False
         self._scope: anyio.CancelScope | None = None
         self._cancelled = False
+        self._cancel_reason = ""
 
     # --- public entry points ---------------------------------------------------------------------------
     async def run(self, task: str, *, run_id: str | None = None) -> RunResult:
@@ -126,11 +129,22 @@ class Agent:
         if not task.strip():
             raise ValueError("the task is empty")
         run_id = run_id or new_run_id()
-        return await self._execute(self.output_dir / run_id, run_id, task, history=None)
+        run_dir = self.output_dir / run_id
+        with run_lock(run_dir):
+            return await self._execute(run_dir, run_id, task, history=None)
 
     async def resume(self, run: str | Path) -> RunResult:
-        """Continue an interrupted run (Ctrl-C, SIGKILL, a spent budget) from its trajectory, in place."""
+        """Continue an interrupted run (Ctrl-C, SIGKILL, a spent budget) from its trajectory, in place.
+
+        Raises `TrajectoryError` when the run cannot be resumed: it completed, it ended before its
+        first prompt, its log is unreadable, or another process holds it (`RunBusy`).
+        """
         run_dir = resolve_run(str(run), self.output_dir)
+        with run_lock(run_dir):
+            return await self._resume_held(run_dir)
+
+    async def _resume_held(self, run_dir: Path) -> RunResult:
+        """`resume` of a run whose lock this agent holds; read under it, so what is read is what is continued."""
         history = History.from_events(read_events(run_dir / TRAJECTORY_FILE))
         history.check_resumable()
         return await self._execute(run_dir, history.started.run_id, history.started.task, history=history)
@@ -142,15 +156,16 @@ class Agent:
         if not message.strip():
             raise ValueError("the message is empty")
         run_dir = resolve_run(str(run), self.output_dir)
-        history = History.from_events(read_events(run_dir / TRAJECTORY_FILE))
-        history.check_replyable()
-        if history.unfinished():
-            resumed = await self.resume(run_dir)
-            if resumed.status is ExitStatus.interrupted:
-                return resumed
+        with run_lock(run_dir):  # one lock over the resume and the reply: no other process slips in between
             history = History.from_events(read_events(run_dir / TRAJECTORY_FILE))
-        return await self._execute(run_dir, history.started.run_id, history.started.task, history=history,
-                                   message=message)
+            history.check_replyable()
+            if history.unfinished():
+                resumed = await self._resume_held(run_dir)
+                if resumed.status is ExitStatus.interrupted:
+                    return resumed
+                history = History.from_events(read_events(run_dir / TRAJECTORY_FILE))
+            return await self._execute(run_dir, history.started.run_id, history.started.task, history=history,
+                                       message=message)
 
     async def close(self) -> None:
         """Release a resident backend (its session); safe to call twice."""
@@ -158,9 +173,11 @@ class Agent:
             self._backend_open = False
             await _shielded(self.backend.close)
 
-    def cancel(self) -> None:
-        """Stop the current run at once (decoding included); resources are still closed. Status: interrupted."""
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop the current run at once (decoding included); resources are still closed. Status: interrupted,
+        with `reason` (the CLI says Ctrl-C or SIGTERM) in the exit message."""
         self._cancelled = True
+        self._cancel_reason = reason
         if self._scope is not None:
             self._scope.cancel()
 
@@ -193,35 +210,40 @@ class Agent:
         else:  # a reply: they count this call
             budget = Budget(self.config, started, steps_before=len(history.steps), tokens_before=state.usage.processed)
         try:
-            async with AsyncExitStack() as resources:  # closed outside every cancel scope below
-                tokenizer = self._tokenizer_or_default()
-                thinking = self.config.effort != "none"
-                encoder = AppendOnlyEncoder(
-                    tokenizer,
-                    thinking_mode="thinking" if thinking else "chat",
-                    reasoning_effort="max" if self.config.effort == "max" else None,
-                )
-                self.observer.run_started(run_id, self.backend.label, task, len(history.steps) + 1 if history else None)
-                if not self._backend_open:
-                    with self._interruptible():
-                        await self.backend.start(tokenizer)  # may load weights: Ctrl-C stops it
-                    self._backend_open = True
-                tools = await self._open(resources, writer)
-                self.observer.tools_ready(list(tools))
-                runner = self._runner(tools, run_id)
-                with self._interruptible(), anyio.CancelScope(deadline=budget.deadline or float("inf")) as wall:
-                    state.pending = await self._begin(
-                        writer, run_dir, run_id, task, encoder, runner, tools, history, state, message
+            # `opening` lets cancel() end the start of an MCP server that never answers: an entered server
+            # holds its task group open, so only a scope around the whole stack can cancel its start.
+            with anyio.CancelScope() as opening:
+                async with AsyncExitStack() as resources:  # closed outside every cancel scope below
+                    tokenizer = self._tokenizer_or_default()
+                    thinking = self.config.effort != "none"
+                    encoder = AppendOnlyEncoder(
+                        tokenizer,
+                        thinking_mode="thinking" if thinking else "chat",
+                        reasoning_effort="max" if self.config.effort == "max" else None,
                     )
-                    if state.pending is not None:
-                        state.final_answer = await self._steps(
-                            writer, tokenizer, encoder, runner, budget, thinking, state
+                    resumed_from = len(history.steps) + 1 if history else None
+                    self.observer.run_started(run_id, self.backend.label, task, resumed_from)
+                    if not self._backend_open:
+                        self.observer.starting("starting the backend")
+                        with self._interruptible():
+                            await self.backend.start(tokenizer)  # may load weights: Ctrl-C stops it
+                        self._backend_open = True
+                    tools = await self._open(resources, writer, opening)
+                    self.observer.tools_ready(list(tools))
+                    runner = self._runner(tools, run_id)
+                    with self._interruptible(), anyio.CancelScope(deadline=budget.deadline or float("inf")) as wall:
+                        state.pending = await self._begin(
+                            writer, run_dir, run_id, task, encoder, runner, tools, history, state, message
                         )
-                    status = ExitStatus.completed
-                if wall.cancelled_caught and not self._cancelled:
-                    status, reason = ExitStatus.timeout, f"wall-clock budget spent ({self.config.max_wall_s:g} s)"
+                        if state.pending is not None:
+                            state.final_answer = await self._steps(
+                                writer, tokenizer, encoder, runner, budget, thinking, state
+                            )
+                        status = ExitStatus.completed
+                    if wall.cancelled_caught and not self._cancelled:
+                        status, reason = ExitStatus.timeout, f"wall-clock budget spent ({self.config.max_wall_s:g} s)"
         except Exception as e:  # noqa: BLE001 - recorded in the trajectory and returned as status error
-            leaf = _single_leaf(e)  # a stop raised inside a turn's task group arrives wrapped in a group
+            leaf = single_leaf(e)  # a stop raised inside a turn's task group arrives wrapped in a group
             if isinstance(leaf, RunStopped):
                 status, reason = leaf.status, leaf.message
             elif isinstance(leaf, ContextFull):
@@ -234,7 +256,8 @@ class Agent:
                 await self.close()
             raise
         if self._cancelled:
-            status, reason = ExitStatus.interrupted, "interrupted (Ctrl-C); continue with `dsv4-agent resume`"
+            then = "continue with `dsv4-agent resume`" if state.run_started_written else "nothing ran yet"
+            status, reason = ExitStatus.interrupted, f"interrupted ({self._cancel_reason}); {then}"
         saved = await self._save_session(run_dir) if status is not ExitStatus.interrupted else None
         if not self.resident:
             await self.close()
@@ -281,10 +304,16 @@ class Agent:
         self.observer.run_finished(result)
         return result
 
-    async def _open(self, resources: AsyncExitStack, writer: TrajectoryWriter) -> dict[str, Any]:
-        """Start the sandbox and the MCP servers (closed by `resources`); return the tools by name."""
+    async def _open(
+        self, resources: AsyncExitStack, writer: TrajectoryWriter, opening: anyio.CancelScope
+    ) -> dict[str, Any]:
+        """Start the sandbox and the MCP servers (closed by `resources`); return the tools by name.
+
+        cancel() during an MCP server's start cancels `opening` (see `_execute`); the sandbox's start
+        is left to finish, so that it never leaves a half-made container behind."""
         if self.sandbox is not None:
             where = _describe_sandbox(self.sandbox)
+            self.observer.starting(f"starting the sandbox ({type(self.sandbox).__name__})")
 
             def closed() -> None:
                 writer.write(SandboxEvent(kind="stopped", detail=where))
@@ -296,7 +325,14 @@ class Agent:
         for server in self.mcp_servers:
             # Connects and lists the tools once. Not shielded on exit: its owner task must leave its
             # own task group in order, and it kills the server's process group itself.
-            await _enter(resources, server, shield=False)
+            self.observer.starting(f"starting MCP server {server.name!r} ({server.start_timeout_s:g} s to answer)")
+            if self._cancelled:
+                raise RunStopped(ExitStatus.interrupted, "interrupted")
+            self._scope = opening
+            try:
+                await _enter(resources, server, shield=False)
+            finally:
+                self._scope = None
             tools.extend(server.as_tools())
         table: dict[str, Any] = {}
         for tool in tools:
@@ -365,6 +401,8 @@ class Agent:
         for call in last.call.calls:  # the process died while these ran: run the ones without a result
             if call.call_id not in last.results:
                 outcome = await runner.run(call)
+                if call.call_id in history.started_calls:  # it had begun: the model must know it ran twice
+                    outcome.content = f"{RERUN_NOTE}\n{outcome.content}"
                 self._record_outcome(writer, last.step, outcome)
                 last.results[call.call_id] = result_event(last.step, outcome)
         notices = history.extra_notices(last.step)
@@ -513,13 +551,6 @@ def _default_tools(sandbox: Any | None) -> list[Any]:
     from tools import builtin_tools
 
     return list(builtin_tools())
-
-
-def _single_leaf(exc: BaseException) -> BaseException:
-    """The one exception inside (nested) exception groups, or the group itself when it holds several."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 async def _enter(resources: AsyncExitStack, manager: Any, *, shield: bool, after_close=None) -> Any:

@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from agent.display import terminal_safe
 from agent.trajectory import EngineCall, ExitEvent, ToolResultEvent
 
 # Exits that follow from the decoded tokens alone, so a faithful replay must end the same way.
@@ -29,9 +30,9 @@ class ReplayReport:
         verdict = "[green]identical[/]" if self.same else "[red]diverged[/]"
         console.print(f"{self.steps} recorded turns replayed: calls, errors and exit status {verdict}")
         for line in self.differences:
-            console.print(f"[red]✗[/] {escape(line)}")
+            console.print(f"[red]✗[/] {escape(terminal_safe(line))}")
         for line in self.notes:
-            console.print(f"[dim]· {escape(line)}[/]")
+            console.print(f"[dim]· {escape(terminal_safe(line))}[/]")
 
 
 def _steps(events: list[Any]) -> dict[int, tuple[EngineCall, dict[str, ToolResultEvent]]]:

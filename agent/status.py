@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from enum import Enum
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 
 class ExitStatus(str, Enum):
@@ -45,3 +49,11 @@ class RunStopped(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def single_leaf(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) exception groups, or the group itself when it holds several:
+    an error raised inside a task group arrives wrapped in one."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

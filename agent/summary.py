@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from agent.display import terminal_safe
 from agent.history import History
 from agent.trajectory import ExitEvent, RunResumed, SandboxEvent, ToolResultEvent, Usage
 
@@ -102,15 +103,20 @@ def summarise(events: list[Any]) -> RunSummary:
 
 
 def render(summary: RunSummary, console: Console) -> None:
+    """Print the summary; recorded text (task, answers, tool output) goes through `terminal_safe`."""
+
+    def shown(text: str) -> str:
+        return escape(terminal_safe(text))
+
     console.rule(f"run {summary.run_id}")
-    console.print(f"[bold]task[/]     {escape(summary.task)}")
-    console.print(f"[bold]backend[/]  {escape(summary.backend)}")
+    console.print(f"[bold]task[/]     {shown(summary.task)}")
+    console.print(f"[bold]backend[/]  {shown(summary.backend)}")
     console.print(
         f"[bold]status[/]   {escape(summary.status)}"
         + (f" (exit code {summary.exit_code})" if summary.exit_code is not None else "")
     )
     if summary.message:
-        console.print(f"[bold]reason[/]   {escape(summary.message)}")
+        console.print(f"[bold]reason[/]   {shown(summary.message)}")
     if summary.resumes:
         console.print(f"[bold]resumed[/]  {summary.resumes} time(s)")
     table = Table(
@@ -133,9 +139,9 @@ def render(summary: RunSummary, console: Console) -> None:
         calls = ", ".join(f"{c.name} → {c.outcome}" for c in st.calls) or (
             "(no call)" if st.stop_reason == "eos" else "(cut off)"
         )
-        console.print(f"  step {st.step}: {escape(calls)}")
+        console.print(f"  step {st.step}: {shown(calls)}")
         for reply in (r for r in summary.replies if r.after_step == st.step):
-            console.print(f"  [bold]reply[/]: {escape(reply.text)}")
+            console.print(f"  [bold]reply[/]: {shown(reply.text)}")
     u = summary.usage
     console.print(
         f"totals: {u.engine_calls} engine calls · prefill {u.prefill_new:,} new / {u.prefill_reused:,} reused · "
@@ -143,6 +149,6 @@ def render(summary: RunSummary, console: Console) -> None:
         + (f" · {summary.wall_s:.1f} s" if summary.wall_s is not None else "")
     )
     for line in summary.sandbox_events:
-        console.print(f"sandbox {escape(line)}")
+        console.print(f"sandbox {shown(line)}")
     if summary.final_answer:
-        console.print(f"[bold]answer[/]   {escape(summary.final_answer)}")
+        console.print(f"[bold]answer[/]   {shown(summary.final_answer)}")

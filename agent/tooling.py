@@ -19,6 +19,7 @@ import anyio
 
 from agent.trajectory import ParsedCall
 from tools import Tool, ToolContext, ToolResult
+from tools.result import valid_unicode
 
 Approver = Callable[[ParsedCall], Awaitable[bool]]
 _RAISED = re.compile(r"tool '[^']*' failed: ")  # `Tool.invoke`'s wording for an exception it caught
@@ -105,8 +106,8 @@ class ToolRunner:
                     result = await tool.invoke(call.arguments or {}, self.context(call))
         except TimeoutError:
             return error("timeout", f"{call.name} did not finish within {timeout:g} s and was cancelled")
-        except Exception as e:  # noqa: BLE001 - a tool outside the @tool SDK may raise; the model still hears of it
-            return error("exception", f"{type(e).__name__}: {e}")
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - a Tool subclass may raise; the model still hears of it
+            return error("exception", valid_unicode(f"{type(e).__name__}: {e}"))
         kind = error_kind(result) if result.is_error else None
         content = f"Error ({kind}): {result.content}" if kind else result.content
         return ToolOutcome(call.call_id, call.name, content, result.is_error, kind)

@@ -13,11 +13,13 @@ Format versions (bump `TRAJECTORY_FORMAT` and add a line here when the event sch
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Union
+from typing import IO, Annotated, Any, Callable, Iterator, Literal, Union
 
 from pydantic import BaseModel, Field, TypeAdapter
 
@@ -174,7 +176,11 @@ def new_run_id() -> str:
 
 
 class TrajectoryWriter:
-    """Appends events to a run's log; each write is flushed and fsynced before it returns."""
+    """Appends events to a run's log; each write is flushed and fsynced before it returns.
+
+    The file is created by the first write, run_started: a run killed before it leaves no log at all,
+    never an empty one that `last` could name.
+    """
 
     def __init__(self, path: Path, tee: Callable[[str], None] | None = None) -> None:
         self.path = path
@@ -183,7 +189,7 @@ class TrajectoryWriter:
         self._cut_partial_tail()
         self._started = path.exists() and path.stat().st_size > 0
         self._held: list[BaseModel] = []  # events that came before run_started (a sandbox starting)
-        self._file = path.open("a", encoding="utf-8")
+        self._file: IO[str] | None = None
 
     def _cut_partial_tail(self) -> None:
         # A SIGKILL mid-write can leave a last line without its newline; drop it before appending.
@@ -206,6 +212,8 @@ class TrajectoryWriter:
         else:
             events = [event]
         lines = "".join(e.model_dump_json() + "\n" for e in events)
+        if self._file is None:
+            self._file = self.path.open("a", encoding="utf-8")
         self._file.write(lines)
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -213,7 +221,8 @@ class TrajectoryWriter:
             self.tee(lines)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class TrajectoryError(ValueError):
@@ -243,13 +252,57 @@ def read_events(path: Path) -> list[Any]:
     return events
 
 
+class RunBusy(TrajectoryError):
+    """The run folder is locked: another process (or agent) is running, resuming or replying to that run."""
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder while its run executes; a second taker is refused at once.
+
+    An flock on the folder itself: the kernel drops it when the holder exits, even by SIGKILL, so a
+    killed run is never left locked; the descriptor is not inherited by the processes a run starts.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusy(
+                f"run {run_dir.name} is in use: another process (or agent) is running, resuming or replying "
+                "to it; wait for it to end (or stop it) first"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _is_run(path: Path) -> bool:
+    """Whether a log's first line is a complete run_started event: what `last` may name."""
+    try:
+        with path.open("rb") as f:
+            first = f.readline()
+    except OSError:
+        return False
+    try:
+        return first.endswith(b"\n") and isinstance(_EVENT.validate_json(first), RunStarted)
+    except ValueError:
+        return False
+
+
 def resolve_run(run: str, output_dir: Path) -> Path:
-    """A run directory from what a user typed: `last`, a run id in `output_dir`, a directory, or a trajectory file."""
+    """A run directory from what a user typed: `last`, a run id in `output_dir`, a directory, or a trajectory file.
+
+    `last` is the newest folder whose log starts with run_started; a run killed before its first event
+    (or in the middle of writing it) is passed over.
+    """
     if run == "last":
-        runs = sorted(p.parent for p in output_dir.glob(f"*/{TRAJECTORY_FILE}")) if output_dir.is_dir() else []
-        if not runs:
+        logs = sorted(output_dir.glob(f"*/{TRAJECTORY_FILE}"), reverse=True) if output_dir.is_dir() else []
+        newest = next((log.parent for log in logs if _is_run(log)), None)
+        if newest is None:
             raise TrajectoryError(f"no runs in {output_dir}")
-        return runs[-1]
+        return newest
     for candidate in (Path(run), output_dir / run):
         if candidate.is_file() and candidate.name == TRAJECTORY_FILE:
             return candidate.parent

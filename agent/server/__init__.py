@@ -7,7 +7,7 @@ found again by token-id prefix (see docs/agent.md, "Serving").
 
 from __future__ import annotations
 
-from agent.server.app import create_app, serve
+from agent.server.app import create_app, listen, serve
 from agent.server.pool import SessionPool
 
-__all__ = ["SessionPool", "create_app", "serve"]
+__all__ = ["SessionPool", "create_app", "listen", "serve"]

@@ -12,6 +12,7 @@ it says `"dsml_constraint": false`.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -284,10 +285,31 @@ def create_app(engine: Any, tokenizer: Any, *, model_name: str = "dsv4", max_ses
     return app
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port and listening. `dsv4-agent serve` takes it before the model loads,
+    so a busy port fails at once rather than after minutes of loading. Raises OSError (`errno.EADDRINUSE`
+    when the port is taken, `socket.gaierror` for a host that does not resolve)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def serve(engine: Any, tokenizer: Any, *, model_name: str = "dsv4", host: str = "127.0.0.1", port: int = 8000,
-          max_sessions: int = 8, log_level: str = "info") -> None:
-    """Run the app under uvicorn until interrupted."""
+          max_sessions: int = 8, log_level: str = "info", sock: socket.socket | None = None) -> None:
+    """Run the app under uvicorn until interrupted, on `sock` (from `listen`) or on a new socket at host:port."""
     import uvicorn
 
-    uvicorn.run(create_app(engine, tokenizer, model_name=model_name, max_sessions=max_sessions),
-                host=host, port=port, log_level=log_level)
+    sock = sock or listen(host, port)
+    app = create_app(engine, tokenizer, model_name=model_name, max_sessions=max_sessions)
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    finally:
+        sock.close()

@@ -20,6 +20,15 @@ def write_script(tmp_path, turns):
     return path
 
 
+def checkpoint_files(tmp_path):
+    """A folder with the files of a checkpoint's layout, none of them loadable: enough for the CLI's checks."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"")
+    return ckpt
+
+
 def run_cli(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
@@ -114,8 +123,7 @@ def test_bad_flags_are_usage_errors(tmp_path):
 def test_engine_sampling_flags_are_checked_and_reach_the_backend(tmp_path):
     from agent.spec import BackendSpec, build_backend
 
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
+    ckpt = checkpoint_files(tmp_path)
     result = runner.invoke(app, ["run", "t", "--model", str(ckpt), "--top-p", "1.5", "-o", str(tmp_path / "r")])
     assert result.exit_code == 2 and "top_p" in result.output, result.output
     backend = build_backend(BackendSpec(kind="engine", model=str(ckpt), temperature=0.0, top_p=0.9, seed=7, kv_fp8=True))

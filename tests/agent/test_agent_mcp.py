@@ -20,7 +20,7 @@ FIXTURE = Path(__file__).resolve().parents[1] / "tools" / "mcp_fixture_server.py
 
 
 def fixture_server(timeout_s: float = 10.0) -> MCPServer:
-    return MCPServer.stdio(sys.executable, [str(FIXTURE), "stdio"], name="fx", timeout_s=timeout_s)
+    return MCPServer.stdio(sys.executable, [str(FIXTURE), "stdio"], name="fx", timeout_s=timeout_s, start_timeout_s=30)
 
 
 def time_server() -> MCPServer:
@@ -51,9 +51,7 @@ async def test_mcp_tools_are_called_and_their_failures_reach_the_model(tmp_path)
         completion("Report.", content="42, and the time"),
     ]
     agent = Agent(backend=ScriptedBackend(turns), tools=[], mcp_servers=[fx, time_server()], output_dir=tmp_path)
-    started = time.monotonic()
     result = await agent.run("add 2 and 40, and tell the time")
-    assert time.monotonic() - started < 20
     assert result.status is ExitStatus.completed
     events = read_events(result.trajectory_path)
     names = [t["function"]["name"] for t in events[0].tools]
@@ -64,7 +62,7 @@ async def test_mcp_tools_are_called_and_their_failures_reach_the_model(tmp_path)
     assert now["timezone"] == "UTC" and now["datetime"].startswith(time.strftime("%Y-%m-%d", time.gmtime()))
     assert results["fx__reject"].error_kind == "mcp" and "refuses" in results["fx__reject"].content
     assert results["fx__explode"].error_kind == "mcp" and "-32603" in results["fx__explode"].content
-    assert results["fx__sleep"].error_kind == "timeout"
+    assert results["fx__sleep"].error_kind == "timeout" and results["fx__sleep"].wall_s < 5  # not the 5 s sleep
     assert fx.pid is None or not alive(fx.pid)  # the server's process group is gone after the run
 
 

@@ -14,6 +14,7 @@ import anyio
 import pytest
 
 from agent import Agent, ExitStatus, ScriptedBackend, completion
+from agent.loop import RERUN_NOTE
 from agent.trajectory import (
     EngineCall,
     ExitEvent,
@@ -206,6 +207,7 @@ def test_resume_after_sigkill_mid_run(tmp_path):
         (2, "bash", False),
         (3, "read_file", False),
     ]
+    assert results[1].content.startswith(RERUN_NOTE)  # the model hears that the command ran a second time
     assert "alpha" in results[2].content
     workspace = next(out.glob("*/workspace"))
     assert (workspace / "b.txt").read_text() == "alpha"
