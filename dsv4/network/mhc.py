@@ -81,10 +81,9 @@ def sinkhorn_split(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
     return pre, post, comb
 
 
-def _fused_kernels(*tensors: torch.Tensor):
-    """dsv4_kernels.mhc for CUDA tensors when Triton is there, else None (the torch path). Autograd
-    (training) takes the torch path: the kernels have no backward."""
-    if not tensors[0].is_cuda or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+def _fused_kernels(h: torch.Tensor):
+    """dsv4_kernels.mhc for CUDA tensors when Triton is there, else None (the torch path)."""
+    if not h.is_cuda:
         return None
     import dsv4_kernels          # lazily: Triton must be imported after a test sets TRITON_INTERPRET
     return dsv4_kernels.mhc if dsv4_kernels.triton_available() else None
@@ -93,7 +92,7 @@ def _fused_kernels(*tensors: torch.Tensor):
 def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
            iters: int, norm_eps: float, hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h [B,S,hc,D] -> sub-layer input x [B,S,D] (h's dtype), post [B,S,hc], comb [B,S,hc,hc]."""
-    fused = _fused_kernels(h, fn, scale, base)
+    fused = _fused_kernels(h)
     if fused is not None:
         b, s, hc, d = h.shape
         x, post, comb = fused.hc_pre(h.reshape(b * s, hc, d), fn, scale, base, iters=iters,
@@ -107,7 +106,7 @@ def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
 
 def hc_post(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """out [B,S,D], residual streams h [B,S,hc,D] -> new streams [B,S,hc,D] in h's dtype."""
-    fused = _fused_kernels(h, out, post, comb)
+    fused = _fused_kernels(h)
     if fused is not None:
         b, s, hc, d = h.shape
         return fused.hc_post(out.reshape(b * s, d), h.reshape(b * s, hc, d), post.reshape(b * s, hc),
@@ -119,7 +118,7 @@ def hc_post(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.
 def hc_head(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
             norm_eps: float, hc_eps: float) -> torch.Tensor:
     """Final collapse of the streams: h [B,S,hc,D] -> [B,S,D] (h's dtype), sigmoid weights only."""
-    fused = _fused_kernels(h, fn, scale, base)
+    fused = _fused_kernels(h)
     if fused is not None:
         b, s, hc, d = h.shape
         return fused.hc_head(h.reshape(b * s, hc, d), fn, scale, base, norm_eps=norm_eps,
