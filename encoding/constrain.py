@@ -38,6 +38,12 @@ index of the vocabulary (exact-bytes dict + sorted list for prefix ranges), comp
 
 A token the grammar does not allow (another processor forced it) turns the constraint off for
 the rest of the turn: `allowed()` is None from then on, `released` says so.
+
+Whether a call is made (OpenAI's `tool_choice`): `calls="auto"` leaves it to the model; `"none"`
+bans `｜DSML｜` in the content, so no block can open; `"required"` makes the content start with the
+block (`"\n\n<"` then `｜DSML｜`, right after `</think>` in thinking mode), so a call is made within
+a bounded number of tokens. `allowed=[names]` offers only those tools in an invoke header (a named
+`tool_choice`: `calls="required", allowed=[name]`); `parallel=False` closes the block after one invoke.
 """
 from __future__ import annotations
 
@@ -230,11 +236,19 @@ class _Choice:
 class DSMLConstraint:
     """Grammar state of one completion; see the module docstring. Not thread-safe (one per session)."""
 
-    def __init__(self, tokenizer: Any, tools: list[dict]):
+    def __init__(self, tokenizer: Any, tools: list[dict], *, calls: str = "auto",
+                 allowed: list[str] | None = None, parallel: bool = True):
         self.tokens = _vocab_index(tokenizer)
         self.tools = {t.name: t for t in map(_tool, tools)}
         if not self.tools:
             raise ValueError("DSMLConstraint needs at least one tool (without tools nothing constrains a call)")
+        if calls not in ("auto", "none", "required"):
+            raise ValueError(f"calls must be 'auto', 'none' or 'required', got {calls!r}")
+        unknown = [name for name in allowed or () if name not in self.tools]
+        if unknown:
+            raise ValueError(f"allowed names tools that are not declared: {unknown} (declared: {list(self.tools)})")
+        self.calls, self.parallel = calls, parallel
+        self.allowed_tools = list(allowed) if allowed is not None else list(self.tools)
         ids = tokenizer.special_ids
         self.dsml, self.eos, self.think_end = ids[DSML], ids[EOS], ids[THINK_END]
         self._reasoning_rule = FreeText((ids[BOS], ids[THINK_START]), (self.dsml, self.eos), self.think_end)
@@ -248,13 +262,15 @@ class DSMLConstraint:
     # -- public ---------------------------------------------------------------------------------
     def reset(self, thinking: bool) -> None:
         """A new completion: it starts in the reasoning (thinking mode) or the content (chat mode)."""
-        self.phase = "reasoning" if thinking else "content"
+        self.phase = "reasoning"
         self.released = False
         self._tail = b""  # the last bytes of the current free text
         self._choice: _Choice | None = None
         self._written = b""  # bytes written inside the current choice
         self._special: tuple[int, _Next] | None = None  # (expected id, then)
         self._value: _Next | None = None  # the context of the free value being written
+        if not thinking:
+            self._enter_content()
 
     def allowed(self) -> tuple[int, ...] | None:
         """The ids that may come next at a constrained point; None in free text (see free_rule)."""
@@ -273,7 +289,8 @@ class DSMLConstraint:
         if self.phase == "reasoning":
             return self._reasoning_rule
         if self.phase == "content":
-            return self._content_open_rule if self._tail.endswith(b"\n\n<") else self._content_rule
+            opens = self._tail.endswith(b"\n\n<") and self.calls != "none"
+            return self._content_open_rule if opens else self._content_rule
         if self.phase == "value":
             return self._value_close_rule if self._tail.endswith(b"</") else self._value_rule
         return None
@@ -291,7 +308,7 @@ class DSMLConstraint:
             self._then(then) if token == expected else self._release()
         elif phase == "reasoning":
             if token == self.think_end:
-                self.phase, self._tail = "content", b""
+                self._enter_content()
             elif token in (self.dsml, self.eos):
                 self._release()
             else:
@@ -300,7 +317,8 @@ class DSMLConstraint:
             if token == self.eos:
                 self.phase = "done"
             elif token == self.dsml:
-                self._enter_choice(("block_open",)) if self._tail.endswith(b"\n\n<") else self._release()
+                opens = self._tail.endswith(b"\n\n<") and self.calls != "none"
+                self._enter_choice(("block_open",)) if opens else self._release()
             else:
                 self._tail = (self._tail + piece)[-3:] if piece else b""
         else:  # a free value
@@ -315,6 +333,12 @@ class DSMLConstraint:
     # -- transitions ------------------------------------------------------------------------------
     def _release(self) -> None:
         self.phase, self.released = "off", True
+
+    def _enter_content(self) -> None:
+        """The content begins: free text, or (a call required) the opening of the block right away."""
+        self.phase, self._tail = "content", b""
+        if self.calls == "required":
+            self._enter_choice(("call_start",))
 
     def _enter_choice(self, key: Hashable) -> None:
         self.phase, self._written = "choice", b""
@@ -377,10 +401,12 @@ class DSMLConstraint:
         """The alternatives of one choice point (keys: see the branches) -> what follows each."""
         kind = key[0]
         alts: dict[str, _Next] = {}
-        if kind == "block_open":  # after "\n\n<｜DSML｜"
+        if kind == "call_start":  # a call is required: the content is the block
+            alts["\n\n<"] = ("dsml", ("block_open",))
+        elif kind == "block_open":  # after "\n\n<｜DSML｜"
             alts["tool_calls>\n<"] = ("dsml", ("invoke",))
         elif kind == "invoke":  # after "<｜DSML｜": an invoke header
-            for tool in self.tools.values():
+            for tool in (self.tools[name] for name in self.allowed_tools):
                 if tool.params:
                     alts[f'invoke name="{tool.name}">\n<'] = ("dsml", ("params", tool.name, ()))
                 if not tool.required:
@@ -404,7 +430,8 @@ class DSMLConstraint:
             if tool.required <= set(given):
                 alts["parameter>\n</"] = ("dsml", ("invoke_end",))
         elif kind == "invoke_end":  # after "</｜DSML｜" closing an invoke: another invoke or the block end
-            alts["invoke>\n<"] = ("dsml", ("invoke",))
+            if self.parallel:
+                alts["invoke>\n<"] = ("dsml", ("invoke",))
             alts["invoke>\n</"] = ("dsml", ("block_end",))
         elif kind == "block_end":
             alts["tool_calls>"] = ("eos",)

@@ -177,3 +177,64 @@ def test_bad_tool_schemas_are_refused_with_the_name():
         DSMLConstraint(TOK, [])
     with pytest.raises(ValueError, match='a"b'):
         DSMLConstraint(TOK, [{"name": 'a"b'}])
+
+
+def sample_turn(constraint: DSMLConstraint, rng: random.Random, thinking: bool, steps: int = 400) -> str:
+    """A random walk through the grammar: a uniform draw from the allowed ids at choice points, in
+    free text a draw that favours the ids the rule lets through and "</think>" / EOS now and then."""
+    constraint.reset(thinking=thinking)
+    filler = TOK.encode(" a b\n\nc")
+    ids = []
+    for _ in range(steps):
+        allowed = constraint.allowed()
+        if allowed is not None:
+            token = rng.choice(allowed)
+        else:
+            rule = constraint.free_rule()
+            if rule is None:
+                break
+            banned = set(rule.banned) | set(rule.redirect)
+            token = rng.choice([t for t in (*filler, THINK_END_ID, EOS_ID, DSML_ID) if t not in banned])
+        ids.append(token)
+        constraint.feed(token)
+        assert not constraint.released, (SEED, TOK.decode(ids))
+    return TOK.decode(ids)
+
+
+def test_tool_choice_none_required_named_and_one_call():
+    from encoding import StreamParser
+
+    rng = random.Random(SEED)
+    tools = random_tools(rng)
+    names = [t["function"]["name"] for t in tools]
+    # none: the content can never open a block, even right after "\n\n<"
+    c = DSMLConstraint(TOK, tools, calls="none")
+    c.reset(thinking=True)
+    for token in TOK.encode("x</think>use\n\n<"):
+        c.feed(token)
+    assert DSML_ID in c.free_rule().banned
+    # required: right after </think> (or at the start in chat mode) only the block's opening is allowed
+    required = DSMLConstraint(TOK, tools, calls="required")
+    required.reset(thinking=False)
+    assert {TOK.decode([t]) for t in required.allowed()} <= {"\n", "\n\n", "\n\n<"}
+    for thinking in (True, False):
+        for _ in range(4):
+            text = sample_turn(required, rng, thinking)
+            parser = StreamParser("thinking" if thinking else "chat", strict=False, tool_names=set(names))
+            events = parser.feed(text) + parser.close()
+            calls = [e for e in events if type(e).__name__ == "ToolCallComplete"]
+            if required.phase == "done":  # the walk may run out of steps inside a long free value
+                assert calls and all(call.error is None for call in calls), (SEED, text)
+    # named, one call: only that tool, and the block closes after one invoke
+    named = DSMLConstraint(TOK, tools, calls="required", allowed=[names[1]], parallel=False)
+    for _ in range(4):
+        text = sample_turn(named, rng, thinking=False)
+        assert text.count("invoke name=") <= 1 and all(f'"{n}"' not in text for n in names if n != names[1]), (SEED, text)
+    c = DSMLConstraint(TOK, tools, calls="required", allowed=[names[1]], parallel=False)
+    c.reset(thinking=False)
+    for token in TOK.encode(f'\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="{names[1]}">\n<｜DSML｜parameter name="text" '
+                            'string="true">x</｜DSML｜parameter>\n</｜DSML｜'):
+        c.feed(token)
+    assert c.allowed() and all("invoke>\n</".startswith(TOK.decode([t])) for t in c.allowed())  # only the block end
+    with pytest.raises(ValueError, match="not declared"):
+        DSMLConstraint(TOK, tools, allowed=["nope"])
