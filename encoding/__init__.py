@@ -1,12 +1,13 @@
 """DSV4 chat encoding (byte-exact with the official `encoding_dsv4.py`), its tokenizer,
 append-only encoding for agent sessions, a streaming DSML tool-call parser, and the
-DSML grammar constraint for decoding. Pure Python."""
+DSML grammar constraint and the JSON grammar constraint for decoding. Pure Python."""
 from __future__ import annotations
 
 from .append import AppendOnlyEncoder
 from .constrain import DSMLConstraint, FreeText, tools_from_prompt
 from .encode import encode_messages
 from .errors import DSMLParseError, MessageError
+from .json_constraint import JSONConstraint, JSONGrammar, UnsupportedSchema, compile_schema
 from .parse import parse_message_from_completion_text
 from .messages import (
     AssistantMessage,
@@ -39,6 +40,8 @@ __all__ = [
     "DSMLConstraint",
     "FreeText",
     "FunctionCall",
+    "JSONConstraint",
+    "JSONGrammar",
     "LatestReminderMessage",
     "Message",
     "SystemMessage",
@@ -57,6 +60,8 @@ __all__ = [
     "ToolCallComplete",
     "ToolCallParameter",
     "ToolCallStarted",
+    "UnsupportedSchema",
+    "compile_schema",
     "encode_messages",
     "parse_message_from_completion_text",
     "tools_from_prompt",
