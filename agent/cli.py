@@ -448,6 +448,9 @@ def serve(
     kv_fp8: bool = typer.Option(False, "--kv-fp8", help="store the compressed KV in FP8 (584-byte entries)"),
     max_sessions: int = typer.Option(8, "--max-sessions", help="resident sessions kept for prefix reuse (LRU)"),
     name: Optional[str] = typer.Option(None, "--served-model-name", help="model id in the API (default: folder name)"),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="DSV4_AGENT_API_KEY", show_envvar=True,
+        help="require 'Authorization: Bearer KEY' on every request (401 otherwise)"),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API; requests reuse resident sessions by token prefix.
 
@@ -482,7 +485,8 @@ def serve(
     bound_host, bound_port = sock.getsockname()[:2]
     err.print(f"serving {escape(name or model.name)} on http://{bound_host}:{bound_port} (Ctrl-C stops it)")
     try:
-        run_server(engine, tokenizer, model_name=name or model.name, max_sessions=max_sessions, sock=sock)
+        run_server(engine, tokenizer, model_name=name or model.name, max_sessions=max_sessions, sock=sock,
+                   api_key=api_key or None)
     except ValueError as e:
         raise _usage_error(str(e)) from None
 

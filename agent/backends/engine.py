@@ -37,7 +37,7 @@ from agent.backends.base import ContextFull
 from agent.backends.scripted import ScriptExhausted
 
 if TYPE_CHECKING:
-    from encoding import DSMLConstraint, Tokenizer
+    from encoding import DSMLConstraint, JSONConstraint, Tokenizer
 
 
 class ForcedTokens:
@@ -86,10 +86,11 @@ class ForcedTokens:
 
 
 class ConstrainedDecoding:
-    """A logits processor applying a `DSMLConstraint`: -inf outside the allowed ids at choice points,
-    the few grammar-breaking special tokens removed (or redirected) in free text."""
+    """A logits processor applying a `DSMLConstraint` (or a `JSONConstraint`, which has the same
+    interface): -inf outside the allowed ids at choice points, the few grammar-breaking special
+    tokens removed (or redirected) in free text."""
 
-    def __init__(self, constraint: DSMLConstraint) -> None:
+    def __init__(self, constraint: DSMLConstraint | JSONConstraint) -> None:
         self.constraint = constraint
         self._masks: dict[int, tuple[tuple[int, ...], Any]] = {}  # id(ids) -> (ids, index tensor)
         self.start_turn(thinking=True)

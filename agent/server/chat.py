@@ -1,35 +1,39 @@
-"""Chat completions on DSV4: OpenAI messages and tools rendered by `encoding.encode_messages` (thinking
-mode, Think Max unless the request says otherwise); the completion parsed by the tolerant
+"""Chat completions on DSV4: OpenAI messages, tools and response format rendered by
+`encoding.encode_messages` (the mode from `reasoning_effort`, see agent/server/requests.py); the
+decoding constrained by the request's grammar (`tool_choice` through the DSML constraint, a JSON
+`response_format` through the JSON constraint); the completion parsed by the tolerant
 `encoding.StreamParser` into OpenAI deltas (`reasoning_content`, `content`, `tool_calls`)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from agent.backends.engine import ConstrainedDecoding
-from agent.server.schemas import ChatRequest, RequestError
+from agent.server.errors import RequestError
+from agent.server.requests import ChatRequest, JsonObjectFormat, JsonSchemaFormat, NamedToolChoice
 
 
-def render_chat(request: ChatRequest) -> tuple[str, str]:
-    """(prompt text, thinking mode) for a chat request; the tools ride on the system message."""
+def render_chat(request: ChatRequest, tokenizer: Any) -> tuple[list[int], str]:
+    """(prompt ids, thinking mode) for a chat request; tools and response format ride on the system message."""
     from encoding import MessageError, encode_messages
 
-    messages = [dict(m) for m in request.messages]
+    messages = [m.as_encoding_dict() for m in request.messages]
+    extras: dict[str, Any] = {}
     if request.tools:
-        for i, tool in enumerate(request.tools):
-            if not isinstance(tool.get("function"), dict) or not tool["function"].get("name"):
-                raise RequestError(f"tools.{i}.function", f"tools[{i}] needs a function with a name")
-        if messages[0].get("role") == "system":
-            messages[0]["tools"] = request.tools
+        extras["tools"] = request.tool_dicts()
+    if isinstance(request.response_format, (JsonObjectFormat, JsonSchemaFormat)):
+        extras["response_format"] = request.response_format.model_dump(by_alias=True, exclude_none=True)
+    if extras:
+        if messages[0]["role"] == "system":
+            messages[0].update(extras)
         else:
-            messages.insert(0, {"role": "system", "content": "", "tools": request.tools})
-    mode = "chat" if request.reasoning_effort == "none" else "thinking"
-    effort = None if request.reasoning_effort == "none" else request.reasoning_effort
+            messages.insert(0, {"role": "system", "content": "", **extras})
+    mode, effort = request.thinking_mode()
     try:
-        return encode_messages(messages, mode, reasoning_effort=effort), mode
+        text = encode_messages(messages, mode, reasoning_effort=effort)
     except MessageError as e:
         raise RequestError("messages", str(e)) from None
+    return tokenizer.encode(text), mode
 
 
 class ChatParser:
@@ -85,22 +89,58 @@ class ChatParser:
         return "tool_calls" if self.tool_calls else (engine_reason or "stop")
 
 
-def constrained_decoding(request: ChatRequest, tokenizer: Any) -> ConstrainedDecoding | None:
-    """The DSML constraint over exactly the request's tools (as the agent's EngineBackend applies it);
-    None without tools or with `"dsml_constraint": false`. Fresh per request: it holds the turn's state."""
+def chat_constraint(request: ChatRequest, tokenizer: Any) -> ConstrainedDecoding | None:
+    """The grammar of a chat request, fresh (it holds the turn's state): a JSON `response_format`, or the
+    DSML constraint over exactly the request's tools honouring `tool_choice`; None when nothing
+    constrains it (no tools, or `"dsml_constraint": false` with `tool_choice` auto)."""
     from encoding import DSMLConstraint
 
-    if not request.tools or not request.dsml_constraint:
+    choice = request.tool_choice
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    calls = "required" if named else (choice or "auto")
+    if calls == "required" and not request.tools:
+        raise RequestError("tool_choice", f"tool_choice {named or 'required'!r} needs tools")
+    if named and named not in {tool.function.name for tool in request.tools}:
+        raise RequestError("tool_choice", f"tool_choice names {named!r}, which is not among the tools")
+    json_format = json_constraint(request.response_format, tokenizer)
+    if json_format is not None:
+        if request.tools and calls != "none":
+            raise RequestError("response_format", "a JSON response_format with tools needs tool_choice 'none' "
+                                                  "(the answer is then the JSON, never a call)")
+        return json_format
+    if not request.tools:
+        return None
+    if not request.dsml_constraint:
+        if calls != "auto":
+            raise RequestError("tool_choice", f"tool_choice {choice if isinstance(choice, str) else named!r} is "
+                                              "enforced by the DSML constraint; it cannot be honoured with "
+                                              "dsml_constraint: false")
         return None
     try:
-        return ConstrainedDecoding(DSMLConstraint(tokenizer, request.tools))
+        return ConstrainedDecoding(DSMLConstraint(tokenizer, request.tool_dicts(), calls=calls,
+                                                  allowed=[named] if named else None,
+                                                  parallel=request.parallel_tool_calls))
     except ValueError as e:  # a tool or parameter name DSML cannot write
         raise RequestError("tools", f"tools: {e}") from None
 
 
+def json_constraint(response_format: Any, tokenizer: Any) -> ConstrainedDecoding | None:
+    """The JSON constraint of a `response_format` (json_object: any object; json_schema: its schema);
+    None for text or none. A schema outside the supported subset is a 400 naming what is unsupported."""
+    from encoding import JSONConstraint, UnsupportedSchema, compile_schema
+
+    if isinstance(response_format, JsonObjectFormat):
+        return ConstrainedDecoding(JSONConstraint(tokenizer, compile_schema(None)))
+    if isinstance(response_format, JsonSchemaFormat):
+        schema = response_format.json_schema.schema_
+        try:
+            grammar = compile_schema(schema if schema is not None else {"type": "object"})
+        except UnsupportedSchema as e:
+            raise RequestError("response_format.json_schema.schema", f"response_format.json_schema.schema: {e}",
+                               code="unsupported_schema") from None
+        return ConstrainedDecoding(JSONConstraint(tokenizer, grammar))
+    return None
+
+
 def tool_names(request: ChatRequest) -> set[str] | None:
-    return {t["function"]["name"] for t in request.tools} if request.tools else None
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False)
+    return {tool.function.name for tool in request.tools} if request.tools else None

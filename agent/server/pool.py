@@ -9,7 +9,9 @@ sharing the longest token-id prefix with the new prompt:
     the pool has room, so the original stays for its own client; with the pool full it is truncated
     in place;
   * nothing is shared: a new session.
-Sessions are evicted least recently used first, past `max_sessions` or when the engine's KV budget
+Only sessions made under the request's `cache_salt` (or, without one, under none) are candidates,
+so one client's cached prefixes are never reused, nor their reuse timed, by a client with another
+salt. Sessions are evicted least recently used first, past `max_sessions` or when the engine's KV budget
 refuses a prefill or a decode start. The caller serialises calls (the server holds one lock for
 all engine work).
 """
@@ -46,10 +48,13 @@ class SessionPool:
         self.engine = engine
         self.max_sessions = max_sessions
         self.sessions: list[Any] = []  # least recently used first
+        self.salts: dict[int, str | None] = {}  # id(session) -> the cache_salt it was made under
 
-    def checkout(self, prompt: Sequence[int]) -> Checkout:
+    def checkout(self, prompt: Sequence[int], salt: str | None = None) -> Checkout:
         best, shared = None, 0
         for session in self.sessions:
+            if self.salts[id(session)] != salt:
+                continue
             n = shared_prefix(session.tokens, prompt)
             if n > shared:
                 best, shared = session, n
@@ -65,6 +70,7 @@ class SessionPool:
         if found.session in self.sessions:
             self.sessions.remove(found.session)
         self.sessions.append(found.session)
+        self.salts[id(found.session)] = salt
         while len(self.sessions) > self.max_sessions:
             self.evict_one(keep=found.session)
         return found
@@ -73,17 +79,17 @@ class SessionPool:
         """Close the least recently used session other than `keep`; False when there is none."""
         for session in self.sessions:
             if session is not keep:
-                self.sessions.remove(session)
-                session.close()
+                self.drop(session)
                 return True
         return False
 
     def drop(self, session: Any) -> None:
         if session in self.sessions:
             self.sessions.remove(session)
+            del self.salts[id(session)]
         session.close()
 
     def close(self) -> None:
         for session in self.sessions:
             session.close()
-        self.sessions = []
+        self.sessions, self.salts = [], {}

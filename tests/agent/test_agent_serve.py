@@ -87,13 +87,15 @@ def complete(client, prompt, n=8, **extra):
     return r.json()
 
 
-def sse(client, path: str, body: dict) -> list[dict]:
-    """The data events of a streamed response; asserts it ends with [DONE]."""
-    with client.stream("POST", path, json={**body, "stream": True}) as r:
+def sse(client, path: str, body: dict) -> tuple[list[dict], dict]:
+    """(the chunks, the usage) of a streamed response; asserts it ends with the usage chunk and [DONE]."""
+    with client.stream("POST", path, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
         assert r.status_code == 200
         data = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
     assert data[-1] == "[DONE]"
-    return [json.loads(d) for d in data[:-1]]
+    *chunks, last = [json.loads(d) for d in data[:-1]]
+    assert last["choices"] == [] and all("usage" not in c for c in chunks)
+    return chunks, last["usage"]
 
 
 def test_models_lists_the_served_model(client, engine):
@@ -118,14 +120,14 @@ def test_completion_equals_the_engine_greedy_tokens(client, engine, tokenizer):
 
 def test_streamed_completion_equals_the_engine_greedy_tokens(client, engine, tokenizer):
     prompt = random_ids(33, tokenizer)
-    chunks = sse(client, "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0,
-                                             "return_token_ids": True})
+    chunks, usage = sse(client, "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0,
+                                                    "return_token_ids": True})
     ids = [t for c in chunks for t in c["choices"][0]["token_ids"]]
     assert ids == greedy(engine, prompt, 8), f"seed {SEED}"
     assert "".join(c["choices"][0]["text"] for c in chunks) == tokenizer.decode(ids)
     assert chunks[0]["choices"][0]["prompt_token_ids"] == prompt
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-    assert chunks[-1]["usage"]["completion_tokens"] == len(ids)
+    assert usage["completion_tokens"] == len(ids)
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
 
 
@@ -224,8 +226,8 @@ def test_chat_parser_gives_openai_fields_whole_or_streamed():
 def test_streamed_chat_matches_the_whole_answer(client):
     body = {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], "max_tokens": 6, "temperature": 0}
     whole = client.post("/v1/chat/completions", json=body).json()
-    chunks = sse(client, "/v1/chat/completions", body)
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    chunks, usage = sse(client, "/v1/chat/completions", body)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     deltas = [c["choices"][0]["delta"] for c in chunks[1:]]
     assert all(set(d) <= {"reasoning_content", "content", "tool_calls"} for d in deltas)
@@ -233,10 +235,10 @@ def test_streamed_chat_matches_the_whole_answer(client):
     assert "".join(d.get("reasoning_content", "") for d in deltas) == (message["reasoning_content"] or "")
     assert "".join(d.get("content", "") for d in deltas) == (message["content"] or "")
     assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
-    assert chunks[-1]["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"] == 6 or \
+    assert usage["completion_tokens"] == whole["usage"]["completion_tokens"] == 6 or \
         whole["choices"][0]["finish_reason"] == "stop"
     # the streamed request re-sent the same prompt: all of it was resident
-    assert chunks[-1]["usage"]["prompt_tokens_reused"] == whole["usage"]["prompt_tokens"]
+    assert usage["prompt_tokens_reused"] == whole["usage"]["prompt_tokens"]
 
 
 @pytest.mark.parametrize(("path", "body", "param"), [
@@ -250,8 +252,8 @@ def test_streamed_chat_matches_the_whole_answer(client):
     ("/v1/completions", {"prompt": [1, 2], "max_tokens": 10**6}, "max_tokens"),
     ("/v1/completions", {"prompt": [1, 2], "n": 2}, "n"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "low"},
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "extreme"},
      "reasoning_effort"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
      "tools.0.function"),
