@@ -27,7 +27,7 @@ from starlette.routing import Route
 from agent.backends.engine import ConstrainedDecoding
 from agent.server import endpoints
 from agent.server.access import ApiKeyMiddleware, exposure_warning
-from agent.server.errors import RequestError, engine_error, exception_handlers
+from agent.server.errors import JSONInternalErrors, RequestError, engine_error, exception_handlers
 from agent.server.logprobs import LogprobRecorder
 from agent.server.pool import SessionPool
 from agent.server.requests import Sampling
@@ -169,7 +169,9 @@ def create_app(engine: Any, tokenizer: Any, *, model_name: str = "dsv4", max_ses
         yield
         server.pool.close()  # the sessions' KV memory goes back to the engine
 
-    middleware = [Middleware(ApiKeyMiddleware, api_key=api_key)] if api_key else []
+    middleware = [Middleware(JSONInternalErrors)]
+    if api_key:
+        middleware.append(Middleware(ApiKeyMiddleware, api_key=api_key))
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=exception_handlers(), lifespan=lifespan)
     app.state.server = server
     return app

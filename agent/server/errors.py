@@ -3,9 +3,9 @@
     {"error": {"message": ..., "type": "invalid_request_error" | "authentication_error" | "server_error",
                "param": the offending field or null, "code": a short identifier or null}}
 
-`RequestError` is what handlers raise; `exception_handlers()` turns it, Starlette's own HTTP errors
-(unknown route 404, wrong method 405) and any unexpected exception (500, never plain text) into
-such bodies. A stream that fails after it began sends `stream_error_event` and then `[DONE]`.
+`RequestError` is what handlers raise; `exception_handlers()` turns it and Starlette's own HTTP errors
+(unknown route 404, wrong method 405) into such bodies, `JSONInternalErrors` any unexpected exception
+(500, never plain text). A stream that fails after it began sends `stream_error_event` and then `[DONE]`.
 """
 
 from __future__ import annotations
@@ -69,14 +69,35 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(message, exc.status_code), status_code=exc.status_code, headers=exc.headers)
 
 
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    known = engine_error(exc)
-    if known is not None:
-        return JSONResponse(known.body(), status_code=known.status)
-    # Starlette's ServerErrorMiddleware logs the traceback and re-raises after this answer is sent.
-    return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", 500, code="internal_error"),
-                        status_code=500)
+class JSONInternalErrors:
+    """A pure ASGI middleware: an unexpected exception before the response began is logged and answered
+    with a JSON 500 (Starlette's own handler would re-raise it, and the server then drops the connection)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            known = engine_error(exc)
+            if known is None:
+                log.exception("request failed", exc_info=exc)
+                known = RequestError(None, f"internal error: {type(exc).__name__}: {exc}", status=500,
+                                     code="internal_error")
+            await JSONResponse(known.body(), status_code=known.status)(scope, receive, send)
 
 
 def exception_handlers() -> dict[Any, Any]:
-    return {RequestError: _request_error, HTTPException: _http_error, Exception: _internal_error}
+    return {RequestError: _request_error, HTTPException: _http_error}
