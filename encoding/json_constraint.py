@@ -155,7 +155,8 @@ class JSONGrammar:
     def _ref(self, ref: Any, where: str) -> int:
         match = re.fullmatch(r"#/(\$defs|definitions)/([^/]+)", ref) if isinstance(ref, str) else None
         if match is None or match.group(2) not in self._defs:
-            raise UnsupportedSchema(f"{where}/$ref", f"only references into the root's $defs are supported, got {ref!r}")
+            raise UnsupportedSchema(f"{where}/$ref", f"only references into the root's $defs are supported, "
+                                                     f"got {ref!r}")
         name = match.group(2)
         if name in self._expanding:
             raise UnsupportedSchema(f"{where}/$ref", f"a recursive schema ({' -> '.join(self._expanding + [name])}) "
@@ -411,7 +412,7 @@ class _StringSplit:
         index = _vocab_index(tokenizer)
         special = re.compile(rb'["\\\x00-\x1f]')
         plain, keys, ids = [], [], []
-        for key, token_id in zip(index.sorted_bytes, index.sorted_ids):
+        for key, token_id in zip(index.sorted_bytes, index.sorted_ids, strict=True):
             if special.search(key):
                 keys.append(key)
                 ids.append(token_id)

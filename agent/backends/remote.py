@@ -8,13 +8,16 @@ completion back.
 
 What the backend uses where the server offers it, and what it falls back to (found out from the
 server's answers, once per backend, no configuration):
-
-| the server...                           | used for                                         | when it does not                                   |
-| --------------------------------------- | ------------------------------------------------ | -------------------------------------------------- |
-| takes `prompt` as token ids             | exact prompts; untrusted text stays text         | the prompt goes as text (`tokenizer.decode`, `add_special_tokens: false`) and the server tokenizes it |
-| returns `token_ids` (`return_token_ids`) | the exact drawn ids, streamed token by token     | the text comes back (`skip_special_tokens: false`) and is tokenized here at the end of the turn; EOS is appended when the server stopped on it |
-| accepts `max_tokens: 0` (prefill only)  | a prefill that draws nothing                     | `max_tokens: 1`, the drawn token dropped           |
-| reports reuse                           | `prefill`'s reused count (`usage.prompt_tokens_reused`, or `usage.prompt_tokens_details.cached_tokens`: vLLM `--enable-prompt-tokens-details`, SGLang `--enable-cache-report`) | every prefill is reported as computed in full |
+  * `prompt` as token ids: exact prompts, untrusted text stays text. Otherwise the prompt goes as text
+    (`tokenizer.decode`, `add_special_tokens: false`) and the server tokenizes it.
+  * `token_ids` in each streamed chunk (`return_token_ids`): the exact drawn ids, token by token.
+    Otherwise the text comes back (`skip_special_tokens: false`) and is tokenized here at the end of
+    the turn; EOS is appended when the server stopped on it (its text is never in the output).
+  * `max_tokens: 0` (prefill only): a prefill that draws nothing. Otherwise `max_tokens: 1`, the drawn
+    token dropped.
+  * reuse reported (`usage.prompt_tokens_reused`, or `usage.prompt_tokens_details.cached_tokens`: vLLM
+    `--enable-prompt-tokens-details`, SGLang `--enable-cache-report`): `prefill`'s reused count.
+    Otherwise every prefill is reported as computed in full.
 
 `dsv4-agent serve` and vLLM (>= 0.10.2) offer all four; SGLang takes token-id prompts and returns
 `token_ids` in recent versions. With text prompts the remote server tokenizes the content itself: a
@@ -145,8 +148,8 @@ class RemoteBackend:
                 texts.append(choice.get("text") or "")
         if not self.token_ids_out:
             ids = self.tokenizer.encode("".join(texts))
-            if finish == "stop" and (not ids or ids[-1] != self.tokenizer.eos_id):  # stopped on EOS: its text is left out
-                ids.append(self.tokenizer.eos_id)
+            if finish == "stop" and (not ids or ids[-1] != self.tokenizer.eos_id):
+                ids.append(self.tokenizer.eos_id)  # the server stopped on EOS and left its text out
             for token in ids:
                 yield token
 

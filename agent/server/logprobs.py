@@ -39,8 +39,8 @@ class LogprobRecorder:
     def take(self, token: int) -> TokenLogprob:
         """The record of the step that drew `token` (the oldest one not taken yet)."""
         logprobs, top = self._steps.popleft()
-        alternatives = () if top is None else tuple(
-            (int(i), float(v)) for v, i in zip(top.values.tolist(), top.indices.tolist()) if v != float("-inf"))
+        pairs = () if top is None else zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        alternatives = tuple((int(i), float(v)) for v, i in pairs if v != float("-inf"))
         # a token no constraint allowed cannot be drawn; -9999 (vLLM's floor) keeps the JSON finite regardless
         return TokenLogprob(token, max(float(logprobs[token]), -9999.0), alternatives)
 

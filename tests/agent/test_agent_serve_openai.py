@@ -160,7 +160,8 @@ def test_an_engine_failure_is_a_json_500_and_a_failing_stream_ends_with_an_error
 
 # ---- request features -----------------------------------------------------------------------------------------
 def test_text_parts_and_reasoning_effort_levels_render_as_documented(client, tokenizer):
-    parts = [{"role": "system", "content": [{"type": "text", "text": "Be terse."}, {"type": "text", "text": "Really."}]},
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be terse."},
+                                            {"type": "text", "text": "Really."}]},
              {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     plain = [{"role": "system", "content": "Be terse.\nReally."}, {"role": "user", "content": "hi"}]
     levels = {None: ("thinking", "max"), "none": ("chat", None), "minimal": ("chat", None),
@@ -247,7 +248,7 @@ def test_logprobs_are_the_engine_distribution_whole_and_streamed(client, engine,
     ids, logprobs = choice["token_ids"], choice["logprobs"]
     assert len(logprobs["token_logprobs"]) == len(ids) == len(logprobs["tokens"]) == len(logprobs["text_offset"])
     assert logprobs["token_logprobs"][0] == pytest.approx(float(expected[ids[0]]), abs=1e-4)
-    for lp, top in zip(logprobs["token_logprobs"], logprobs["top_logprobs"]):
+    for lp, top in zip(logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True):
         assert len(top) <= 3 and lp == pytest.approx(max(top.values()), abs=1e-5)  # greedy: the best one
     assert logprobs["text_offset"][0] == 0
     chat = {"messages": ASK, "reasoning_effort": "none", "max_tokens": 4, "temperature": 0, "logprobs": True,

@@ -124,7 +124,8 @@ def test_the_trie_walk_equals_stepping_every_token():
     (None, '{"a":"', ["\n", "\t"]),  # control characters must be escaped
     ({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}, '{', ["}", '"m"', '"n" :']),
     ({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}, '{"n":1', [".", "e", "}}"]),
-    ({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"}}}, '{"b":"x"', [',', ',"a"']),  # in order: nothing after the last
+    # keys in the declared order: nothing comes after the last one
+    ({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"}}}, '{"b":"x"', [',', ',"a"']),
 ])
 def test_malformed_continuations_are_not_allowed(schema, prefix, bad):
     constraint = JSONConstraint(TOK, compile_schema(schema))
@@ -152,7 +153,8 @@ def test_unsupported_schemas_are_refused_with_the_keyword_and_where(schema, wher
 
 def test_defs_refs_and_thinking_mode():
     schema = {"type": "object", "properties": {"pet": {"$ref": "#/$defs/Pet"}}, "required": ["pet"],
-              "$defs": {"Pet": {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}}, "required": ["kind"]}}}
+              "$defs": {"Pet": {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}},
+                                "required": ["kind"]}}}
     constraint = JSONConstraint(TOK, compile_schema(schema))
     constraint.reset(thinking=True)
     assert constraint.allowed() is None and constraint.free_rule().redirect_to == TOK.think_end_id
