@@ -3,7 +3,7 @@ vocabulary) served in-process: strict types and every refusal as a JSON error wi
 `/v1/models/{id}`, text-part content, the `reasoning_effort` levels, lists of prompts, the
 `include_usage` chunk, a failing stream's error event and `[DONE]`, `tool_choice` and JSON
 `response_format` enforced by the grammars, `logprobs` equal to the engine's own distribution,
-`cache_salt`, and the API key."""
+`cache_salt`, and the API key; and any body, fuzzed, gets a JSON answer and never a 500."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import httpx2
 import jsonschema
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.server import create_app
 from agent.server.access import exposure_warning
@@ -51,6 +53,15 @@ def engine(tmp_path_factory, tokenizer):
 def server(engine, tokenizer, live_server):
     app = create_app(engine, tokenizer, model_name="tiny")
     return live_server(app), app.state.server
+
+
+@pytest.fixture(scope="module")
+def fuzz_client(engine, tokenizer):
+    """In process (no sockets): hypothesis calls it many times."""
+    from starlette.testclient import TestClient
+
+    with TestClient(create_app(engine, tokenizer, model_name="tiny"), raise_server_exceptions=False) as c:
+        yield c
 
 
 @pytest.fixture
@@ -286,3 +297,31 @@ def test_an_api_key_is_required_on_every_route(engine, tokenizer, live_server):
     assert exposure_warning("0.0.0.0", None) and exposure_warning("10.1.2.3", None)
     assert exposure_warning("example.org", None) and not exposure_warning("0.0.0.0", KEY)
     assert not any(exposure_warning(h, None) for h in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"))
+
+
+# ---- fuzz: whatever the body, a JSON answer and never a 500 ---------------------------------------------------
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+FIELDS = ["prompt", "messages", "tools", "tool_choice", "response_format", "reasoning_effort", "temperature", "top_p",
+          "seed", "stop", "stream", "stream_options", "logprobs", "top_logprobs", "n", "cache_salt", "model",
+          "parallel_tool_calls", "return_token_ids", "dsml_constraint"]
+GOOD = {"prompt": [1, 2, 3], "messages": ASK, "tools": [CLOCK], "tool_choice": "auto", "reasoning_effort": "none",
+        "response_format": {"type": "json_object"}, "logprobs": True, "stream": True, "seed": 7}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+       fields=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES | st.sampled_from(list(GOOD.values())),
+                              max_size=5),
+       keep=st.sets(st.sampled_from(list(GOOD)), max_size=4))
+def test_any_body_gets_a_json_answer_never_a_500(fuzz_client, path, fields, keep):
+    body = {**{k: GOOD[k] for k in keep}, **fields, "max_tokens": 1}
+    r = fuzz_client.post(path, json=body)
+    assert r.status_code in (200, 400, 404), (body, r.status_code, r.text)
+    if r.headers["content-type"].startswith("text/event-stream"):
+        data = [line[5:].strip() for line in r.text.splitlines() if line.startswith("data:")]
+        assert data[-1] == "[DONE]" and all("internal error" not in d for d in data), (body, r.text)
+    else:
+        answer = r.json()
+        assert ("error" in answer) == (r.status_code != 200), (body, answer)
