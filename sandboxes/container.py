@@ -40,13 +40,16 @@ from sandboxes.output import DEFAULT_OUTPUT_CAP
 from sandboxes.owner import owner_fifo, owner_labels, reap, remove_container
 from sandboxes.paths import (MAX_READ_BYTES, WorkspaceEscapeError, container_path_in_workspace,
                              file_too_big)
-from sandboxes.shell import SHELL_ARGV, ShellSession
+from sandboxes.shell import SHELL_ARGV, ShellDied, ShellSession
 
 WORKSPACE = "/workspace"
 SHELL_STATE = "/tmp/.dsv4-shell"
 OWNER_FIFO = "/run/dsv4-owner"  # the owner process's fifo, read by the deadline process
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_TTL_S = 4 * 3600.0
+# After a shell died in a container Docker still calls running (it does so for a moment after a kill), how
+# long to keep trying a new shell there before the container counts as dead and is replaced.
+REVIVE_S = 20.0
 _EXEC_ENV = {"HOME": "/tmp", "LANG": "C.UTF-8", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
 # PID 1's child, as root without capabilities; only bash builtins in the loop, so a fork bomb cannot stall it.
@@ -89,6 +92,7 @@ class ExecTransport:
 
     def __init__(self, api: docker.APIClient, container_id: str, argv: list[str], user: str, env: dict[str, str]):
         self.api = api
+        self.container_id = container_id
         self.exec_id = api.exec_create(container_id, argv, stdin=True, stdout=True, stderr=True, tty=False,
                                        user=user, workdir=WORKSPACE, environment=env)["Id"]
         self._raw = api.exec_start(self.exec_id, socket=True)  # keeps the HTTP response alive
@@ -130,7 +134,15 @@ class ExecTransport:
         return stream, payload
 
     def alive(self) -> bool:
-        return bool(self.api.exec_inspect(self.exec_id)["Running"])
+        try:
+            if not self.api.exec_inspect(self.exec_id)["Running"]:
+                return False
+            paused = self.api.inspect_container(self.container_id)["State"]["Paused"]
+        except docker.errors.NotFound:  # the container was removed
+            return False
+        if paused:  # a paused shell never answers: say so now rather than at the timeout
+            raise ShellDied("the command got no answer")
+        return True
 
     def finish_input(self) -> None:
         self.sock.shutdown(socket.SHUT_WR)  # stdin EOF for the exec'd process
@@ -323,29 +335,62 @@ class DockerSandbox:
         try:
             transport = ExecTransport(self.client.api, self._require_started(), SHELL_ARGV, self.user, self.env)
         except docker.errors.APIError as exc:
+            state = self._container_state()
+            if state is not None and state["Paused"]:
+                raise self._paused_error() from exc
             raise SandboxError(
                 f"sandbox {self.name} cannot run commands ({exc.explanation or exc}); it may have passed its "
                 f"ttl of {self.ttl:.0f}s or been removed (`dsv4-agent sandbox gc`): start a new one") from exc
         return ShellSession(transport, SHELL_STATE, log_dir="/tmp", output_cap=self.output_cap)
 
-    def _revive(self) -> str:
-        """After the shell died: if the whole container died (killed, removed by hand), start a replacement
-        with the same limits and host workspace, so the session outlives it. Returns what the caller is told."""
+    def _container_state(self) -> dict | None:
+        """Docker's `State` of the container (Running, Paused, Status, ...); None once it is gone."""
         try:
-            if self.client.api.inspect_container(self._require_started())["State"]["Running"]:
-                return ""
+            return self.client.api.inspect_container(self._require_started())["State"]
         except docker.errors.NotFound:
-            pass
+            return None
+
+    def _settled_state(self, within_s: float = 5.0) -> dict | None:
+        """`_container_state` after an exec failed: Docker may call a killed container running for a moment."""
+        give_up = time.monotonic() + within_s
+        while (state := self._container_state()) is not None and state["Running"] and not state["Paused"]:
+            if time.monotonic() >= give_up:
+                break
+            time.sleep(0.1)
+        return state
+
+    def _paused_error(self) -> SandboxError:
+        short = self.container_id[:12]
+        return SandboxError(f"the container {short} is paused (`docker pause`); commands run again once it is "
+                            f"unpaused (`docker unpause {short}`)")
+
+    def _revive(self, died: ShellDied) -> tuple[ShellSession, str]:
+        """After the shell died: a new shell in the same container while that runs, else a new container with
+        the same limits and host workspace, so the session outlives it. Returns it and what the model is told."""
+        give_up = time.monotonic() + REVIVE_S
+        while (state := self._container_state()) is not None and state["Running"]:
+            if state["Paused"]:
+                raise self._paused_error()
+            try:
+                return self._open_session(), (
+                    f"[sandbox error: {died}, so this command did not complete. A new shell was started with "
+                    "the cwd and environment saved by the previous command; what this one changed is lost.]")
+            except (SandboxError, ShellDied, EOFError, OSError):
+                if time.monotonic() >= give_up:
+                    break  # running, but no shell will start in it: replace it
+                time.sleep(0.2)  # dying, though Docker still calls it running
         dead = self.container_id
         remove_container(self.client, dead)
         if time.time() >= self._expires_at:
-            return f"[sandbox error: the container passed its ttl of {self.ttl:.0f}s; start a new sandbox]"
+            raise SandboxError(f"the container passed its ttl of {self.ttl:.0f}s; start a new sandbox")
         self.restarts += 1
         self.name = f"{self.name.split('.')[0]}.{self.restarts}"  # the dead one may still hold its name
         self._create_container()
         kept = "the workspace folder was kept" if self.host_workspace else "the in-memory workspace was lost"
-        return (f"[sandbox error: the container {dead[:12]} stopped, so this command did not complete; a new "
-                f"container was started: processes, /tmp and shell state were lost, {kept}]")
+        return self._open_session(), (
+            f"[sandbox error: the container {dead[:12]} stopped (killed, stopped or removed from outside), so "
+            f"what was running did not complete. A new container was started: processes, /tmp and the shell "
+            f"state (cwd, environment) were lost; {kept}.]")
 
     def _interrupt(self) -> None:
         if self.container_id is None:
@@ -386,16 +431,31 @@ class DockerSandbox:
     async def write_file(self, path: str, data: bytes | str) -> None:
         target = container_path_in_workspace(WORKSPACE, path)
         payload = data.encode() if isinstance(data, str) else bytes(data)
-        code, _, err = await anyio.to_thread.run_sync(self._file_exec, _WRITE, target, payload)
+        code, _, err = await self._file_io(_WRITE, target, payload, "written")
         self._raise_file_error(path, code, err, "write")
 
     async def read_file(self, path: str) -> bytes:
         target = container_path_in_workspace(WORKSPACE, path)
-        code, out, err = await anyio.to_thread.run_sync(self._file_exec, _READ, target, b"")
+        code, out, err = await self._file_io(_READ, target, b"", "read")
         self._raise_file_error(path, code, err, "read")
         if len(out) > MAX_READ_BYTES:
             raise file_too_big(path)
         return out
+
+    async def _file_io(self, script: str, target: str, stdin: bytes, done: str) -> tuple[int, bytes, str]:
+        """`_file_exec` in a worker thread. A container found dead is replaced as a command would replace it,
+        and the error says what was lost: the model must hear of it before it goes on."""
+        self._require_started()
+        try:
+            return await anyio.to_thread.run_sync(self._file_exec, script, target, stdin)
+        except (docker.errors.APIError, EOFError, OSError) as exc:
+            state = await anyio.to_thread.run_sync(self._settled_state)
+            if state is not None and state["Paused"]:
+                raise self._paused_error() from exc
+            if state is not None and state["Running"]:
+                raise SandboxError(f"the sandbox could not move the file ({exc}); try again") from exc
+            note = await self._driver.recover(ShellDied("the container stopped"))
+            raise SandboxError(f"{note} The file was not {done}: try again.") from exc
 
     def _file_exec(self, script: str, target: str, stdin: bytes) -> tuple[int, bytes, str]:
         transport = ExecTransport(self.client.api, self._require_started(), ["bash", "-c", script, "file", target],

@@ -2,7 +2,8 @@
 
 Shared by `LocalSandbox` and `DockerSandbox`. Cancelling `run()` kills the running command (through
 `interrupt`) and waits for the shell to report, so the next command starts on a clean session. A shell that
-dies or hangs is replaced, and the command's result says the session state was lost.
+dies or hangs is replaced at once (through `revive`, which repairs what killed it), and the command's result
+says what was lost; when no new shell starts, the result says so and the next command tries again.
 """
 from __future__ import annotations
 
@@ -16,15 +17,23 @@ import anyio.to_thread
 from sandboxes.base import CommandResult
 from sandboxes.shell import ShellDied, ShellSession
 
+# After a shell died: a new session and the note for the model (blocking; raises when none can be started).
+Revive = Callable[[ShellDied], tuple[ShellSession, str]]
+
 
 class ShellDriver:
     def __init__(self, open_session: Callable[[], ShellSession], interrupt: Callable[[], None],
-                 revive: Callable[[], str] | None = None):
+                 revive: Revive | None = None):
         self._open_session = open_session  # blocking; starts a fresh shell
         self._interrupt = interrupt  # blocking; kills the command now running, if any
-        self._revive = revive  # blocking; after a shell died, repairs what killed it; returns a note or ""
+        self._revive = revive or self._fresh_shell
         self._session: ShellSession | None = None
         self._lock = anyio.Lock()
+
+    def _fresh_shell(self, died: ShellDied) -> tuple[ShellSession, str]:
+        return self._open_session(), (
+            f"[sandbox error: {died}, so this command did not complete. A new shell was started with the cwd "
+            "and environment saved by the previous command; what this one changed is lost.]")
 
     async def start(self) -> None:
         async with self._lock:
@@ -58,15 +67,27 @@ class ShellDriver:
                 raise
             result = outcome[0]
             if isinstance(result, ShellDied):
-                await self._replace(session)
-                note = await anyio.to_thread.run_sync(self._revive) if self._revive else ""
-                return CommandResult(
-                    exit_code=-1, stdout="", timed_out=result.hung, duration_s=time.monotonic() - started,
-                    stderr=note or f"[sandbox error: {result}; a new shell was started, the session state (cwd, env) is lost]",
-                )
+                note = await self._recover(session, result)
+                return CommandResult(exit_code=-1, stdout="", stderr=note, timed_out=result.hung,
+                                     duration_s=time.monotonic() - started)
             if isinstance(result, BaseException):
                 raise result
             return result
+
+    async def recover(self, died: ShellDied) -> str:
+        """What `run` does when its shell dies, for a caller that found it out otherwise (file IO)."""
+        async with self._lock:
+            return await self._recover(self._session, died)
+
+    async def _recover(self, session: ShellSession | None, died: ShellDied) -> str:
+        with anyio.CancelScope(shield=True):
+            if session is not None:
+                await self._replace(session)
+            try:
+                self._session, note = await anyio.to_thread.run_sync(self._revive, died)
+            except Exception as exc:  # the next command tries again
+                return f"[sandbox error: {died}, and no new shell could be started: {exc}]"
+            return note
 
     async def reset(self, kill_everything: Callable[[], None]) -> None:
         """Close the shell, run `kill_everything` (blocking), and let the next command open a fresh shell."""

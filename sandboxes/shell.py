@@ -123,7 +123,8 @@ class Transport(Protocol):
         """(1 for stdout | 2 for stderr, bytes); None when `timeout` passed; raises EOFError when closed."""
 
     def alive(self) -> bool:
-        """Whether the shell process still runs (its output may outlive it, held open by its children)."""
+        """Whether the shell process still runs (its output may outlive it, held open by its children);
+        raises ShellDied when it cannot answer for another reason (its container is paused)."""
 
     def close(self) -> None: ...
 
@@ -164,7 +165,10 @@ class ShellSession:
         limit = "0" if timeout is None or background else f"{timeout:.3f}"
         log = f"{self.log_dir}/dsv4-bg-{secrets.token_hex(4)}.log" if background else None
         started = time.monotonic()
-        self.transport.send(f"__dsv4_run {token} {limit} {shlex.quote(log or '-')} {shlex.quote(command)}\n".encode())
+        try:
+            self.transport.send(f"__dsv4_run {token} {limit} {shlex.quote(log or '-')} {shlex.quote(command)}\n".encode())
+        except EOFError as exc:
+            raise ShellDied("the session shell exited") from exc
         out = StreamCapture(token.encode(), self.output_cap)
         err = StreamCapture(token.encode(), self.output_cap)
         allowed = START_TIMEOUT_S if background else timeout

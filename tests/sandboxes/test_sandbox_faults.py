@@ -1,0 +1,98 @@
+"""Faults injected from outside a running sandbox (issue 13): each test asserts the invariant that must hold
+afterwards, not merely the absence of a crash. Waits poll with deadlines: generous, bounded, never a fixed
+sleep that assumes a fast machine."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+import docker.errors
+import pytest
+
+from sandboxes import DockerSandbox, SandboxError
+
+pytestmark = [pytest.mark.docker, pytest.mark.anyio]
+
+
+async def _until(check, within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, f"{what} within {within_s:g}s"
+        await anyio.sleep(0.05)
+
+
+def _exists(client, container_id: str) -> bool:
+    try:
+        client.api.inspect_container(container_id)
+        return True
+    except docker.errors.NotFound:
+        return False
+
+
+# --- 1. the container is killed, removed, stopped or paused under the session ------------------------------
+
+FAULTS = {
+    "kill": lambda client, cid: client.api.kill(cid),
+    "rm -f": lambda client, cid: client.api.remove_container(cid, force=True),
+    "stop": lambda client, cid: client.api.stop(cid, timeout=2),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+async def test_a_container_lost_during_a_command_is_replaced_and_the_model_told(
+        fault, sandbox_image, docker_client, tmp_path):
+    ws = tmp_path / "ws"
+    async with DockerSandbox(sandbox_image, workspace=ws, timeout=60) as sb:
+        await sb.run("echo saved > kept.txt; cd /tmp && export LOST=yes")
+        first = sb.container_id
+
+        async def inject() -> None:
+            await _until((ws / "running").exists, 30, "the command started")
+            await anyio.to_thread.run_sync(FAULTS[fault], docker_client, first)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(inject)
+            r = await sb.run("touch /workspace/running; sleep 50; echo never")
+        assert r.exit_code == -1 and "never" not in r.stdout
+        assert "new container was started" in r.stderr and "shell state (cwd, environment) were lost" in r.stderr
+        assert sb.restarts == 1 and sb.container_id != first
+        for _ in range(3):  # the replacement answers, again and again
+            r = await sb.run('cat kept.txt; pwd; echo "[${LOST-}]"')
+            assert (r.exit_code, r.stdout) == (0, "saved\n/workspace\n[]\n")
+        assert sb.restarts == 1
+        await _until(lambda: not _exists(docker_client, first), 30, "the lost container was removed")
+
+
+async def test_a_container_lost_between_commands_is_replaced_for_commands_and_file_io(sandbox_image, docker_client):
+    async with DockerSandbox(sandbox_image, timeout=60) as sb:
+        await sb.write_file("a.txt", "before")
+        docker_client.api.kill(sb.container_id)
+        with pytest.raises(SandboxError, match="new container was started.*in-memory workspace was lost"):
+            await sb.read_file("a.txt")  # the model hears of the loss before it goes on
+        assert sb.restarts == 1
+        await sb.write_file("b.txt", "after")
+        assert await sb.read_file("b.txt") == b"after"
+        docker_client.api.remove_container(sb.container_id, force=True)
+        r = await sb.run("echo never")
+        assert r.exit_code == -1 and "new container was started" in r.stderr and sb.restarts == 2
+        assert (await sb.run("echo works")).stdout == "works\n"
+
+
+async def test_a_paused_container_is_a_clear_error_at_once(sandbox_image, docker_client):
+    async with DockerSandbox(sandbox_image, timeout=60) as sb:
+        await sb.run("export KEPT=yes")
+        docker_client.api.pause(sb.container_id)
+        try:
+            started = time.monotonic()
+            r = await sb.run("echo hi")  # before: no answer until timeout + 10 s (70 s here)
+            assert r.exit_code == -1 and "is paused" in r.stderr and "docker unpause" in r.stderr
+            assert time.monotonic() - started < 15
+            started = time.monotonic()
+            with pytest.raises(SandboxError, match="is paused"):
+                await sb.run("echo hi")
+            assert time.monotonic() - started < 5
+        finally:
+            docker_client.api.unpause(sb.container_id)
+        r = await sb.run('echo "$KEPT"')
+        assert (r.exit_code, r.stdout, sb.restarts) == (0, "yes\n", 0)
