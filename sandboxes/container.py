@@ -8,12 +8,13 @@ quota: Docker's `storage_opt` needs xfs project quotas, which ordinary hosts lac
 to the container's memory, so the cgroup limit is `memory` + `tmp_size` (+ `disk` for a tmpfs workspace):
 filling the disk ends in "No space left on device", not in the OOM killer taking the sandbox down.
 
-Leaks: PID 1's child is a deadline process (root without capabilities, so commands can neither signal nor
-stop it). It ends the container - which is auto-removed - at the hard expiry (`ttl`) or as soon as the owner
-process dies, however it dies: it reads a fifo that only the owner holds open for writing (owner.py), and
-the kernel closes that end when the owner exits, SIGKILL included. A paused pool container cannot read, and
-a remote engine cannot mount the fifo, so every container also carries owner labels that the reaper checks
-at the next start and in `dsv4-agent sandbox gc`.
+Leaks: the owner's guard process (guard.py) removes its containers as soon as the owner is gone, SIGKILL
+included, in whatever state they are (created but never started, running, paused in a pool). Within the
+container, PID 1's child is a deadline process (root without capabilities, so commands can neither signal
+nor stop it). It ends the container - which is auto-removed - at the hard expiry (`ttl`) or when the owner
+process is gone: the owner holds a fifo open for writing while it lives (owner.py), and the kernel closes
+that end when the owner exits. Every container also carries owner labels that the reaper checks at the
+next start and in `dsv4-agent sandbox gc`.
 
 Every docker-py call blocks, so each runs in a worker thread; the event loop never waits on Docker.
 """
@@ -35,6 +36,7 @@ import docker.types
 
 from sandboxes.base import CommandResult
 from sandboxes.driver import ShellDriver
+from sandboxes.guard import tell_guard
 from sandboxes.image import DEFAULT_IMAGE, SANDBOX_UID, require_image
 from sandboxes.output import DEFAULT_OUTPUT_CAP
 from sandboxes.owner import owner_fifo, owner_labels, reap, remove_container
@@ -50,24 +52,31 @@ DEFAULT_TTL_S = 4 * 3600.0
 # After a shell died in a container Docker still calls running (it does so for a moment after a kill), how
 # long to keep trying a new shell there before the container counts as dead and is replaced.
 REVIVE_S = 20.0
+OWNER_WAIT_S = 10  # a container whose owner fifo has no writer this long after it started ends itself
 _EXEC_ENV = {"HOME": "/tmp", "LANG": "C.UTF-8", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
 # PID 1's child, as root without capabilities; only bash builtins in the loop, so a fork bomb cannot stall it.
-# Ends the container (then auto-removed) at the hard expiry ($1), or when the owner fifo reads EOF: the
-# kernel closed the owner's end, so the owner process is gone, however it died.
+# Ends the container (then auto-removed) at the hard expiry ($1), or when its owner is gone: the owner holds
+# the owner fifo open for writing while it lives, so opening it to read returns at once, and reading it
+# returns EOF once the kernel closed the owner's end, however the owner died. Opening a fifo that has no
+# writer blocks, so a child opens it and reports on a private fifo (which, read with a timeout, is also the
+# loop's sleep): an owner that died before the open is noticed when no report came within $2 seconds.
 _DEADLINE = r"""
-end=$1 watch=0
-if [ -p /run/dsv4-owner ]; then
-    exec 3< /run/dsv4-owner || exit 1
-    watch=1
-else  # a remote engine: no owner fifo; a private one serves as a sleep that needs no process
-    mkdir -m 700 /tmp/.dsv4-pid1 && mkfifo /tmp/.dsv4-pid1/tick && exec 3<>/tmp/.dsv4-pid1/tick || exit 1
+end=$1 wait_owner=0
+mkdir -m 700 /tmp/.dsv4-pid1 && mkfifo /tmp/.dsv4-pid1/events && exec 3<>/tmp/.dsv4-pid1/events || exit 1
+if [ -p /run/dsv4-owner ]; then  # absent on a remote engine: there only the expiry and the reaper end it
+    ( exec 4< /run/dsv4-owner && echo open >&3 && read -u 4; echo gone >&3 ) &
+    printf -v wait_owner '%(%s)T' -1
+    wait_owner=$((wait_owner + $2))
 fi
 while :; do
     printf -v now '%(%s)T' -1
     (( now >= end )) && exit 0
-    read -t 1 -u 3
-    (( $? <= 128 && watch )) && exit 0
+    (( wait_owner && now >= wait_owner )) && exit 0
+    if read -t 1 -u 3 event; then
+        [ "$event" = gone ] && exit 0
+        wait_owner=0
+    fi
 done
 """
 
@@ -231,6 +240,11 @@ class DockerSandbox:
                 raise
 
     @property
+    def expires_at(self) -> float | None:
+        """When (`time.time()`) the hard expiry ends the container, a replacement too; None before the start."""
+        return self._expires_at
+
+    @property
     def workspace(self) -> str:
         """The workspace as commands inside the container see it (search tools start there, not in
         whatever folder an earlier `cd` left the shell in)."""
@@ -256,6 +270,7 @@ class DockerSandbox:
         else:
             self._check_host_workspace()
             volumes[str(self.host_workspace)] = {"bind": WORKSPACE, "mode": "rw"}
+        tell_guard("docker")  # before the create: the owner may die between create and start
         if self.client.api.base_url.startswith("http+docker://localhost"):  # the engine shares our filesystem
             volumes[owner_fifo()] = {"bind": OWNER_FIFO, "mode": "ro"}
         if self._expires_at is None:
@@ -267,7 +282,7 @@ class DockerSandbox:
             container = self.client.containers.run(
                 self.image,
                 command=["bash", "--noprofile", "--norc", "-c", _DEADLINE, "dsv4-deadline",
-                         f"{self._expires_at:.0f}"],
+                         f"{self._expires_at:.0f}", str(OWNER_WAIT_S)],
                 name=self.name, hostname="sandbox", detach=True, auto_remove=True,
                 user="0:0", init=True, working_dir=WORKSPACE,
                 network_mode="bridge" if self.network else "none",

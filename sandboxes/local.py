@@ -3,6 +3,9 @@
 NO ISOLATION. Commands run as the current user with the host's network, files and environment; only the
 per-command timeout, the output cap and the workspace confinement of `read_file`/`write_file` apply (a
 command itself can touch any path the user can). Use `DockerSandbox` for model-written code.
+
+The shell leads its own session. Closing it ends every process of that session; should the owner die
+without closing it (SIGKILL), the owner's guard (guard.py) ends them and removes the state folder.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import anyio.to_thread
 
 from sandboxes.base import CommandResult
 from sandboxes.driver import ShellDriver
+from sandboxes.guard import end_session, tell_guard
 from sandboxes.output import DEFAULT_OUTPUT_CAP
 from sandboxes.paths import MAX_READ_BYTES, file_too_big, host_path_in_workspace
 from sandboxes.shell import SHELL_ARGV, ShellSession
@@ -34,6 +38,7 @@ class PipeTransport:
             SHELL_ARGV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             cwd=cwd, env=env, start_new_session=True,
         )
+        tell_guard("session", self.proc.pid)  # its session holds the shell, its commands and their watchdogs
         self._selector = selectors.DefaultSelector()
         self._selector.register(self.proc.stdout, selectors.EVENT_READ, 1)
         self._selector.register(self.proc.stderr, selectors.EVENT_READ, 2)
@@ -59,15 +64,19 @@ class PipeTransport:
         return self.proc.poll() is None
 
     def close(self) -> None:
+        """End the shell and everything in its session (what escaped a command's group, a shell that died
+        before its exit trap could end its background jobs)."""
         try:
-            self.proc.stdin.close()  # EOF: the shell's exit trap kills the groups of leftover jobs
+            self.proc.stdin.close()  # EOF: the shell's exit trap ends its background jobs
         except OSError:
             pass
         try:
             self.proc.wait(timeout=2.0)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            pass
+        end_session(self.proc.pid)
+        self.proc.wait()
+        tell_guard("ended", self.proc.pid)
         self._selector.close()
         self.proc.stdout.close()
         self.proc.stderr.close()
@@ -99,6 +108,7 @@ class LocalSandbox:
         self.workspace.mkdir(parents=True, exist_ok=True)
         if self._state_dir is None:
             self._state_dir = tempfile.mkdtemp(prefix="dsv4-local-shell-")  # outside the workspace
+            tell_guard("folder", self._state_dir)
         return ShellSession(PipeTransport(self.workspace, self._env), self._state_dir, log_dir=self._state_dir,
                             output_cap=self.output_cap)
 
@@ -146,4 +156,5 @@ class LocalSandbox:
         await self._driver.close()
         if self._state_dir is not None:
             shutil.rmtree(self._state_dir, ignore_errors=True)
+            tell_guard("removed", self._state_dir)
             self._state_dir = None

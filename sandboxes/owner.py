@@ -1,10 +1,13 @@
 """Who owns a sandbox container, and the reaper that removes the ones nobody owns any more.
 
 Every container carries labels naming its owner process (host, boot id, pid, start time, so a recycled
-pid is never mistaken for the owner) and its expiry. `reap` removes containers whose owner on this host is
-gone, whose expiry passed, or that stopped; it runs before the first sandbox of a process starts and from
-`dsv4-agent sandbox gc`. `atexit` and `__del__` alone cannot do this: they never run after SIGKILL. The
-owner fifo lets a running container notice its owner's death by itself (see `owner_fifo`).
+pid is never mistaken for the owner) and its expiry. `atexit` and `__del__` cannot end them: they never run
+after SIGKILL. Three things do, each enough on its own in the common case:
+- the owner's guard process (guard.py) removes them as soon as the owner is gone, whatever state they are in;
+- a running container notices its owner's death by itself, through the owner fifo (see `owner_fifo`), and
+  ends itself at its expiry;
+- `reap` removes containers whose owner on this host is gone, whose expiry passed, or that stopped; it runs
+  before the first sandbox of a process starts and from `dsv4-agent sandbox gc`.
 """
 from __future__ import annotations
 
@@ -174,6 +177,14 @@ def reap(client: docker.DockerClient, everything: bool = False) -> list[tuple[Sa
         remove_container(client, info.id)
         reaped.append((info, reason))
     return reaped
+
+
+def remove_owned_containers(client: docker.DockerClient, pid: int, start: str) -> None:
+    """Remove every sandbox container of the owner process (`pid`, `start`) of this host and boot."""
+    labels = [f"{OWNER_PID}={pid}", f"{OWNER_HOST}={socket.gethostname()}", f"{OWNER_BOOT}={_boot_id()}"]
+    for container in client.api.containers(all=True, filters={"label": labels}):
+        if container["Labels"].get(OWNER_START, "") == start:
+            remove_container(client, container["Id"])
 
 
 def remove_container(client: docker.DockerClient, container_id: str) -> None:

@@ -17,7 +17,7 @@ def _state(client, container_id):
 async def test_pool_hands_out_ready_sandboxes_and_refills(sandbox_image, docker_client):
     async with SandboxPool(size=1, image=sandbox_image, memory="256m") as pool:
         await pool.fill()
-        [(_, waiting)] = pool._ready
+        [waiting] = pool._ready
         assert _state(docker_client, waiting.container_id) == "paused"
         async with pool.sandbox() as sb:
             assert sb is waiting and _state(docker_client, sb.container_id) == "running"
@@ -26,14 +26,14 @@ async def test_pool_hands_out_ready_sandboxes_and_refills(sandbox_image, docker_
             with anyio.fail_after(30):
                 while len(pool._ready) < 1:  # the background filler replaces the one taken
                     await anyio.sleep(0.1)
-        assert pool._ready[0][1] is not sb
+        assert pool._ready[0] is not sb
         second = await pool.acquire()
         try:
             r = await second.run('pwd; echo "[${X-}]"')
             assert r.stdout == "/workspace\n[]\n", "a pooled sandbox shares nothing with the previous one"
         finally:
             await second.close()
-        leftover = [s.container_id for _, s in pool._ready]
+        leftover = [s.container_id for s in pool._ready]
     for container_id in leftover:
         with pytest.raises(docker.errors.NotFound):
             _state(docker_client, container_id)
