@@ -2,11 +2,17 @@
 
 Hardened by default: no network, memory (no swap), CPU and pids limits, every capability dropped,
 no-new-privileges, commands as uid 1000, an init process (docker-init) that reaps zombies, a read-only root
-filesystem with tmpfs /tmp, and only the workspace mounted. The workspace is a size-limited tmpfs unless a
-host folder is given; a file-size ulimit bounds any single file either way (a host folder has no total
-quota: Docker's `storage_opt` needs xfs project quotas, which ordinary hosts lack). tmpfs pages are charged
-to the container's memory, so the cgroup limit is `memory` + `tmp_size` (+ `disk` for a tmpfs workspace):
-filling the disk ends in "No space left on device", not in the OOM killer taking the sandbox down.
+filesystem with tmpfs /tmp, and only the workspace mounted. The workspace is a tmpfs of size `disk` unless a
+host folder is given. A host folder has no quota (Docker's `storage_opt` needs xfs project quotas, which
+ordinary hosts lack), so `disk` is refused for one rather than promised.
+
+Memory: tmpfs pages are charged to the container's memory cgroup, whoever wrote them, so the cgroup limit
+is `memory` + `tmp_size` + the shell-state tmpfs (+ `disk` for a tmpfs workspace): filling the disk ends in
+"No space left on device", not in the OOM killer taking the sandbox down. What bounds the processes is a
+data ulimit of `memory` (RLIMIT_DATA: heap and private writable mappings) that the session shell sets on
+itself and so on every command: an allocation beyond it fails (MemoryError, ENOMEM) rather than eating the
+disk's share. (Not a container ulimit: runc's own start-up in the container needs ~100 MB of it.) Together,
+processes can use the cgroup limit minus what the files use.
 
 Leaks: the owner's guard process (guard.py) removes its containers as soon as the owner is gone, SIGKILL
 included, in whatever state they are (created but never started, running, paused in a pool). Within the
@@ -45,7 +51,9 @@ from sandboxes.paths import (MAX_READ_BYTES, WorkspaceEscapeError, container_pat
 from sandboxes.shell import SHELL_ARGV, ShellDied, ShellSession
 
 WORKSPACE = "/workspace"
-SHELL_STATE = "/tmp/.dsv4-shell"
+SHELL_STATE = "/run/dsv4-shell"  # its own small tmpfs: a full /tmp cannot stop the shell from saving its state
+SHELL_STATE_SIZE = "16m"
+DEFAULT_DISK = "1g"
 OWNER_FIFO = "/run/dsv4-owner"  # the owner process's fifo, read by the deadline process
 DEFAULT_TIMEOUT_S = 120.0
 DEFAULT_TTL_S = 4 * 3600.0
@@ -184,7 +192,7 @@ class DockerSandbox:
         pids: int = 256,
         workspace: str | os.PathLike | None = None,
         timeout: float | None = DEFAULT_TIMEOUT_S,
-        disk: str = "1g",
+        disk: str | None = None,
         tmp_size: str = "256m",
         ttl: float = DEFAULT_TTL_S,
         output_cap: int = DEFAULT_OUTPUT_CAP,
@@ -196,6 +204,14 @@ class DockerSandbox:
     ):
         if cpus <= 0 or pids < 16 or ttl <= 0:
             raise ValueError(f"need cpus > 0, pids >= 16 and ttl > 0; got cpus={cpus}, pids={pids}, ttl={ttl}")
+        if workspace is not None and disk is not None:
+            raise ValueError(
+                f"disk={disk!r} sizes the in-memory workspace; a host-folder workspace has no quota here (Docker "
+                "needs xfs project quotas for one): leave `disk` unset, or use no host folder")
+        for size in (memory, tmp_size, disk):
+            if size is not None:
+                _bytes(size)  # a bad size fails here, before anything starts
+
         self.image = image
         self.network = network
         self.memory = memory
@@ -203,7 +219,7 @@ class DockerSandbox:
         self.pids = pids
         self.host_workspace = Path(workspace).absolute() if workspace is not None else None
         self.timeout = timeout  # default per-command timeout in seconds; None = no limit
-        self.disk = disk
+        self.disk = disk or DEFAULT_DISK  # the tmpfs workspace's size (a host folder has none)
         self.tmp_size = tmp_size
         self.ttl = ttl  # hard lifetime of the container
         self.output_cap = output_cap
@@ -263,7 +279,8 @@ class DockerSandbox:
     def _create_container(self) -> None:
         _reap_once(self.client)
         require_image(self.client, self.image)
-        tmpfs = {"/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777"}
+        tmpfs = {"/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777",
+                 SHELL_STATE: f"rw,nosuid,nodev,noexec,size={SHELL_STATE_SIZE},uid={self.uid},gid={self.gid},mode=0700"}
         volumes = {}
         if self.host_workspace is None:
             tmpfs[WORKSPACE] = f"rw,nosuid,nodev,size={self.disk},uid={self.uid},gid={self.gid},mode=0755"
@@ -276,8 +293,8 @@ class DockerSandbox:
         if self._expires_at is None:
             self._expires_at = time.time() + self.ttl
         lifetime = self._expires_at - time.time()
-        file_limit = _bytes(self.disk)
-        memory_limit = _bytes(self.memory) + _bytes(self.tmp_size) + (file_limit if self.host_workspace is None else 0)
+        memory_limit = (_bytes(self.memory) + _bytes(self.tmp_size) + _bytes(SHELL_STATE_SIZE)
+                        + (_bytes(self.disk) if self.host_workspace is None else 0))
         try:
             container = self.client.containers.run(
                 self.image,
@@ -290,8 +307,7 @@ class DockerSandbox:
                 nano_cpus=int(self.cpus * 1e9),
                 cap_drop=["ALL"], security_opt=["no-new-privileges"],
                 read_only=self.read_only, tmpfs=tmpfs, volumes=volumes,
-                ulimits=[docker.types.Ulimit(name="fsize", soft=file_limit, hard=file_limit),
-                         docker.types.Ulimit(name="nofile", soft=4096, hard=4096)],
+                ulimits=[docker.types.Ulimit(name="nofile", soft=4096, hard=4096)],
                 labels=owner_labels(self.name, lifetime, pooled=self._pooled),
             )
         except docker.errors.APIError as exc:
@@ -356,7 +372,8 @@ class DockerSandbox:
             raise SandboxError(
                 f"sandbox {self.name} cannot run commands ({exc.explanation or exc}); it may have passed its "
                 f"ttl of {self.ttl:.0f}s or been removed (`dsv4-agent sandbox gc`): start a new one") from exc
-        return ShellSession(transport, SHELL_STATE, log_dir="/tmp", output_cap=self.output_cap)
+        return ShellSession(transport, SHELL_STATE, log_dir="/tmp", output_cap=self.output_cap,
+                            data_limit=_bytes(self.memory))
 
     def _container_state(self) -> dict | None:
         """Docker's `State` of the container (Running, Paused, Status, ...); None once it is gone."""

@@ -43,10 +43,14 @@ __dsv4_cmd=$2
 __dsv4_keep=$3
 set --
 if [ -r "$__dsv4_state" ]; then . "$__dsv4_state" 2>/dev/null; fi
-__dsv4_save() {
+__dsv4_save() {  # a state file cut short (its filesystem full) would restore half the state: none then
     [ -d "${__dsv4_state%/*}" ] || mkdir -p -- "${__dsv4_state%/*}"
-    { builtin printf 'builtin cd -- %q\n' "$PWD"; builtin export -p; builtin declare -f; builtin alias -p;
-      builtin shopt -p; builtin set +o; } > "$__dsv4_state" 2>/dev/null
+    if ! { builtin printf 'builtin cd -- %q\n' "$PWD" && builtin export -p && builtin declare -f &&
+           builtin alias -p && builtin shopt -p && builtin set +o; } > "$__dsv4_state" 2>/dev/null; then
+        rm -f -- "$__dsv4_state"
+        builtin printf '[sandbox: the shell state (cwd, environment) could not be saved in %s; the next command starts afresh]\n' \
+            "${__dsv4_state%/*}" >&2
+    fi
 }
 if [ "$__dsv4_keep" = save ]; then trap __dsv4_save EXIT; fi
 eval "$__dsv4_cmd"
@@ -55,9 +59,12 @@ eval "$__dsv4_cmd"
 START_TIMEOUT_S = 30.0  # how long starting a background command, or the shell itself, may take
 
 
-def boot_script(state_dir: str) -> str:
-    """The script fed to the session shell once: defines `__dsv4_run`, then bash reads command lines."""
-    return f"""
+def boot_script(state_dir: str, data_limit: int | None = None) -> str:
+    """The script fed to the session shell once: defines `__dsv4_run`, then bash reads command lines.
+    `data_limit`: bytes of heap and private writable memory each command's process may take (RLIMIT_DATA,
+    soft and hard, so a command cannot raise it again)."""
+    limit = "" if data_limit is None else f"ulimit -d {data_limit // 1024} || exit 1\n"
+    return f"""{limit}
 set +o history
 exec 3>&1 4>&2 1>/dev/null 2>&1  # fd 3/4: the channel to the owner; the shell's own output goes nowhere
 set -m                       # each command gets its own process group
@@ -144,11 +151,12 @@ LIVENESS_CHECK_S = 1.0  # while a command is silent, how often to check that the
 class ShellSession:
     """Runs commands one at a time over a transport. Blocking: call it from a worker thread."""
 
-    def __init__(self, transport: Transport, state_dir: str, log_dir: str, output_cap: int = DEFAULT_OUTPUT_CAP):
+    def __init__(self, transport: Transport, state_dir: str, log_dir: str, output_cap: int = DEFAULT_OUTPUT_CAP,
+                 data_limit: int | None = None):
         self.transport = transport
         self.log_dir = log_dir  # where background commands write their output
         self.output_cap = output_cap
-        transport.send(boot_script(state_dir).encode())
+        transport.send(boot_script(state_dir, data_limit).encode())
         # A first round trip proves the shell is up and the boot script was accepted.
         probe = self.run("true", timeout=START_TIMEOUT_S)
         if probe.exit_code != 0:

@@ -99,8 +99,10 @@ async def test_hardening_is_in_place(sandbox, docker_client):
     assert lines[-1] == "lo", "only the loopback interface without network"
     host_config = docker_client.api.inspect_container(sandbox.container_id)["HostConfig"]
     assert host_config["ReadonlyRootfs"] and host_config["Init"] and host_config["CapDrop"] == ["ALL"]
-    # memory for processes + the /tmp and workspace tmpfs budgets (tmpfs pages count as container memory)
-    assert host_config["Memory"] == host_config["MemorySwap"] == (256 + 256 + 1024) * 2**20
+    # memory for processes + the /tmp, shell-state and workspace tmpfs (tmpfs pages count as container memory);
+    # each process's own bound is its data ulimit
+    assert host_config["Memory"] == host_config["MemorySwap"] == (256 + 256 + 16 + 1024) * 2**20
+    assert (await sandbox.run("ulimit -d; ulimit -H -d")).stdout == f"{256 * 1024}\n" * 2
     assert host_config["PidsLimit"] == 128
     assert host_config["NanoCpus"] == 10**9 and host_config["NetworkMode"] == "none"
     mounts = docker_client.api.inspect_container(sandbox.container_id)["Mounts"]
@@ -177,6 +179,8 @@ def test_bad_options_are_refused_before_anything_starts():
         DockerSandbox(user="sandbox")
     with pytest.raises(ValueError, match="pids >= 16"):
         DockerSandbox(pids=2)
+    with pytest.raises(ValueError, match="bad size"):
+        DockerSandbox(memory="lots")
 
 
 async def test_a_killed_session_shell_is_replaced_and_keeps_the_saved_state(sandbox):
@@ -207,8 +211,11 @@ async def test_reset_kills_background_jobs_and_forgets_state_but_keeps_files(san
     await sandbox.run("mkdir keep; cd keep; echo data > f; export GONE=1")
     await sandbox.run("sleep 300", background=True)
     await sandbox.run("(sleep 300 &); sleep 300", background=True)
-    r = await sandbox.run("ps -e --no-headers -o comm | grep -c '^sleep$'; pwd; echo \"[$GONE]\"")
-    assert r.stdout == "3\n/workspace/keep\n[1]\n"
+    with anyio.fail_after(30):  # the background commands start on their own time
+        while (r := await sandbox.run("ps -e --no-headers -o comm | grep -c '^sleep$'")).stdout != "3\n":
+            await anyio.sleep(0.05)
+    r = await sandbox.run('pwd; echo "[$GONE]"')
+    assert r.stdout == "/workspace/keep\n[1]\n"
     await sandbox.reset()
     r = await sandbox.run('ps -e --no-headers -o comm | grep -c "^sleep$"; pwd; echo "[${GONE-}]"; cat keep/f')
     assert r.stdout == "0\n/workspace\n[]\ndata\n"

@@ -96,3 +96,53 @@ async def test_a_paused_container_is_a_clear_error_at_once(sandbox_image, docker
             docker_client.api.unpause(sb.container_id)
         r = await sb.run('echo "$KEPT"')
         assert (r.exit_code, r.stdout, sb.restarts) == (0, "yes\n", 0)
+
+
+# --- 4. memory bounds the processes; disk bounds the workspace, or is refused ------------------------------
+
+
+async def test_memory_bounds_what_a_process_can_allocate(sandbox_image):
+    # the cgroup holds memory + /tmp + the workspace (1.5 GiB here): before, a process could take all of it
+    async with DockerSandbox(sandbox_image, memory="256m", timeout=60) as sb:
+        r = await sb.run("python3 -c \"b = b'x' * (700 * 2**20); print(len(b))\"")
+        assert r.exit_code != 0 and "MemoryError" in r.stderr and r.stdout == ""
+        r = await sb.run("python3 -c \"b = b'x' * (150 * 2**20); print(len(b))\"")
+        assert (r.exit_code, r.stdout) == (0, f"{150 * 2**20}\n")
+
+
+def test_disk_is_refused_for_a_host_folder_it_cannot_bound(tmp_path):
+    # before, disk="1g" with a host folder accepted 2.1 GB
+    with pytest.raises(ValueError, match="host-folder workspace has no quota"):
+        DockerSandbox(workspace=tmp_path, disk="1g")
+    assert DockerSandbox(workspace=tmp_path).host_workspace == tmp_path
+
+
+# --- 5. a full /tmp, deleted shell state: the sandbox heals; a timeout is always reported as one -----------
+
+
+async def test_a_full_tmp_and_deleted_shell_state_heal(sandbox_image):
+    async with DockerSandbox(sandbox_image, tmp_size="16m", timeout=30) as sb:
+        r = await sb.run("head -c 64M /dev/zero > /tmp/fill; mkdir -p /workspace/d && cd /workspace/d && export A=1")
+        assert "No space left" in r.stderr
+        assert (await sb.run('pwd; echo "$A"')).stdout == "/workspace/d\n1\n"
+        r = await sb.run("sleep 30", timeout=0.5)
+        assert r.timed_out and r.exit_code == -1
+        # the shell's own files go, from the side (as a background job would do it)
+        await sb.run("rm -rf /run/dsv4-shell/* /run/dsv4-shell/.[!.]*", background=True)
+        await sb.run("true")
+        r = await sb.run("sleep 30", timeout=0.5)
+        assert r.timed_out and r.exit_code == -1
+        await sb.run("cd /tmp && export B=2")
+        assert (await sb.run('pwd; echo "$B"')).stdout == "/tmp\n2\n"
+        with anyio.move_on_after(0.5):  # cancelling still finds the running command
+            await sb.run("sleep 60", timeout=100)
+        assert (await sb.run("ps -eo comm | grep -c '^sleep$'")).stdout == "0\n"
+        assert sb.restarts == 0
+
+
+async def test_only_a_timeout_is_reported_as_a_timeout(sandbox_image):
+    async with DockerSandbox(sandbox_image, timeout=30) as sb:
+        r = await sb.run("kill -KILL $$")  # 137 of its own doing
+        assert (r.exit_code, r.timed_out) == (137, False)
+        r = await sb.run("trap '' TERM; sleep 30", timeout=0.5)
+        assert (r.exit_code, r.timed_out) == (-1, True)

@@ -188,6 +188,17 @@ async def test_a_killed_session_shell_is_replaced_and_keeps_the_saved_state(sand
     assert (r.exit_code, r.stdout) == (0, "/\nyes\n")
 
 
+async def test_a_deleted_state_folder_heals_and_timeouts_stay_timeouts(sandbox):
+    await sandbox.run(f"rm -rf {sandbox._state_dir}; cd /")
+    r = await sandbox.run("sleep 5", timeout=0.3)
+    assert (r.exit_code, r.timed_out) == (-1, True)
+    assert (await sandbox.run("cd / && export AGAIN=1")).exit_code == 0
+    assert (await sandbox.run('pwd; echo "$AGAIN"')).stdout == "/\n1\n"
+    with anyio.move_on_after(0.5):  # cancelling still finds the running command
+        await sandbox.run("sleep 60", timeout=100)
+    assert (await sandbox.run("echo next")).stdout == "next\n"
+
+
 async def test_nul_in_a_command_is_a_clear_error(sandbox):
     with pytest.raises(ValueError, match="NUL"):
         await sandbox.run("echo a\x00b")
