@@ -3,16 +3,20 @@
 No image registry is reachable from our machines, so nothing is pulled. The root filesystem comes from
 the Debian apt mirror (bookworm, minbase variant: bash, coreutils, grep, findutils, sed, ...) plus python3
 and procps; a user `sandbox` (uid 1000) and /workspace are added; the tarball is cached so a later build
-after `docker rmi` only re-imports it. `--if-missing` returns at once when the tag exists.
+after `docker rmi` only re-imports it. `--if-missing` returns at once when the tag exists. Builds sharing a
+cache folder (two `scripts/setup.sh` at once) take turns on a lock file: the second finds the first's
+tarball (and image) and does not build again.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import docker
 import docker.errors
@@ -67,17 +71,35 @@ def build_image(tag: str = DEFAULT_IMAGE, if_missing: bool = False, mirror: str 
     if if_missing and image_exists(client, tag):
         log(f"{tag} is present")
         return client.images.get(tag).id
-    tarball = cache_dir() / f"rootfs-{DEBIAN_SUITE}-{IMAGE_VERSION}.tar"
-    if not tarball.exists():
-        _build_rootfs_tarball(tarball, mirror or os.environ.get("DSV4_DEBIAN_MIRROR", DEFAULT_MIRROR), log)
-    else:
-        log(f"using the cached root filesystem {tarball}")
-    repository, version = _split_tag(tag)
-    log(f"importing {tarball.name} as {repository}:{version}")
-    client.api.import_image(src=str(tarball), repository=repository, tag=version, changes=IMAGE_CHANGES)
+    with _one_build_at_a_time(log):
+        if if_missing and image_exists(client, tag):  # made by the build we waited for
+            log(f"{tag} is present")
+            return client.images.get(tag).id
+        tarball = cache_dir() / f"rootfs-{DEBIAN_SUITE}-{IMAGE_VERSION}.tar"
+        if not tarball.exists():
+            _build_rootfs_tarball(tarball, mirror or os.environ.get("DSV4_DEBIAN_MIRROR", DEFAULT_MIRROR), log)
+        else:
+            log(f"using the cached root filesystem {tarball}")
+        repository, version = _split_tag(tag)
+        log(f"importing {tarball.name} as {repository}:{version}")
+        client.api.import_image(src=str(tarball), repository=repository, tag=version, changes=IMAGE_CHANGES)
     image = client.images.get(f"{repository}:{version}")
     log(f"built {repository}:{version} ({image.short_id}, {image.attrs['Size'] / 2**20:.0f} MiB)")
     return image.id
+
+
+@contextlib.contextmanager
+def _one_build_at_a_time(log: Callable[[str], None]) -> Iterator[None]:
+    """An exclusive lock on the cache folder's lock file; the kernel drops it if the holder dies."""
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "build.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another sandbox image build is running (lock {lock.name}); waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _split_tag(tag: str) -> tuple[str, str]:
@@ -101,10 +123,12 @@ def _build_rootfs_tarball(tarball: Path, mirror: str, log: Callable[[str], None]
         )
         _add_sandbox_user(rootfs)
         _slim(rootfs)
-        partial = tarball.with_suffix(".tar.partial")
+        # A name of its own, renamed into place at once: no other build writes to it, and an interrupted
+        # build never leaves a half tarball in the cache (the work folder, its parent, goes with it).
+        partial = Path(work) / tarball.name
         _check(["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs), "-cf", str(partial), "."],
                "packing the root filesystem failed")
-        partial.rename(tarball)  # atomic: an interrupted build never leaves a half tarball in the cache
+        os.replace(partial, tarball)
 
 
 def _find_debootstrap(log: Callable[[str], None]) -> str:

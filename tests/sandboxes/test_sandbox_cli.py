@@ -1,9 +1,14 @@
 """`dsv4-agent sandbox build|ls|gc` through typer's runner on `sandbox_app` (agent/cli.py mounts it)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import anyio
+import docker.errors
 import pytest
 from typer.testing import CliRunner
 
@@ -57,3 +62,46 @@ def test_no_engine_is_a_clear_error_with_the_sandbox_exit_code(monkeypatch, tmp_
 def test_help_lists_the_commands():
     result = runner.invoke(sandbox_app, ["--help"])
     assert result.exit_code == 0 and all(c in result.output for c in ("build", "ls", "gc"))
+
+
+# A stand-in for debootstrap (no mirror here): a tiny root filesystem, slowly, and a line per run in $RUNS.
+FAKE_DEBOOTSTRAP = """#!/bin/sh
+for arg; do target=$prev; prev=$arg; done
+echo run >> "$RUNS"
+mkdir -p "$target/etc" "$target/usr/share/doc/x"
+echo "root:x:0:0:root:/root:/bin/sh" > "$target/etc/passwd"
+: > "$target/etc/group"; : > "$target/etc/shadow"
+sleep 1
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.skipif(os.geteuid() != 0, reason="the build gives /workspace to uid 1000: root only")
+def test_two_builds_at_once_take_turns_on_one_cache(tmp_path, docker_client):
+    # Two scripts/setup.sh at once crashed on the same temporary rootfs file of the build.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "debootstrap").write_text(FAKE_DEBOOTSTRAP)
+    (bin_dir / "debootstrap").chmod(0o755)
+    runs = tmp_path / "runs"
+    tag = f"{IMAGE_REPOSITORY}:test-race-{time.time_ns()}"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RUNS": str(runs),
+           "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    builds = [subprocess.Popen([sys.executable, "-m", "sandboxes.cli", "build", "--if-missing", "--tag", tag],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
+    try:
+        outputs = [build.communicate(timeout=120)[0] for build in builds]
+        assert [build.returncode for build in builds] == [0, 0], outputs
+        assert runs.read_text() == "run\n", "the second build should have waited and used the first's rootfs"
+        assert any("is present" in output or "waiting" in output for output in outputs), outputs
+        cached = list((tmp_path / "cache" / "dsv4-agent" / "sandbox").iterdir())
+        assert sorted(p.name for p in cached if p.name != "debs") == ["build.lock", "rootfs-bookworm-1.tar"]
+        assert docker_client.images.get(tag).attrs["Config"]["WorkingDir"] == "/workspace"
+    finally:
+        for build in builds:
+            build.kill()
+        try:
+            docker_client.images.remove(tag)
+        except docker.errors.ImageNotFound:
+            pass
