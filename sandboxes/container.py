@@ -41,7 +41,7 @@ import docker.errors
 import docker.types
 
 from sandboxes.base import CommandResult
-from sandboxes.driver import ShellDriver
+from sandboxes.driver import ShellDriver, shell_restarted
 from sandboxes.guard import tell_guard
 from sandboxes.image import DEFAULT_IMAGE, SANDBOX_UID, require_image
 from sandboxes.output import DEFAULT_OUTPUT_CAP
@@ -60,7 +60,7 @@ DEFAULT_TTL_S = 4 * 3600.0
 # After a shell died in a container Docker still calls running (it does so for a moment after a kill), how
 # long to keep trying a new shell there before the container counts as dead and is replaced.
 REVIVE_S = 20.0
-OWNER_WAIT_S = 10  # a container whose owner fifo has no writer this long after it started ends itself
+OWNER_WAIT_S = 20  # a container whose owner fifo has no writer this long after it started ends itself
 _EXEC_ENV = {"HOME": "/tmp", "LANG": "C.UTF-8", "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
 # PID 1's child, as root without capabilities; only bash builtins in the loop, so a fork bomb cannot stall it.
@@ -211,7 +211,6 @@ class DockerSandbox:
         for size in (memory, tmp_size, disk):
             if size is not None:
                 _bytes(size)  # a bad size fails here, before anything starts
-
         self.image = image
         self.network = network
         self.memory = memory
@@ -279,11 +278,12 @@ class DockerSandbox:
     def _create_container(self) -> None:
         _reap_once(self.client)
         require_image(self.client, self.image)
+        owned = f"uid={self.uid},gid={self.gid}"
         tmpfs = {"/tmp": f"rw,nosuid,nodev,size={self.tmp_size},mode=1777",
-                 SHELL_STATE: f"rw,nosuid,nodev,noexec,size={SHELL_STATE_SIZE},uid={self.uid},gid={self.gid},mode=0700"}
+                 SHELL_STATE: f"rw,nosuid,nodev,noexec,size={SHELL_STATE_SIZE},{owned},mode=0700"}
         volumes = {}
         if self.host_workspace is None:
-            tmpfs[WORKSPACE] = f"rw,nosuid,nodev,size={self.disk},uid={self.uid},gid={self.gid},mode=0755"
+            tmpfs[WORKSPACE] = f"rw,nosuid,nodev,size={self.disk},{owned},mode=0755"
         else:
             self._check_host_workspace()
             volumes[str(self.host_workspace)] = {"bind": WORKSPACE, "mode": "rw"}
@@ -404,9 +404,7 @@ class DockerSandbox:
             if state["Paused"]:
                 raise self._paused_error()
             try:
-                return self._open_session(), (
-                    f"[sandbox error: {died}, so this command did not complete. A new shell was started with "
-                    "the cwd and environment saved by the previous command; what this one changed is lost.]")
+                return self._open_session(), shell_restarted(died)
             except (SandboxError, ShellDied, EOFError, OSError):
                 if time.monotonic() >= give_up:
                     break  # running, but no shell will start in it: replace it
@@ -477,7 +475,7 @@ class DockerSandbox:
     async def _file_io(self, script: str, target: str, stdin: bytes, done: str) -> tuple[int, bytes, str]:
         """`_file_exec` in a worker thread. A container found dead is replaced as a command would replace it,
         and the error says what was lost: the model must hear of it before it goes on."""
-        self._require_started()
+        container_id = self._require_started()
         try:
             return await anyio.to_thread.run_sync(self._file_exec, script, target, stdin)
         except (docker.errors.APIError, EOFError, OSError) as exc:
@@ -486,7 +484,10 @@ class DockerSandbox:
                 raise self._paused_error() from exc
             if state is not None and state["Running"]:
                 raise SandboxError(f"the sandbox could not move the file ({exc}); try again") from exc
-            note = await self._driver.recover(ShellDied("the container stopped"))
+            note = await self._driver.recover(ShellDied("the container stopped"),
+                                              still_broken=lambda: self.container_id == container_id)
+            if note is None:  # a command running alongside found it dead too, replaced it and said so
+                note = "[sandbox error: the container stopped and was replaced meanwhile.]"
             raise SandboxError(f"{note} The file was not {done}: try again.") from exc
 
     def _file_exec(self, script: str, target: str, stdin: bytes) -> tuple[int, bytes, str]:

@@ -21,6 +21,12 @@ from sandboxes.shell import ShellDied, ShellSession
 Revive = Callable[[ShellDied], tuple[ShellSession, str]]
 
 
+def shell_restarted(died: ShellDied) -> str:
+    """The note for a command whose shell died and was replaced by a new one in the same place."""
+    return (f"[sandbox error: {died}, so this command did not complete. A new shell was started with the cwd "
+            "and environment saved by the previous command; what this one changed is lost.]")
+
+
 class ShellDriver:
     def __init__(self, open_session: Callable[[], ShellSession], interrupt: Callable[[], None],
                  revive: Revive | None = None):
@@ -31,9 +37,7 @@ class ShellDriver:
         self._lock = anyio.Lock()
 
     def _fresh_shell(self, died: ShellDied) -> tuple[ShellSession, str]:
-        return self._open_session(), (
-            f"[sandbox error: {died}, so this command did not complete. A new shell was started with the cwd "
-            "and environment saved by the previous command; what this one changed is lost.]")
+        return self._open_session(), shell_restarted(died)
 
     async def start(self) -> None:
         async with self._lock:
@@ -74,9 +78,12 @@ class ShellDriver:
                 raise result
             return result
 
-    async def recover(self, died: ShellDied) -> str:
-        """What `run` does when its shell dies, for a caller that found it out otherwise (file IO)."""
+    async def recover(self, died: ShellDied, still_broken: Callable[[], bool]) -> str | None:
+        """What `run` does when its shell dies, for a caller that found it out otherwise (file IO). None when
+        `still_broken()`, asked once the lock is held, says a command meanwhile repaired it."""
         async with self._lock:
+            if not still_broken():
+                return None
             return await self._recover(self._session, died)
 
     async def _recover(self, session: ShellSession | None, died: ShellDied) -> str:

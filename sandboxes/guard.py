@@ -3,7 +3,8 @@
 No handler runs in a process killed by SIGKILL, so another process has to notice. The first sandbox of an
 owner process starts its guard (`tell_guard`), in a new session so that a signal to the owner's process
 group (Ctrl-C, `kill -- -PGID`) spares it, and keeps the write end of the guard's stdin: the kernel closes
-it when the owner exits, however it exits, and the guard reads EOF. Until then the owner tells the guard,
+it when the owner exits, however it exits (and children forked from the owner, which share that end), and
+the guard reads EOF. Until then the owner tells the guard,
 one JSON array per line, what to end:
 
     ["docker"]                             Docker sandboxes: every container labelled with this owner
@@ -81,8 +82,6 @@ class _Guard:
     def tell(self, message: list) -> None:
         kind, *args = message
         if kind == "docker":
-            if self.docker:
-                return
             self.docker = True
         elif kind == "session":
             self.sessions.add(args[0])

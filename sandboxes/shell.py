@@ -48,8 +48,8 @@ __dsv4_save() {  # a state file cut short (its filesystem full) would restore ha
     if ! { builtin printf 'builtin cd -- %q\n' "$PWD" && builtin export -p && builtin declare -f &&
            builtin alias -p && builtin shopt -p && builtin set +o; } > "$__dsv4_state" 2>/dev/null; then
         rm -f -- "$__dsv4_state"
-        builtin printf '[sandbox: the shell state (cwd, environment) could not be saved in %s; the next command starts afresh]\n' \
-            "${__dsv4_state%/*}" >&2
+        builtin printf '[sandbox: the shell state (cwd, environment) could not be saved in %s; %s]\n' \
+            "${__dsv4_state%/*}" "the next command starts afresh" >&2
     fi
 }
 if [ "$__dsv4_keep" = save ]; then trap __dsv4_save EXIT; fi
@@ -173,8 +173,9 @@ class ShellSession:
         limit = "0" if timeout is None or background else f"{timeout:.3f}"
         log = f"{self.log_dir}/dsv4-bg-{secrets.token_hex(4)}.log" if background else None
         started = time.monotonic()
+        line = f"__dsv4_run {token} {limit} {shlex.quote(log or '-')} {shlex.quote(command)}\n"
         try:
-            self.transport.send(f"__dsv4_run {token} {limit} {shlex.quote(log or '-')} {shlex.quote(command)}\n".encode())
+            self.transport.send(line.encode())
         except EOFError as exc:
             raise ShellDied("the session shell exited") from exc
         out = StreamCapture(token.encode(), self.output_cap)

@@ -51,7 +51,8 @@ async def test_disk_fill_stops_at_the_workspace_limit_and_the_host_is_untouched(
     async with DockerSandbox(sandbox_image, disk="32m", tmp_size="16m", memory="8m") as sb:
         r = await sb.run("head -c 500M /dev/zero > /workspace/one-big-file", timeout=30)
         assert r.exit_code == 1 and "No space left" in r.stderr
-        r = await sb.run("rm /workspace/one-big-file; for i in $(seq 10); do head -c 8M /dev/zero > /workspace/f$i || break; done; "
+        r = await sb.run("rm /workspace/one-big-file; "
+                         "for i in $(seq 10); do head -c 8M /dev/zero > /workspace/f$i || break; done; "
                          "du -sm /workspace | cut -f1", timeout=30)
         assert "No space left" in r.stderr and int(r.stdout) <= 32  # the tmpfs quota
         r = await sb.run("head -c 100M /dev/zero > /tmp/fill; echo rc=$?; head -c 1M /dev/zero > /opt/x; echo rc=$?")

@@ -140,6 +140,18 @@ async def test_a_full_tmp_and_deleted_shell_state_heal(sandbox_image):
         assert sb.restarts == 0
 
 
+async def test_a_shell_state_that_cannot_be_saved_whole_is_dropped_with_a_note(sandbox_image):
+    async with DockerSandbox(sandbox_image, timeout=30) as sb:
+        await sb.run("cd /tmp && export KEPT=1")
+        r = await sb.run("head -c 32M /dev/zero > /run/dsv4-shell/fill; cd /; "
+                         "export BIG=$(head -c 100000 /dev/zero | tr '\\0' x)")
+        assert "shell state (cwd, environment) could not be saved" in r.stderr
+        # not restored in half (the cd without BIG): the next command starts afresh, as it was told
+        assert (await sb.run('pwd; echo "[${KEPT-}${BIG-}]"')).stdout == "/workspace\n[]\n"
+        await sb.run("rm /run/dsv4-shell/fill; cd /tmp")
+        assert (await sb.run("pwd")).stdout == "/tmp\n"
+
+
 async def test_only_a_timeout_is_reported_as_a_timeout(sandbox_image):
     async with DockerSandbox(sandbox_image, timeout=30) as sb:
         r = await sb.run("kill -KILL $$")  # 137 of its own doing
