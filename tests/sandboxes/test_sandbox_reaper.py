@@ -1,11 +1,12 @@
 """Nothing leaks: whatever moment a sandbox's owner is SIGKILLed at, its containers, shells and folders go.
 
 Invariants (issue 13): no container outlives its owner by more than 30 s, none outlives its `ttl`, with no
-other sandbox started afterwards; a `--sandbox local` owner's shell, command, watchdog and state folder go
+other sandbox started afterwards; a `--sandbox local` run's shell, command, watchdog and state folder go
 with it. Owner processes below kill themselves at chosen moments of start-up by patching docker-py.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -64,27 +65,6 @@ async def main():
 if moment in ("running", "pool"):
     docker.api.client.APIClient.start = start
 anyio.run(main)
-"""
-
-# A `--sandbox local` owner: prints its shell's session id and state folder, starts a background server and a
-# long command (with its watchdog), says "ready" and waits to be killed.
-LOCAL_OWNER = """
-import sys, anyio
-from pathlib import Path
-from sandboxes import LocalSandbox
-
-async def main(workspace):
-    sandbox = LocalSandbox(workspace, timeout=600)
-    sid = (await sandbox.run("echo $PPID")).stdout.strip()
-    print(sid, sandbox._state_dir, flush=True)
-    await sandbox.run("sleep 1000", background=True)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(sandbox.run, "touch started; sleep 1000")
-        while not Path(workspace, "started").exists():
-            await anyio.sleep(0.05)
-        print("ready", flush=True)
-
-anyio.run(main, sys.argv[1])
 """
 
 # A later process that only starts (and closes) a sandbox: its start-up reaps what dead owners left.
@@ -146,18 +126,32 @@ def test_no_container_outlives_an_owner_sigkilled_at_any_moment(moment, sandbox_
     assert not left and time.monotonic() - died <= ORPHAN_LIMIT_S
 
 
-def test_a_local_owners_shell_command_watchdog_and_folder_go_with_it(tmp_path, leak_checked_owners):
-    owner = _spawn(leak_checked_owners, LOCAL_OWNER, str(tmp_path / "ws"))
-    sid, state_dir = owner.stdout.readline().split()
-    assert owner.stdout.readline() == "ready\n"
-    members = session_members(int(sid))
-    assert len(members) >= 5, members  # the shell, a server, a command in its runner, and its watchdog
-    owner.send_signal(signal.SIGKILL)
-    owner.wait(timeout=60)
-    owner.stdout.close()
+def test_a_sigkilled_local_run_takes_its_shell_command_watchdog_and_folder_along(tmp_path, leak_checked_owners):
+    from agent import completion
+
+    script = tmp_path / "turns.json"
+    script.write_text(json.dumps([
+        completion("A server.", calls=[("bash", {"command": "sleep 1000", "background": True})]),
+        completion("A long command.", calls=[("bash", {"timeout": 900, "command": (
+            'echo "$PPID ${__dsv4_state%/*}" > info.part && mv info.part info; sleep 1000')})]),
+        completion("Done.", content="never reached"),
+    ]))
+    workspace = tmp_path / "ws"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "wait", "--scripted", str(script), "--sandbox", "local",
+         "--yolo", "--workspace", str(workspace), "-o", str(tmp_path / "runs")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert _wait((workspace / "info").exists, 120), "the run never reached its long command"
+        sid, state_dir = (workspace / "info").read_text().split()
+        members = session_members(int(sid))
+        assert len(members) >= 5, members  # the shell, the server, the command in its runner, its watchdog
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
     assert _wait(lambda: not session_members(int(sid)), ORPHAN_LIMIT_S), \
-        f"processes of the dead owner's shell still run: {session_members(int(sid))}"
-    assert _wait(lambda: not Path(state_dir).exists(), ORPHAN_LIMIT_S), f"{state_dir} outlived its owner"
+        f"processes of the killed run's shell still run: {session_members(int(sid))}"
+    assert _wait(lambda: not Path(state_dir).exists(), ORPHAN_LIMIT_S), f"{state_dir} outlived its run"
 
 
 # --- the deadline process in the container, on its own ---------------------------------------------------
