@@ -64,6 +64,27 @@ async def test_a_container_lost_during_a_command_is_replaced_and_the_model_told(
         await _until(lambda: not _exists(docker_client, first), 30, "the lost container was removed")
 
 
+async def test_an_engine_that_still_calls_a_killed_container_running_does_not_fool_the_revival(sandbox_image):
+    # Docker reports "running" for a moment after the exec connection drops; here that moment lasts 3 s.
+    client = docker.from_env()
+    inspect, lag_until = client.api.inspect_container, [0.0]
+
+    def lagging_inspect(container_id):
+        if time.monotonic() < lag_until[0]:
+            return {"State": {"Status": "running", "Running": True, "Paused": False}}
+        return inspect(container_id)
+
+    client.api.inspect_container = lagging_inspect
+    async with DockerSandbox(sandbox_image, timeout=60, client=client) as sb:
+        await sb.run("export LOST=yes")
+        lag_until[0] = time.monotonic() + 3
+        client.api.kill(sb.container_id)
+        r = await sb.run("echo never")
+        assert r.exit_code == -1 and "new container was started" in r.stderr and sb.restarts == 1
+        r = await sb.run('echo "[${LOST-}]"')
+        assert (r.exit_code, r.stdout) == (0, "[]\n")
+
+
 async def test_a_container_lost_between_commands_is_replaced_for_commands_and_file_io(sandbox_image, docker_client):
     async with DockerSandbox(sandbox_image, timeout=60) as sb:
         await sb.write_file("a.txt", "before")

@@ -227,7 +227,7 @@ async def test_the_hard_ttl_ends_a_live_sandbox(sandbox_image, docker_client):
 async def test_a_pool_never_keeps_a_member_past_its_ttl(sandbox_image, docker_client):
     from sandboxes.pool import SandboxPool
 
-    async with SandboxPool(size=1, image=sandbox_image, ttl=6) as pool:
+    async with SandboxPool(size=1, image=sandbox_image, ttl=10) as pool:
         await pool.fill()
         [first] = pool._ready
         first_id = first.container_id
