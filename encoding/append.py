@@ -25,7 +25,6 @@ Why it holds:
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from .encode import check_modes, encode_messages
@@ -52,8 +51,8 @@ class AppendOnlyEncoder:
 
     @property
     def messages(self) -> list[dict]:
-        """The conversation so far; completions as parsed (a call whose arguments are not a JSON
-        object keeps its raw text as {"arguments": raw}, the way upstream renders such calls)."""
+        """The conversation so far; completions as parsed (a call whose arguments are not JSON keeps
+        its raw text, which renders as the single parameter `arguments`, as upstream renders it)."""
         return list(self._messages)
 
     def _expect(self, call: str) -> None:
@@ -135,21 +134,12 @@ UNREADABLE_TOOL_NAME = "<unreadable>"
 
 
 def _history_form(message: dict) -> dict:
-    """The message as kept for later rendering: a call whose arguments are not a JSON object
-    (the model wrote invalid JSON) keeps its raw text under "arguments", as upstream renders it;
-    a call whose name the tolerant parser could not read (a garbled invoke header) is kept under
-    UNREADABLE_TOOL_NAME, so its error result can still answer it.
-    History is never rendered again; this only keeps the conversation valid for `encode_messages`."""
-    calls = []
-    for call in message["tool_calls"]:
-        if not call["function"].get("name"):
-            call = {**call, "function": {**call["function"], "name": UNREADABLE_TOOL_NAME}}
-        try:
-            valid = isinstance(json.loads(call["function"]["arguments"]), dict)
-        except (ValueError, RecursionError):
-            valid = False
-        if not valid:
-            raw = call["function"]["arguments"]
-            call = {**call, "function": {**call["function"], "arguments": json.dumps({"arguments": raw}, ensure_ascii=False)}}
-        calls.append(call)
+    """The message as kept for later rendering: a call whose name the tolerant parser could not read
+    (a garbled invoke header) is kept under UNREADABLE_TOOL_NAME, so its error result can still
+    answer it. History is never rendered again; this only keeps the conversation valid for
+    `encode_messages`."""
+    calls = [
+        {**call, "function": {**call["function"], "name": UNREADABLE_TOOL_NAME}} if not call["function"].get("name") else call
+        for call in message["tool_calls"]
+    ]
     return {**message, "tool_calls": calls}

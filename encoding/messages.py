@@ -100,17 +100,18 @@ ROLES = ("system", "developer", "user", "assistant", "tool", "latest_reminder")
 
 
 def decode_arguments(arguments: Any, where: str) -> dict[str, Any]:
-    """A tool call's `arguments` as an object: JSON object text, or a dict given as is."""
+    """A tool call's `arguments` as the object whose parameters are rendered: a dict as is; JSON text
+    decoded. Text that is not JSON (or that `json` cannot decode: too deep, an integer too long)
+    becomes the single parameter {"arguments": text}, as the official encoder renders it; JSON that
+    is not an object is rejected, as it is there (`.items()` fails)."""
     if isinstance(arguments, dict):
         return arguments
     if not isinstance(arguments, str):
         raise MessageError(where, f"must be a JSON object string, got {type(arguments).__name__}")
     try:
         decoded = json.loads(arguments)
-    except json.JSONDecodeError as err:
-        raise MessageError(where, f"is not valid JSON ({err.msg} at character {err.pos}): {arguments[:80]!r}") from None
-    except (ValueError, RecursionError) as err:  # integer too long, nesting too deep
-        raise MessageError(where, f"is not usable JSON ({err})") from None
+    except (ValueError, RecursionError):
+        return {"arguments": arguments}
     if not isinstance(decoded, dict):
         raise MessageError(where, f"must be a JSON object, got {type(decoded).__name__}")
     return decoded

@@ -162,6 +162,7 @@ def test_invalid_json_call_stays_in_history_and_gets_its_result(tok):
         '</think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="bash">\n<｜DSML｜parameter name="n" string="false">{x'
         '</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>' + EOS))
     assert message["tool_calls"][0]["function"]["arguments"] == '{"n": {x}'
+    assert enc.messages[-1]["tool_calls"][0]["function"]["arguments"] == '{"n": {x}'  # kept raw: renders as upstream does
     assert "'n'" in enc.last_call_errors["call_0_0"] and "not valid JSON" in enc.last_call_errors["call_0_0"]
     appended = enc.append([ToolMessage(tool_call_id="call_0_0", content="error: invalid JSON")])
     assert tok.decode(appended) == "<｜User｜><tool_result>error: invalid JSON</tool_result><｜Assistant｜><think>"

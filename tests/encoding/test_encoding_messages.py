@@ -58,6 +58,30 @@ def test_dict_arguments_are_taken_as_decoded():
     assert encode_messages(as_dict, "chat") == encode_messages(as_text, "chat")
 
 
+NOT_JSON_ARGUMENTS = {
+    "not_json": "{cmd: ls}",
+    "empty": "",
+    "cut_off": '{"path": "a.txt"',
+    "nested_too_deep_for_json": '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    "integer_too_long_for_json": '{"n": ' + "1" * 5000 + "}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_JSON_ARGUMENTS))
+def test_arguments_json_cannot_decode_render_as_one_string_parameter(name):
+    # The official encoder catches json.loads' failure and renders {"arguments": raw}; histories from
+    # other clients carry such calls, so they render instead of raising.
+    arguments = NOT_JSON_ARGUMENTS[name]
+    messages = [{"role": "user", "content": "go"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "run", "arguments": arguments}}]},
+                {"role": "tool", "tool_call_id": "c", "content": "R"}]
+    assert encode_messages(messages, "chat") == (
+        "<｜begin▁of▁sentence｜><｜User｜>go<｜Assistant｜></think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"run\">\n"
+        f'<｜DSML｜parameter name="arguments" string="true">{arguments}</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
+        "</｜DSML｜tool_calls><｜end▁of▁sentence｜><｜User｜><tool_result>R</tool_result><｜Assistant｜></think>")
+
+
 BAD = {
     "unknown_role": ([{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}], "messages[1].role"),
     "not_a_message": (["hello"], "messages[0]"),
@@ -77,13 +101,15 @@ BAD = {
     "more_results_than_calls": ([
         {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "content": "r"}, {"role": "tool", "content": "r"}], "messages[2]"),
-    "non_json_arguments": ([{"role": "assistant", "tool_calls": [
-        {"type": "function", "function": {"name": "f", "arguments": "{cmd: ls}"}}]}], "messages[0].tool_calls[0].function.arguments"),
-    "arguments_nested_too_deep": ([{"role": "assistant", "tool_calls": [
-        {"type": "function", "function": {"name": "f", "arguments": '{"a": ' + "[" * 100_000 + "}"}}]}],
-        "messages[0].tool_calls[0].function.arguments"),
-    "arguments_not_an_object": ([{"role": "assistant", "tool_calls": [
+    # JSON that is not an object: upstream fails on `.items()`.
+    "arguments_a_json_array": ([{"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "[1]"}}]}], "messages[0].tool_calls[0].function.arguments"),
+    "arguments_json_null": ([{"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "null"}}]}], "messages[0].tool_calls[0].function.arguments"),
+    "arguments_a_json_string": ([{"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": '"ls"'}}]}], "messages[0].tool_calls[0].function.arguments"),
+    "arguments_not_text": ([{"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": 3}}]}], "messages[0].tool_calls[0].function.arguments"),
     "call_without_name": ([{"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"arguments": "{}"}}]}], "messages[0].tool_calls[0].function.name"),
     "tools_not_openai_shape": ([{"role": "system", "content": "S", "tools": [{"name": "f"}]}], "messages[0].tools[0]"),
