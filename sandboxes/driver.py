@@ -4,6 +4,10 @@ Shared by `LocalSandbox` and `DockerSandbox`. Cancelling `run()` kills the runni
 `interrupt`) and waits for the shell to report, so the next command starts on a clean session. A shell that
 dies or hangs is replaced at once (through `revive`, which repairs what killed it), and the command's result
 says what was lost; when no new shell starts, the result says so and the next command tries again.
+
+A cancel can come before the command exists: the worker thread may still be sending it, or the shell
+not yet have started it (on a loaded machine that takes seconds). `interrupt` is therefore repeated
+until the run ends; one kill would miss it, and the command would run on until the wait gave up.
 """
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ import anyio.to_thread
 
 from sandboxes.base import CommandResult
 from sandboxes.shell import ShellDied, ShellSession
+
+STOP_WAIT_S = 15.0  # how long a cancelled run may take to end before its shell is called hung and replaced
+INTERRUPT_EVERY_S = 0.2  # how often a cancelled run's command is killed again while its run has not ended
 
 # After a shell died: a new session and the note for the model (blocking; raises when none can be started).
 Revive = Callable[[ShellDied], tuple[ShellSession, str]]
@@ -65,8 +72,7 @@ class ShellDriver:
                 await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self._interrupt)
-                    if not await anyio.to_thread.run_sync(finished.wait, 15.0):
+                    if not await anyio.to_thread.run_sync(self._stop_command, finished):
                         await self._replace(session)
                 raise
             result = outcome[0]
@@ -77,6 +83,17 @@ class ShellDriver:
             if isinstance(result, BaseException):
                 raise result
             return result
+
+    def _stop_command(self, finished: threading.Event) -> bool:
+        """Kill the command of a cancelled run until the run ends (blocking); False if it has not ended
+        after STOP_WAIT_S."""
+        deadline = time.monotonic() + STOP_WAIT_S
+        while True:
+            self._interrupt()
+            if finished.wait(max(0.0, min(INTERRUPT_EVERY_S, deadline - time.monotonic()))):
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
     async def recover(self, died: ShellDied, still_broken: Callable[[], bool]) -> str | None:
         """What `run` does when its shell dies, for a caller that found it out otherwise (file IO). None when

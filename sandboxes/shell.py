@@ -110,6 +110,7 @@ __dsv4_run() {{
         wd=$!
     fi
     wait "$pid"; rc=$?
+    : > "$__dsv4_dir/current"  # no command runs: a late interrupt must not signal a recycled pid
     # What the command left behind ends with it. One signal is enough: the kernel aborts a fork that races
     # with a signal to the parent's group, so not even a fork bomb can slip a child past it.
     kill -KILL -- -"$pid"

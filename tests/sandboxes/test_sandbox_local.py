@@ -8,6 +8,7 @@ import anyio
 import pytest
 
 from sandboxes import CommandResult, LocalSandbox, Sandbox, WorkspaceEscapeError
+from sandboxes.local import PipeTransport
 
 pytestmark = pytest.mark.anyio
 
@@ -132,6 +133,24 @@ async def test_background_jobs_end_with_the_sandbox(tmp_path):
 async def test_cancelling_run_kills_the_command(sandbox):
     started = time.monotonic()
     with anyio.move_on_after(0.3):
+        await sandbox.run("sleep 20", timeout=30)
+    assert time.monotonic() - started < 5
+    assert (await sandbox.run("echo next")).stdout == "next\n"
+
+
+async def test_cancelling_run_before_the_command_started_still_kills_it(sandbox, monkeypatch):
+    # On a loaded machine the worker thread can still be sending the command when the cancel comes, so
+    # the first kill finds nothing to kill; the command must not then run on to its end.
+    send = PipeTransport.send
+
+    def late_send(self, data: bytes) -> None:
+        if b"sleep 20" in data:
+            time.sleep(0.5)
+        send(self, data)
+
+    monkeypatch.setattr(PipeTransport, "send", late_send)
+    started = time.monotonic()
+    with anyio.move_on_after(0.1):
         await sandbox.run("sleep 20", timeout=30)
     assert time.monotonic() - started < 5
     assert (await sandbox.run("echo next")).stdout == "next\n"
