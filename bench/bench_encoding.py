@@ -5,8 +5,8 @@
 1. Build an agent session (system + tools, then turns of reasoning + tool calls + tool results)
    through AppendOnlyEncoder until it holds --tokens tokens.
 2. Append one more turn: append-only (`AppendOnlyEncoder.append`, timed once, plus the median of
-   the 50 turns before) vs the full re-encode (`encode_messages` of the whole conversation +
-   `Tokenizer.encode`, best of --repeat), and check they agree.
+   the 50 turns before) vs the full re-encode (`render_messages` of the whole conversation +
+   `Tokenizer.encode_prompt`, best of --repeat), and check they agree.
 3. Stream-parse a large completion (a 1 MB write_file argument plus reasoning and content) in
    token-sized (4-char) and 64 KB chunks, strict and tolerant, against the whole-text parser.
 Prints one line per figure.
@@ -20,7 +20,8 @@ import platform
 import random
 import time
 
-from encoding import AppendOnlyEncoder, StreamParser, Tokenizer, encode_messages, parse_message_from_completion_text
+from encoding import (AppendOnlyEncoder, StreamParser, Tokenizer, encode_messages, parse_message_from_completion_text,
+                      render_messages)
 
 EOS = "<｜end▁of▁sentence｜>"
 TOOLS = [{"type": "function", "function": {"name": name, "description": f"{name} tool", "parameters": {
@@ -71,8 +72,8 @@ def bench_conversation(tok: Tokenizer, target: int, repeat: int) -> None:
 
     # One more turn onto the full conversation: append-only vs the full re-encode it must equal.
     new = turn(rng, tok, enc, n)
-    t_full_render, text = best_of(repeat, lambda: encode_messages(enc.messages + new, "thinking", reasoning_effort="max"))
-    t_full_tok, full_ids = best_of(repeat, lambda: tok.encode(text))
+    t_full_render, pieces = best_of(repeat, lambda: render_messages(enc.messages + new, "thinking", reasoning_effort="max"))
+    t_full_tok, full_ids = best_of(repeat, lambda: tok.encode_prompt(pieces))
     t0 = time.perf_counter()
     appended = enc.append(new)
     t_append = time.perf_counter() - t0

@@ -25,7 +25,7 @@ from pathlib import Path
 import anyio
 
 from agent import Agent, ScriptedBackend, completion
-from encoding import AppendOnlyEncoder, Tokenizer, encode_messages
+from encoding import AppendOnlyEncoder, Tokenizer, render_messages
 from tools import tool
 
 REASONING = (
@@ -99,7 +99,7 @@ def encode_comparison(turns: int) -> list[dict]:
         t_append = time.perf_counter() - t0
         session += new_ids
         t0 = time.perf_counter()
-        full = tok.encode(encode_messages(enc.messages, "thinking", drop_thinking=False, reasoning_effort="max"))
+        full = tok.encode_prompt(render_messages(enc.messages, "thinking", drop_thinking=False, reasoning_effort="max"))
         t_full = time.perf_counter() - t0
         assert full == session, f"turn {turn}: append-only ids differ from the full re-encode"
         rows.append(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .append import AppendOnlyEncoder
 from .constrain import DSMLConstraint, FreeText, tools_from_prompt
-from .encode import encode_messages
+from .encode import encode_messages, render_messages
 from .errors import DSMLParseError, MessageError
 from .json_constraint import JSONConstraint, JSONGrammar, UnsupportedSchema, compile_schema
 from .parse import parse_message_from_completion_text
@@ -32,6 +32,7 @@ from .stream import (
     ToolCallStarted,
 )
 from .tokenizer import Tokenizer
+from .tokens import Piece
 
 __all__ = [
     "AppendOnlyEncoder",
@@ -55,6 +56,7 @@ __all__ = [
     "End",
     "Event",
     "MessageError",
+    "Piece",
     "ReasoningDelta",
     "StreamParser",
     "ToolCallComplete",
@@ -64,5 +66,6 @@ __all__ = [
     "compile_schema",
     "encode_messages",
     "parse_message_from_completion_text",
+    "render_messages",
     "tools_from_prompt",
 ]

@@ -6,8 +6,10 @@
     ids = enc.append([tool_result, ...])                      # only the new ids
 
 The contract: after any sequence of these calls, `prompt ids + generated ids + appended ids`
-ends exactly like `Tokenizer.encode(encode_messages(enc.messages, mode, reasoning_effort=...))`
-does: every `append` returns the tail of that full re-encode, token for token.
+ends exactly like the full re-encode `Tokenizer.encode_prompt(render_messages(enc.messages, mode,
+reasoning_effort=...))` does: every `append` returns the tail of that full re-encode, token for token.
+Message data (task, tool results, notices) never yields a control id; where it holds no added-token
+string the ids are those of `Tokenizer.encode(encode_messages(...))`.
 
 Why it holds:
   * Thinking is never dropped: with tools present the official encoder keeps every turn's
@@ -16,8 +18,8 @@ Why it holds:
     this encoder then renders like `drop_thinking=False` (the only append-only choice).
   * A message renders from itself, the role of the next message and the turn before it; appended
     turns follow an assistant completion, so they are rendered with that completion as context.
-  * Token boundaries: each appended piece starts right after the completion's EOS, an added token
-    at which `tokenizers` cuts the text, so its ids equal the full re-encode's tail. A completion
+  * Token boundaries: each appended piece starts right after the completion's EOS, a markup added
+    token at which `encode_prompt` cuts the text, so its ids equal the full re-encode's tail. A completion
     cut before its EOS (max tokens, truncated call) gets the EOS id prepended to the next append,
     which is what the full re-encode has there.
   * The generated ids themselves are kept as the model wrote them (possibly not the tokenizer's
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .encode import check_modes, encode_messages
+from .encode import check_modes, render_messages
 from .errors import MessageError
 from .messages import ToolCallLedger, as_message_dicts
 from .stream import End, StreamParser, ToolCallComplete
@@ -64,12 +66,12 @@ class AppendOnlyEncoder:
         self._expect("prompt")
         msgs = as_message_dicts(messages)
         _check_asks_for_answer(msgs, "messages")
-        text = encode_messages(msgs, self.thinking_mode, drop_thinking=False, reasoning_effort=self.reasoning_effort)
+        pieces = render_messages(msgs, self.thinking_mode, drop_thinking=False, reasoning_effort=self.reasoning_effort)
         self._messages = msgs
         for msg in msgs:
             self._tool_names.update(tool["function"]["name"] for tool in msg.get("tools") or [])
         self._awaiting = "completion"
-        return self._count(self.tokenizer.encode(text))
+        return self._count(self.tokenizer.encode_prompt(pieces))
 
     def record_completion(self, token_ids: list[int]) -> dict:
         """Parse what the model generated (tolerantly) and add it to the conversation.
@@ -108,9 +110,9 @@ class AppendOnlyEncoder:
         as_message_dicts([completion], "completion", ledger)
         msgs = as_message_dicts(new_messages, "new_messages", ledger)  # tool results answer its calls
         _check_asks_for_answer(msgs, "new_messages")
-        text = encode_messages(msgs, self.thinking_mode, context=[completion], drop_thinking=False,
-                               reasoning_effort=self.reasoning_effort)
-        ids = ([self.tokenizer.eos_id] if self._missing_eos else []) + self.tokenizer.encode(text)
+        pieces = render_messages(msgs, self.thinking_mode, context=[completion], drop_thinking=False,
+                                 reasoning_effort=self.reasoning_effort)
+        ids = ([self.tokenizer.eos_id] if self._missing_eos else []) + self.tokenizer.encode_prompt(pieces)
         self._messages.extend(msgs)
         self._awaiting = "completion"
         return self._count(ids)
@@ -137,7 +139,7 @@ def _history_form(message: dict) -> dict:
     """The message as kept for later rendering: a call whose name the tolerant parser could not read
     (a garbled invoke header) is kept under UNREADABLE_TOOL_NAME, so its error result can still
     answer it. History is never rendered again; this only keeps the conversation valid for
-    `encode_messages`."""
+    `render_messages`."""
     calls = [
         {**call, "function": {**call["function"], "name": UNREADABLE_TOOL_NAME}} if not call["function"].get("name") else call
         for call in message["tool_calls"]

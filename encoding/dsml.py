@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .tokens import DSML, TOOLS_TEMPLATE
+from .tokens import DSML, TOOLS_TEMPLATE, Piece, prompt_text
+
+markup, data = Piece.of_markup, Piece.of_data
 
 
 def to_json(value: Any) -> str:
@@ -22,25 +24,40 @@ def to_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def tools_block_pieces(functions: list[dict]) -> list[Piece]:
+    """The "## Tools" section for a list of OpenAI `function` objects; the schemas are data."""
+    head, tail = TOOLS_TEMPLATE.split("{tool_schemas}")
+    return [markup(head), data("\n".join(to_json(fn) for fn in functions)), markup(tail)]
+
+
 def render_tools_block(functions: list[dict]) -> str:
-    """The "## Tools" section for a list of OpenAI `function` objects."""
-    return TOOLS_TEMPLATE.replace("{tool_schemas}", "\n".join(to_json(fn) for fn in functions))
+    return prompt_text(tools_block_pieces(functions))
 
 
-def render_parameters(arguments: dict[str, Any]) -> str:
-    lines = []
+def parameter_pieces(arguments: dict[str, Any]) -> list[Piece]:
+    pieces: list[Piece] = []
     for key, value in arguments.items():
         is_str = isinstance(value, str)
-        text = value if is_str else to_json(value)
-        flag = "true" if is_str else "false"
-        lines.append(f'<{DSML}parameter name="{key}" string="{flag}">{text}</{DSML}parameter>')
-    return "\n".join(lines)
+        if pieces:
+            pieces.append(markup("\n"))
+        pieces += [markup(f'<{DSML}parameter name="'), data(str(key)), markup(f'" string="{"true" if is_str else "false"}">'),
+                   data(value if is_str else to_json(value)), markup(f"</{DSML}parameter>")]
+    return pieces
+
+
+def tool_calls_pieces(calls: list[tuple[str, dict[str, Any]]]) -> list[Piece]:
+    """The tool-call block appended to an assistant turn, from (name, arguments) pairs."""
+    pieces = [markup(f"\n\n<{DSML}tool_calls>\n")]
+    for i, (name, arguments) in enumerate(calls):
+        if i:
+            pieces.append(markup("\n"))
+        pieces += [markup(f'<{DSML}invoke name="'), data(name), markup('">\n'), *parameter_pieces(arguments),
+                   markup(f"\n</{DSML}invoke>")]
+    return pieces + [markup(f"\n</{DSML}tool_calls>")]
 
 
 def render_tool_calls(calls: list[tuple[str, dict[str, Any]]]) -> str:
-    """The tool-call block appended to an assistant turn, from (name, arguments) pairs."""
-    invokes = [f'<{DSML}invoke name="{name}">\n{render_parameters(args)}\n</{DSML}invoke>' for name, args in calls]
-    return f"\n\n<{DSML}tool_calls>\n" + "\n".join(invokes) + f"\n</{DSML}tool_calls>"
+    return prompt_text(tool_calls_pieces(calls))
 
 
 def arguments_json(params: list[tuple[str, str, bool]]) -> str:

@@ -1,4 +1,6 @@
-"""`encode_messages`: a conversation to the DSV4 prompt text, byte-exact with the official encoder.
+"""`render_messages`: a conversation to the DSV4 prompt, byte-exact with the official encoder, as
+pieces that keep the format's markup apart from message data (`Tokenizer.encode_prompt` turns them
+into ids, never matching a control token inside data); `encode_messages` is their text.
 
 Pipeline (same order and semantics as the official `encoding_dsv4.py`):
   1. check the messages (`MessageError` on malformed ones);
@@ -7,18 +9,21 @@ Pipeline (same order and semantics as the official `encoding_dsv4.py`):
   3. in thinking mode with `drop_thinking` (off as soon as any message has tools): drop the
      reasoning of assistant turns and the developer messages before the last user turn;
   4. render each message and the transition after it, concatenated with no separators.
+
+The official encoder works on text; splitting it into pieces changes no character of it.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from .dsml import render_tool_calls, render_tools_block, to_json
+from .dsml import tool_calls_pieces, tools_block_pieces, to_json
 from .errors import MessageError
 from .messages import ToolCallLedger, as_message_dicts, decode_arguments
 from .tokens import (
     ASSISTANT,
     BOS,
     EOS,
+    EXTRACTED_URL,
     LATEST_REMINDER,
     REASONING_EFFORT_MAX,
     RESPONSE_FORMAT_PREFIX,
@@ -26,7 +31,11 @@ from .tokens import (
     THINK_END,
     THINK_START,
     USER,
+    Piece,
+    prompt_text,
 )
+
+markup, data = Piece.of_markup, Piece.of_data
 
 THINKING_MODES = ("chat", "thinking")
 REASONING_EFFORTS = (None, "high", "max")
@@ -47,12 +56,25 @@ def encode_messages(
     add_default_bos_token: bool = True,
     reasoning_effort: str | None = None,
 ) -> str:
-    """Render `messages` (dicts or `encoding.messages` models) as DSV4 prompt text.
+    """Render `messages` (dicts or `encoding.messages` models) as DSV4 prompt text (the official API).
 
     `context`: messages already rendered earlier (e.g. already in a KV cache); they shape the
     rendering of `messages` (transitions, tool-result order, dropped thinking) but are not
     rendered again, and no BOS is added.
     """
+    return prompt_text(render_messages(messages, thinking_mode, context, drop_thinking, add_default_bos_token,
+                                       reasoning_effort))
+
+
+def render_messages(
+    messages: list[Any],
+    thinking_mode: str,
+    context: list[Any] | None = None,
+    drop_thinking: bool = True,
+    add_default_bos_token: bool = True,
+    reasoning_effort: str | None = None,
+) -> list[Piece]:
+    """`encode_messages` as pieces: the prompt to encode with `Tokenizer.encode_prompt`."""
     check_modes(thinking_mode, reasoning_effort)
     ledger = ToolCallLedger()
     context_msgs = merge_tool_results(as_message_dicts(context or [], "context", ledger))
@@ -70,10 +92,10 @@ def encode_messages(
         n_context = len(context_msgs)
 
     last_user = last_user_index(full)
-    prompt = [BOS] if add_default_bos_token and not context_msgs else []
+    pieces = [markup(BOS)] if add_default_bos_token and not context_msgs else []
     for index in range(n_context, len(full)):
-        prompt.append(render_message(index, full, thinking, drop, reasoning_effort, last_user))
-    return "".join(prompt)
+        pieces += render_message(index, full, thinking, drop, reasoning_effort, last_user)
+    return pieces
 
 
 def last_user_index(messages: list[dict]) -> int:
@@ -149,57 +171,65 @@ def drop_old_thinking(messages: list[dict]) -> list[dict]:
     return kept
 
 
-def _system_extras(msg: dict) -> str:
+def _system_extras(msg: dict) -> list[Piece]:
     """Tools block and response format, appended to a system or developer message."""
-    text = ""
+    pieces: list[Piece] = []
     if msg.get("tools"):
-        text += "\n\n" + render_tools_block([tool["function"] for tool in msg["tools"]])
+        pieces += [markup("\n\n"), *tools_block_pieces([tool["function"] for tool in msg["tools"]])]
     if msg.get("response_format"):
-        text += "\n\n" + RESPONSE_FORMAT_PREFIX + to_json(msg["response_format"])
-    return text
+        pieces += [markup("\n\n" + RESPONSE_FORMAT_PREFIX), data(to_json(msg["response_format"]))]
+    return pieces
 
 
-def _tool_result_text(content: Any) -> str:
+def _tool_result_pieces(content: Any) -> list[Piece]:
     if isinstance(content, list):
         content = "\n\n".join(
             part.get("text", "") if part.get("type") == "text" else f"[Unsupported {part.get('type')}]" for part in content
         )
-    return f"<tool_result>{content}</tool_result>"
+    return [markup("<tool_result>"), data(content), markup("</tool_result>")]
 
 
-def _user_text(msg: dict) -> str:
+def _user_pieces(msg: dict) -> list[Piece]:
     blocks = msg.get("content_blocks")
     if not blocks:
-        return msg.get("content") or ""
-    parts = []
+        return [data(msg.get("content") or "")]
+    pieces: list[Piece] = []
     for block in blocks:
+        if pieces:
+            pieces.append(markup("\n\n"))
         kind = block.get("type")
         if kind == "text":
-            parts.append(block.get("text", ""))
+            pieces += _text_pieces(block.get("text", ""), read_url=msg.get("task") == "read_url" and block is blocks[-1])
         elif kind == "tool_result":
-            parts.append(_tool_result_text(block.get("content", "")))
+            pieces += _tool_result_pieces(block.get("content", ""))
         else:
-            parts.append(f"[Unsupported {kind}]")
-    return "\n\n".join(parts)
+            pieces.append(data(f"[Unsupported {kind}]"))
+    return pieces
 
 
-def _assistant_text(index: int, messages: list[dict], thinking: bool, drop: bool, last_user: int) -> str:
+def _text_pieces(text: str, read_url: bool) -> list[Piece]:
+    """A user text block; in the text of a read_url task, its last EXTRACTED_URL is the task's marker."""
+    head, marker, url = text.rpartition(EXTRACTED_URL) if read_url else ("", "", text)
+    return [data(head), markup(marker), data(url)] if marker else [data(text)]
+
+
+def _assistant_pieces(index: int, messages: list[dict], thinking: bool, drop: bool, last_user: int) -> list[Piece]:
     msg = messages[index]
-    calls = msg.get("tool_calls") or []
-    tool_part = ""
-    if calls:
-        pairs = [
-            (call["function"]["name"], decode_arguments(call["function"].get("arguments"), f"tool_calls[{i}].function.arguments"))
-            for i, call in enumerate(calls)
-        ]
-        tool_part = render_tool_calls(pairs)
+    pieces: list[Piece] = []
     # A turn answering a quick-instruction task never carries thinking.
     after_task = index > 0 and messages[index - 1].get("task") is not None
-    thinking_part = ""
     if thinking and not after_task and (not drop or index > last_user):
-        thinking_part = (msg.get("reasoning_content") or "") + THINK_END
-    end = "" if msg.get("wo_eos") else EOS
-    return thinking_part + (msg.get("content") or "") + tool_part + end
+        pieces += [data(msg.get("reasoning_content") or ""), markup(THINK_END)]
+    pieces.append(data(msg.get("content") or ""))
+    calls = msg.get("tool_calls") or []
+    if calls:
+        pieces += tool_calls_pieces([
+            (call["function"]["name"], decode_arguments(call["function"].get("arguments"), f"tool_calls[{i}].function.arguments"))
+            for i, call in enumerate(calls)
+        ])
+    if not msg.get("wo_eos"):
+        pieces.append(markup(EOS))
+    return pieces
 
 
 def _transition(index: int, messages: list[dict], thinking: bool, drop: bool, last_user: int) -> str:
@@ -219,21 +249,22 @@ def _transition(index: int, messages: list[dict], thinking: bool, drop: bool, la
     return ""
 
 
-def render_message(index: int, messages: list[dict], thinking: bool, drop: bool, reasoning_effort: str | None, last_user: int) -> str:
+def render_message(index: int, messages: list[dict], thinking: bool, drop: bool, reasoning_effort: str | None,
+                   last_user: int) -> list[Piece]:
     """One message (merged form) and its transition."""
     msg = messages[index]
     role = msg.get("role")
-    text = REASONING_EFFORT_MAX if index == 0 and thinking and reasoning_effort == "max" else ""
+    pieces = [markup(REASONING_EFFORT_MAX)] if index == 0 and thinking and reasoning_effort == "max" else []
     if role == "system":
-        text += (msg.get("content") or "") + _system_extras(msg)
+        pieces += [data(msg.get("content") or ""), *_system_extras(msg)]
     elif role == "developer":
-        text += USER + msg["content"] + _system_extras(msg)
+        pieces += [markup(USER), data(msg["content"]), *_system_extras(msg)]
     elif role == "user":
-        text += USER + _user_text(msg)
+        pieces += [markup(USER), *_user_pieces(msg)]
     elif role == "latest_reminder":
-        text += LATEST_REMINDER + msg["content"]
+        pieces += [markup(LATEST_REMINDER), data(msg["content"])]
     elif role == "assistant":
-        text += _assistant_text(index, messages, thinking, drop, last_user)
+        pieces += _assistant_pieces(index, messages, thinking, drop, last_user)
     else:  # unreachable after as_message_dicts; kept as a guard for direct callers
         raise MessageError(f"messages[{index}].role", f"cannot render role {role!r}")
-    return text + _transition(index, messages, thinking, drop, last_user)
+    return pieces + [markup(_transition(index, messages, thinking, drop, last_user))]

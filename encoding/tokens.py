@@ -2,8 +2,35 @@
 
 Every string here is part of the wire format the model was trained on and must stay byte-exact
 with the official `encoding/encoding_dsv4.py` (fullwidth bars `｜` U+FF5C, `▁` U+2581).
+`Piece` tells these strings apart from message data in a rendered prompt.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """A stretch of a rendered prompt: the format's own text (`markup`: role, think and DSML markers,
+    tags, the tools prose), or message data (content, reasoning, tool names, arguments, schemas,
+    tool results). `Tokenizer.encode_prompt` emits the control tokens of markup as their ids and
+    encodes data as ordinary text, so no string in a message can become a control token."""
+
+    text: str
+    markup: bool
+
+    @staticmethod
+    def of_markup(text: str) -> Piece:
+        return Piece(text, True)
+
+    @staticmethod
+    def of_data(text: str) -> Piece:
+        return Piece(text, False)
+
+
+def prompt_text(pieces: list[Piece]) -> str:
+    return "".join(piece.text for piece in pieces)
+
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -23,6 +50,10 @@ TASK_TOKENS = {
     "title": "<｜title｜>",
     "read_url": "<｜read_url｜>",
 }
+
+# The read_url task's caller ends the user content with "<｜extracted_url｜>{url}" (the official README);
+# in a read_url turn the last one is markup, every other occurrence is text.
+EXTRACTED_URL = "<｜extracted_url｜>"
 
 # DSML markup of tool calls (the tag names follow the `｜DSML｜` token).
 TOOL_CALLS_OPEN = f"<{DSML}tool_calls>"

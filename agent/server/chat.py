@@ -1,5 +1,6 @@
 """Chat completions on DSV4: OpenAI messages, tools and response format rendered by
-`encoding.encode_messages` (the mode from `reasoning_effort`, see agent/server/requests.py); the
+`encoding.render_messages` (the mode from `reasoning_effort`, see agent/server/requests.py) and encoded
+by `Tokenizer.encode_prompt`, so no text of a message becomes a control token; the
 decoding constrained by the request's grammar (`tool_choice` through the DSML constraint, a JSON
 `response_format` through the JSON constraint); the completion parsed by the tolerant
 `encoding.StreamParser` into OpenAI deltas (`reasoning_content`, `content`, `tool_calls`)."""
@@ -15,7 +16,7 @@ from agent.server.requests import ChatRequest, JsonObjectFormat, JsonSchemaForma
 
 def render_chat(request: ChatRequest, tokenizer: Any) -> tuple[list[int], str]:
     """(prompt ids, thinking mode) for a chat request; tools and response format ride on the system message."""
-    from encoding import MessageError, encode_messages
+    from encoding import MessageError, render_messages
 
     messages = [m.as_encoding_dict() for m in request.messages]
     extras: dict[str, Any] = {}
@@ -30,10 +31,10 @@ def render_chat(request: ChatRequest, tokenizer: Any) -> tuple[list[int], str]:
             messages.insert(0, {"role": "system", "content": "", **extras})
     mode, effort = request.thinking_mode()
     try:
-        text = encode_messages(messages, mode, reasoning_effort=effort)
+        pieces = render_messages(messages, mode, reasoning_effort=effort)
     except MessageError as e:
         raise RequestError("messages", str(e)) from None
-    return tokenizer.encode(text), mode
+    return tokenizer.encode_prompt(pieces), mode
 
 
 class ChatParser:
