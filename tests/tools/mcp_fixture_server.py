@@ -1,7 +1,8 @@
 """A small MCP server the tools tests run as a real process, over stdio or streamable HTTP.
 
 It is a low-level `mcp.server.Server` so the tests control what the SDK's high-level server hides:
-paginated tool listings, JSON-RPC errors, slow calls, a crash, a death by signal, and a grandchild process.
+paginated tool listings, JSON-RPC errors, slow calls, a crash, a death by signal, a grandchild process, and
+replies of any text (a file's).
 
     python tests/tools/mcp_fixture_server.py stdio [--page-size N] [--tools N] [--start-once MARKER]
     python tests/tools/mcp_fixture_server.py http --port PORT
@@ -22,6 +23,7 @@ from mcp.shared.exceptions import MCPError
 # name -> (description, input schema properties, required)
 FIXED_TOOLS: dict[str, tuple[str, dict, list[str]]] = {
     "echo": ("Return the text unchanged.", {"text": {"type": "string"}}, ["text"]),
+    "read_text": ("Return the text of a file.", {"path": {"type": "string"}}, ["path"]),
     "add": ("Add two integers.", {"a": {"type": "integer"}, "b": {"type": "integer"}}, ["a", "b"]),
     "sleep": ("Sleep for some seconds, then answer.", {"seconds": {"type": "number"}}, ["seconds"]),
     "reject": ("Answer with a JSON-RPC error (invalid params).", {}, []),
@@ -68,6 +70,9 @@ def build_server(page_size: int, extra_tools: int) -> Server:
         name = params.name
         if name == "echo":
             return _text(args["text"])
+        if name == "read_text":
+            with open(args["path"], encoding="utf-8") as file:
+                return _text(file.read())
         if name == "add":
             return _text(str(args["a"] + args["b"]))
         if name == "sleep":

@@ -67,9 +67,9 @@ def start_http_fixture(port: int, *extra: str) -> subprocess.Popen:
 @pytest.mark.anyio
 async def test_stdio_listing_is_paginated_and_tools_map_to_prefixed_names():
     async with fixture_stdio("--page-size", "4", "--tools", "5") as server:
-        # 10 fixed + 5 filler tools over pages of 4: only a client that follows cursors sees them all
-        assert len(server.tools) == 15
-        assert len(await server.list_tools()) == 15
+        # 11 fixed + 5 filler tools over pages of 4: only a client that follows cursors sees them all
+        assert len(server.tools) == 16
+        assert len(await server.list_tools()) == 16
         tools = server.as_tools()
         names = [t.name for t in tools]
         assert names == sorted(names) and "fx__echo" in names and "fx__extra_04" in names
@@ -195,7 +195,7 @@ async def test_streamable_http_server_errors_timeouts_and_reconnect():
     try:
         async with MCPServer.http(f"http://127.0.0.1:{port}/mcp", timeout_s=10) as server:
             assert server.name == "127_0_0_1" and server.pid is None
-            assert len(server.tools) == 10  # four pages of three (the last holds one)
+            assert len(server.tools) == 11  # four pages of three (the last holds two)
             assert (await server.call_tool("add", {"a": 2, "b": 3})).content == "5"
             rejected = await server.call_tool("reject", {})
             assert rejected.is_error and rejected.metadata["mcp_error_code"] == -32602
