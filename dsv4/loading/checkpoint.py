@@ -34,6 +34,7 @@ from dsv4.loading.sharding import shard_headers
 from dsv4.network.config import ModelConfig
 from dsv4.network.linear import Linear
 from dsv4.network.model import Transformer
+from dsv4.network.moe import MoE
 from dsv4.network.tensor_parallel import SINGLE, TensorParallel
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -354,6 +355,10 @@ def build_model(cfg: ModelConfig, headers: dict[str, tuple[str, tuple[int, ...]]
     if quant_sim is None:
         quant_sim = device.type == "cuda" and not dequantize
     model.quant_sim = quant_sim
+    if device.type == "cuda":       # FP4 experts into the fused MoE kernels' stacks, once
+        for module in model.modules():
+            if isinstance(module, MoE):
+                module.pack_experts()
     return model.eval()
 
 

@@ -11,6 +11,10 @@ formats, named as in the official checkpoint (`<name>.weight`, `<name>.scale`):
 A quantised layer computes by dequantising its weight on the fly at the activation dtype, a block
 of rows at a time, so a big FP8 / FP4 weight never exists in float all at once (dsv4/quant.py says
 why the dequantised values are exact). `dequantize_` turns it into a float layer for good.
+On CUDA (`QUANT_KERNELS`), an FP8 layer with bf16 / fp16 input instead runs the Triton FP8 GEMMs of
+dsv4_kernels/fp8_gemm.py on the stored weight: FP8 x FP8 products when `quant_sim` rounds the input
+(the kernel does that rounding itself), the FP8 weight widened in registers otherwise. The
+dequantising forward stays their reference (same result up to fp32 summation order).
 With `quant_sim` on (set through `Transformer.quant_sim`), a layer that is FP8 / FP4 in the release
 also rounds its input as the official FP8 / FP4 GEMMs do (FP8 e4m3, a power-of-two scale per token
 per 128 values), whether it still holds the quantised weight or was dequantised since.
@@ -32,6 +36,21 @@ WeightFormat = Literal["float", "fp8", "fp4"]
 # step's float weight stays near 2^24 elements (64 MiB in float32).
 _CHUNK_ELEMENTS = 1 << 24
 ACT_BLOCK = 128          # activation quantisation block of the FP8 / FP4 GEMMs (1 x 128)
+
+# Dispatch of FP8 layers to the Triton kernels: "cuda" = for CUDA inputs when Triton is installed;
+# "always" = any device Triton runs on (CPU only under TRITON_INTERPRET=1, for tests); "off" = the
+# dequantising forward below.
+QUANT_KERNELS = "cuda"
+
+
+def quant_kernels_enabled(x: torch.Tensor) -> bool:
+    """Whether quantised weights meeting `x` run the dsv4_kernels kernels (`QUANT_KERNELS`)."""
+    if QUANT_KERNELS not in ("cuda", "always", "off"):
+        raise ValueError(f"dsv4.network.linear.QUANT_KERNELS must be 'cuda', 'always' or 'off', got {QUANT_KERNELS!r}")
+    if QUANT_KERNELS == "off" or (QUANT_KERNELS == "cuda" and not x.is_cuda):
+        return False
+    import dsv4_kernels  # lazily: Triton must be imported after a test sets TRITON_INTERPRET
+    return dsv4_kernels.triton_available()
 
 
 class Linear(nn.Module):
@@ -130,7 +149,12 @@ class Linear(nn.Module):
 
     # ---- compute ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant_sim and self.quantised_gemm:
+        round_input = self.quant_sim and self.quantised_gemm
+        if self.scale is not None and self.weight.dtype == torch.float8_e4m3fn \
+                and x.dtype in (torch.bfloat16, torch.float16) and quant_kernels_enabled(x):
+            import dsv4_kernels
+            return dsv4_kernels.fp8_linear(x, self.weight, self.scale, fp8_activations=round_input)
+        if round_input:
             x = _act_fake_quant(x)
         if self.scale is None:
             return F.linear(x, self.weight.to(x.dtype))
