@@ -64,7 +64,7 @@ if triton is not None:
         normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
         small = (a + 16384.0) - 16384.0
         r = tl.where(a < 0.015625, small, normal)
-        sign = v.to(tl.int32, bitcast=True) & -2147483648          # -0 stays -0, as the cast keeps it
+        sign = v.to(tl.int32, bitcast=True) & (-2147483647 - 1)    # -0 stays -0, as the cast keeps it
         return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
     @triton.jit
@@ -79,12 +79,24 @@ if triton is not None:
         return scale, inverse
 
     @triton.jit
+    def _output(acc, dtype: tl.constexpr, UPCAST: tl.constexpr):
+        """fp32 -> the output dtype, rounded to nearest even. Triton's interpreter truncates to
+        bf16, a bias that grows through a network's layers, so there the rounding is done on
+        the bits first (the cast of the rounded value is then exact)."""
+        if UPCAST and dtype == tl.bfloat16:
+            bits = acc.to(tl.int32, bitcast=True)
+            acc = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        return acc.to(dtype)
+
+    @triton.jit
     def _block_scale(S, row_block, k_block, stride, E8M0: tl.constexpr):
         """One weight block scale as fp32 (UE8M0 byte e -> 2^(e - 127); or stored fp32)."""
         if E8M0:
             byte = tl.load(S + row_block * stride + k_block).to(tl.int32)
-            return tl.where(byte == 0, 2.0 ** -127, (byte << 23).to(tl.float32, bitcast=True))
-        return tl.load(S + row_block * stride + k_block)
+            scale = tl.where(byte == 0, 2.0 ** -127, (byte << 23).to(tl.float32, bitcast=True))
+        else:
+            scale = tl.load(S + row_block * stride + k_block)
+        return scale
 
     @triton.jit
     def _act_quant_kernel(X, Q, S, M, K, stride_x, stride_q, stride_sm, stride_sk,
@@ -147,7 +159,7 @@ if triton is not None:
             a_ptr += 128
             b_ptr += 128
         c = C + rm[:, None].to(tl.int64) * stride_c + rn[None, :]
-        tl.store(c, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(c, _output(acc, C.dtype.element_ty, UPCAST), mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _fp8_gemv_kernel(X, B, BS, OUT, M, N, K, blocks_per_split,
@@ -188,7 +200,7 @@ if triton is not None:
                     part = tl.dot(w.to(x.dtype), tl.trans(x), out_dtype=tl.float32)
                 acc += part * w_scale
         out = OUT + split * stride_os + rt[None, :] * stride_om + rn[:, None]
-        tl.store(out, acc.to(OUT.dtype.element_ty), mask=n_ok[:, None] & t_ok[None, :])
+        tl.store(out, _output(acc, OUT.dtype.element_ty, UPCAST), mask=n_ok[:, None] & t_ok[None, :])
 
 
 # ---- checks and shapes ------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ For T tokens routed to k experts each (assignment a = t * k + slot, expert e, ro
     h_a = silu(min(x_t W1_e^T, L)) * clamp(x_t W3_e^T, -L, L) * w_a        (L = swiglu_limit)
     y_t = sum over its k slots of h_a W2_e^T                                 -> [T, D] fp32
 With `fp8_activations` (the official numerics, `quant_sim`) x and h are first rounded to FP8 per
-token per 128 values, as the official fp4_gemm's act_quant does. The routing weight multiplies h
+token per 128 values, as the official fp4_gemm's act_quant does. Gate and up are rounded to the
+activation dtype before the SwiGLU (the official GEMMs return bf16), h once more after it. The routing weight multiplies h
 before that rounding, where the official Expert applies it, so it cannot move past w2.
 
 Weights stay in the release layout, stacked per expert (`Fp4Experts`: int8 [E, out, in/2], two
@@ -39,6 +40,9 @@ try:
     import triton.language as tl
 except ImportError:          # CPU-only installs: the torch reference still works
     triton = None
+
+if triton is not None:
+    from dsv4_kernels.fp8_gemm import _output
 
 FP4_BLOCK = 32               # one scale per 32 weights along `in`
 GROUP = 128                  # columns of one activation rounding group / one unpacked weight slice
@@ -106,8 +110,10 @@ if triton is not None:
     def _scale_values(s, E8M0: tl.constexpr):
         if E8M0:
             byte = s.to(tl.int32) & 0xFF
-            return tl.where(byte == 0, 2.0 ** -127, (byte << 23).to(tl.float32, bitcast=True))
-        return s
+            value = tl.where(byte == 0, 2.0 ** -127, (byte << 23).to(tl.float32, bitcast=True))
+        else:
+            value = s
+        return value
 
     @triton.jit
     def _fp4_tiles(W, S, n, n_ok, kb, stride_wn, stride_sn, E8M0: tl.constexpr, DT: tl.constexpr):
@@ -121,13 +127,6 @@ if triton is not None:
         even = (_e2m1_values(packed & 15) * scale).to(DT)
         odd = (_e2m1_values(packed >> 4) * scale).to(DT)
         return even, odd
-
-    @triton.jit
-    def _round_to_bf16(v):
-        """fp32 -> nearest bf16 value (ties to even), still fp32: what the GPU's cast does; Triton's
-        interpreter truncates instead, and h is rounded to FP8 next, which must see the same h."""
-        bits = v.to(tl.int32, bitcast=True)
-        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _block_rows(BLOCK_EXPERT, BLOCK_ROW0, BLOCK_ROW1, ORDER, BLOCK_M: tl.constexpr):
@@ -167,16 +166,17 @@ if triton is not None:
             u_even, u_odd = _fp4_tiles(w3, s3, n, n_ok, kb, stride_wn, stride_sn, E8M0, DT)
             acc_u += tl.dot(a_even, u_even, out_dtype=tl.float32)
             acc_u += tl.dot(a_odd, u_odd, out_dtype=tl.float32)
+        # gate and up leave their GEMMs in the activation dtype, as the official fp4_gemm's do
+        acc_g = _output(acc_g, H.dtype.element_ty, UPCAST).to(tl.float32)
+        acc_u = _output(acc_u, H.dtype.element_ty, UPCAST).to(tl.float32)
         if limit > 0:
             acc_g = tl.minimum(acc_g, limit)
             acc_u = tl.minimum(tl.maximum(acc_u, -limit), limit)
         weight = tl.load(RW + aid, mask=r_ok, other=0.0)
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u * weight[:, None]
-        if UPCAST and H.dtype.element_ty == tl.bfloat16:
-            h = _round_to_bf16(h)
         local = n % 128                                   # stored as the down GEMM reads it
         col = n - local + (local % 2) * 64 + local // 2
-        tl.store(H + rows[:, None].to(tl.int64) * stride_h + col[None, :], h.to(H.dtype.element_ty),
+        tl.store(H + rows[:, None].to(tl.int64) * stride_h + col[None, :], _output(h, H.dtype.element_ty, UPCAST),
                  mask=r_ok[:, None] & n_ok[None, :])
 
     @triton.jit
@@ -318,8 +318,8 @@ def dequantize_fp4_expert(weight: torch.Tensor, scale: torch.Tensor) -> torch.Te
 
 def fused_moe_reference(x: torch.Tensor, route_weights: torch.Tensor, expert_ids: torch.Tensor,
                         experts: Fp4Experts, *, swiglu_limit: float, fp8_activations: bool) -> torch.Tensor:
-    """`fused_moe` in torch, per expert, dequantised weights and float64 sums; h is rounded to
-    x's dtype (and then to FP8 values with `fp8_activations`) where the kernel stores it."""
+    """`fused_moe` in torch, per expert, dequantised weights and float64 sums; gate, up and h are
+    rounded to x's dtype (h then to FP8 values with `fp8_activations`) where the kernel rounds them."""
     T, D = x.shape
     k = expert_ids.shape[1]
     a = act_quant_reference(x, fake=True) if fp8_activations else x
@@ -332,7 +332,7 @@ def fused_moe_reference(x: torch.Tensor, route_weights: torch.Tensor, expert_ids
         w1, w3, w2 = (dequantize_fp4_expert(w[e], s[e]) for w, s in
                       ((experts.w1, experts.s1), (experts.w3, experts.s3), (experts.w2, experts.s2)))
         rows = a[slots // k].double()
-        gate, up = rows @ w1.T, rows @ w3.T
+        gate, up = (rows @ w1.T).to(x.dtype).double(), (rows @ w3.T).to(x.dtype).double()
         if swiglu_limit > 0:
             gate, up = gate.clamp(max=swiglu_limit), up.clamp(-swiglu_limit, swiglu_limit)
         h = (torch.nn.functional.silu(gate) * up * flat_w[slots, None]).to(x.dtype)

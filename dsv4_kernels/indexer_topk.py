@@ -45,8 +45,9 @@ if triton is not None:
         visible = tl.load(VIS + b * stride_vb + t, mask=t_ok, other=0)
         out = OUT + b * stride_ob + t[:, None].to(tl.int64) * stride_os + j[None, :]
         seen = j[None, :] < visible[:, None]
+        lowest = -9223372036854775807 - 1
         if tl.program_id(1) * BLOCK_N >= tl.max(visible, 0):          # no query of the block sees it
-            tl.store(out, tl.full([BLOCK_T, BLOCK_N], -9223372036854775808, tl.int64),
+            tl.store(out, tl.full([BLOCK_T, BLOCK_N], lowest, tl.int64),
                      mask=t_ok[:, None] & j_ok[None, :])
             return
         cdt: tl.constexpr = tl.float32 if UPCAST else Q.dtype.element_ty
@@ -64,7 +65,7 @@ if triton is not None:
         bits = acc.to(tl.int32, bitcast=True)
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order = float order
         key = (ordered.to(tl.int64) << 32) + (4294967295 - j[None, :].to(tl.int64))
-        key = tl.where(seen, key, -9223372036854775808)
+        key = tl.where(seen, key, lowest)
         tl.store(out, key, mask=t_ok[:, None] & j_ok[None, :])
 
 

@@ -113,12 +113,13 @@ class MoE(nn.Module):
     def pack_experts(self) -> bool:
         """Stack this rank's FP4 routed experts for the fused kernels (dsv4_kernels.Fp4Experts) and
         make every expert's weight and scale a view of the stacks. False (nothing packed) when the
-        experts are not all FP4."""
-        from dsv4_kernels.fused_moe import Fp4Experts
+        experts are not all FP4 or their dims are not whole 128-column groups."""
+        from dsv4_kernels.fused_moe import GROUP, Fp4Experts
         local = self._local()
         layers = [getattr(m, w) for m in local for w in ("w1", "w3", "w2")]
         if not layers or any(layer.format != "fp4" or layer.weight.is_meta for layer in layers) \
-                or len({layer.scale.dtype for layer in layers}) != 1:
+                or len({layer.scale.dtype for layer in layers}) != 1 \
+                or local[0].w1.in_features % GROUP or local[0].w1.out_features % GROUP:
             self._packed, self._packed_key = None, self._storage_key() if layers else None
             return False
         stacks = {}
