@@ -13,10 +13,11 @@ Measured, in order (results JSON written after every phase):
     kernel, the Triton prefill kernel and torch's blockwise scaled_mm (activation quantisation
     included in all three), the fused FP4 MoE at Flash expert dims, the fused indexer;
   - time to first token of a fresh session for each --ttft prompt length (prefill + one greedy
-    token; a warm-up prompt first compiles every kernel);
-  - decode tokens/s at each --batch (forks of one session at --decode-context tokens).
+    token; a warm-up prompt first compiles every kernel), and decode tokens/s at each --batch
+    (forks of one session at --decode-context tokens); prompts longer than that context run last.
+--budget-s skips the phases that would start after that many seconds.
 
-    python bench/bench_release.py --out $OUT/release.json [--kernels] [--ttft 8192,131072]
+    python bench/bench_release.py --out $OUT/release.json [--kernels fp8,moe,indexer] [--ttft 8192,131072]
 CPU smoke test (tiny dims, interpreter kernels off): python bench/bench_release.py --tiny --device cpu
 """
 from __future__ import annotations
@@ -110,8 +111,8 @@ FLASH_FP8_SHAPES = {"attn.wq_a": (1024, 4096), "attn.wq_b": (32768, 1024), "attn
                     "indexer.wq_b": (8192, 1024)}
 
 
-def kernel_tables(device: torch.device, results: dict, save) -> None:
-    """Per-shape timings of the quantised kernels (module docstring)."""
+def kernel_tables(device: torch.device, results: dict, save, which: set[str]) -> None:
+    """Per-shape timings of the quantised kernels (module docstring); which: fp8, moe, indexer."""
     from dsv4.formats import quant
     from dsv4_kernels import fused_moe, indexer_topk, indexer_topk_reference
     from dsv4_kernels.fp8_gemm import fp8_linear, scaled_mm_available
@@ -119,7 +120,7 @@ def kernel_tables(device: torch.device, results: dict, save) -> None:
 
     g = torch.Generator(device).manual_seed(0)
     rows = results.setdefault("fp8_gemm", [])
-    for name, (N, K) in FLASH_FP8_SHAPES.items():
+    for name, (N, K) in FLASH_FP8_SHAPES.items() if "fp8" in which else ():
         w, s = quant.quantize_fp8(torch.randn(N, K, generator=g, device=device) * K ** -0.5)
         for M in (1, 8, 32, 128, 512, 2048, 8192):
             x = torch.randn(M, K, generator=g, device=device).bfloat16()
@@ -149,21 +150,28 @@ def kernel_tables(device: torch.device, results: dict, save) -> None:
         return codes, scales
     experts = Fp4Experts(*stack(I, D), *stack(I, D), *stack(D, I))
     moe_rows = results.setdefault("fused_moe", [])
-    for T in (1, 32, 512, 2048, 8192):
+    for T in (1, 32, 512, 2048, 8192) if "moe" in which else ():
         x = torch.randn(T, D, generator=g, device=device).bfloat16()
         ids = torch.rand(T, E, generator=g, device=device).argsort(1)[:, :k]
         wts = torch.rand(T, k, generator=g, device=device)
-        ms = median_ms(lambda: fused_moe(x, wts, ids, experts, n_routed_experts=E, swiglu_limit=10.0,
-                                         fp8_activations=True))
         used = min(E, T * k)
         weight_bytes = used * 3 * I * D // 2 * (1 + 1 / 16)         # codes + one scale byte a 32
         flops = 2 * T * k * 3 * I * D
-        moe_rows.append({"T": T, "ms": ms, "TFLOPs": flops / ms / 1e9, "weight_TBps": weight_bytes / ms / 1e9})
-        print(f"fused MoE T={T:>5}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, "
-              f"{weight_bytes / ms / 1e9:.2f} TB/s of expert weights", flush=True)
+        for block_m in (None, 128) if T >= 2048 else (None,):
+            try:
+                ms = median_ms(lambda: fused_moe(x, wts, ids, experts, n_routed_experts=E, swiglu_limit=10.0,
+                                                 fp8_activations=True, block_m=block_m))
+            except Exception as e:                              # recorded, the others still run
+                moe_rows.append({"T": T, "block_m": block_m, "error": repr(e)[:300]})
+                print(f"fused MoE T={T} block_m={block_m}: {e!r}"[:300], flush=True)
+                continue
+            moe_rows.append({"T": T, "block_m": block_m, "ms": ms, "TFLOPs": flops / ms / 1e9,
+                             "weight_TBps": weight_bytes / ms / 1e9})
+            print(f"fused MoE T={T:>5} block_m={block_m}: {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, "
+                  f"{weight_bytes / ms / 1e9:.2f} TB/s of expert weights", flush=True)
     save()
     ix_rows = results.setdefault("indexer", [])
-    for S, N in ((2048, 2048), (2048, 32768)):
+    for S, N in ((2048, 2048), (2048, 32768)) if "indexer" in which else ():
         q = torch.randn(1, S, 64, 128, generator=g, device=device).bfloat16()
         keys = torch.randn(1, N, 128, generator=g, device=device).bfloat16()
         wts = torch.randn(1, S, 64, generator=g, device=device) / 90
@@ -209,7 +217,7 @@ def main(argv=None):
     p.add_argument("--batch", type=ints, default=ints("1,32"))
     p.add_argument("--decode-context", type=int, default=8192)
     p.add_argument("--decode-steps", type=int, default=16)
-    p.add_argument("--kernels", action="store_true", help="also time each quantised kernel per shape")
+    p.add_argument("--kernels", default="", help="also time quantised kernels per shape: any of fp8,moe,indexer")
     p.add_argument("--budget-s", type=float, default=0, help="skip phases started after this many s")
     p.add_argument("--out", type=Path, default=Path("bench/results/release.json"))
     args = p.parse_args(argv)
@@ -238,7 +246,7 @@ def main(argv=None):
     print(f"ceilings: {results['ceilings']}", flush=True)
     save()
     if args.kernels and device.type == "cuda":
-        kernel_tables(device, results, save)
+        kernel_tables(device, results, save, set(args.kernels.split(",")))
         gc.collect()
         torch.cuda.empty_cache()
 
@@ -258,10 +266,11 @@ def main(argv=None):
     warm.close()
     results["warmup_s"] = t_warm
     ttft = results.setdefault("ttft", {})
-    for length in args.ttft:
+
+    def time_to_first_token(length: int) -> None:
         if time.time() > deadline:
             ttft[str(length)] = {"skipped": "time budget"}
-            continue
+            return
         session = engine.new_session()
         ids = random_ids(length, vocab, length)
         t_prefill, _ = timed(device, session.append, ids)
@@ -274,6 +283,9 @@ def main(argv=None):
         gc.collect()
         save()
 
+    long = [n for n in args.ttft if n > args.decode_context]       # after decode: they take longest
+    for length in [n for n in args.ttft if n not in long]:
+        time_to_first_token(length)
     decode = results.setdefault("decode", {})
     if args.batch and time.time() < deadline:
         base = engine.new_session()
@@ -292,6 +304,8 @@ def main(argv=None):
                 s.close()
             save()
         base.close()
+    for length in long:
+        time_to_first_token(length)
     save()
     print(json.dumps({k: results[k] for k in ("ceilings", "model", "ttft", "decode") if k in results},
                      indent=1, default=str))

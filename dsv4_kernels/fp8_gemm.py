@@ -32,6 +32,7 @@ wrongly); scales come from the fp32 bits exactly as the official kernels compute
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -310,7 +311,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fp
         block_n = cfg.get("block_n", 64)
         block_t = max(16, triton.next_power_of_2(M))
         n_tiles, k_blocks = triton.cdiv(N, block_n), triton.cdiv(K, BLOCK)
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        sms = _multiprocessors(x.device)
         split = cfg.get("split", max(1, min(k_blocks, -(-2 * sms // n_tiles))))
         per_split = triton.cdiv(k_blocks, split)
         split = triton.cdiv(k_blocks, per_split)
@@ -338,6 +339,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, fp
     return out.view(*x.shape[:-1], N)
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+@functools.lru_cache(maxsize=None)
 def scaled_mm_available(device: torch.device) -> bool:
     """torch's cuBLAS blockwise FP8 GEMM (1x128 activation and 128x128 weight scales, fp32)
     exists in this torch and runs on this device (Hopper only)."""
@@ -351,17 +358,29 @@ def _blockwise_scaled_mm(rows: torch.Tensor, weight: torch.Tensor, scale: torch.
     `act_quant` with token-minor scales, the weight scales as fp32 [KB, NB] (KB padded to a
     multiple of 4, as cuBLAS requires)."""
     F = torch.nn.functional
+    M = rows.shape[0]
+    if M % 4:                  # cuBLAS takes whole groups of 4 tokens
+        rows = F.pad(rows, (0, 0, 0, -M % 4))
     a, a_scale = act_quant(rows, token_minor=True)
     w_scale = scale.float()
     if w_scale.shape[1] % 4:
         w_scale = F.pad(w_scale, (0, -w_scale.shape[1] % 4))
     return F.scaled_mm(a, weight.t(), a_scale, F.ScalingType.BlockWise1x128, w_scale.t(),
-                       F.ScalingType.BlockWise128x128, output_dtype=rows.dtype)
+                       F.ScalingType.BlockWise128x128, output_dtype=rows.dtype)[:M]
 
 
 def default_path(M: int, N: int, K: int, fp8_activations: bool, device: torch.device) -> str:
-    """Which implementation runs a product of M tokens by an [N, K] weight."""
-    return "small" if M <= SMALL_M else "large"
+    """Which implementation runs a product of M tokens by an [N, K] weight, from the per-shape
+    timings of bench/bench_release.py --kernels on an H200 (bench/RESULTS.md): the decode kernel
+    up to 16 tokens; cuBLAS's blockwise scaled_mm once the output reaches 2^23 elements (from 512
+    tokens), where it beats the Triton GEMM by up to 1.5x (812-829 against 543-593 TFLOP/s at
+    8192 tokens); the Triton GEMM in between and wherever scaled_mm does not exist."""
+    if M <= SMALL_M:
+        return "small"
+    if fp8_activations and M >= 512 and M * N >= 1 << 23 and N % BLOCK == 0 and K % BLOCK == 0 \
+            and scaled_mm_available(device):
+        return "scaled_mm"
+    return "large"
 
 
 def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *,

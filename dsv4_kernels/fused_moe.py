@@ -116,14 +116,22 @@ if triton is not None:
         return value
 
     @triton.jit
-    def _fp4_tiles(W, S, n, n_ok, kb, stride_wn, stride_sn, E8M0: tl.constexpr, DT: tl.constexpr):
+    def _fp4_tiles(W, S, n, n_ok, kb, stride_wn, stride_sn, E8M0: tl.constexpr, DT: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
         """Rows n of one expert's packed weight, K group kb -> (even columns, odd columns) as
         [64, BLOCK_N] tiles of dtype DT (the dot's right operand: row = k, column = n)."""
         j = tl.arange(0, 64)
         packed = tl.load(W + n[None, :].to(tl.int64) * stride_wn + (kb * 64 + j)[:, None],
                          mask=n_ok[None, :], other=0).to(tl.int32) & 0xFF
-        scale = _scale_values(tl.load(S + n[None, :].to(tl.int64) * stride_sn + (kb * 4 + j // 16)[:, None],
-                                      mask=n_ok[None, :], other=0), E8M0)
+        # the slice's 4 scales of each row, widened to its 64 rows: byte j of the slice holds
+        # columns 2j and 2j + 1, both in group j // 16
+        if E8M0:    # the 4 UE8M0 bytes of a row read as one int32 (S is the int32 view)
+            words = tl.load(S + n.to(tl.int64) * stride_sn + kb, mask=n_ok, other=0)       # [BLOCK_N]
+            scale = _scale_values(words[None, :] >> (8 * (j // 16))[:, None], True)
+        else:
+            four = tl.load(S + n[None, :].to(tl.int64) * stride_sn + (kb * 4 + tl.arange(0, 4))[:, None],
+                           mask=n_ok[None, :], other=0.0)                                    # [4, BLOCK_N]
+            scale = tl.reshape(tl.broadcast_to(four[:, None, :], (4, 16, BLOCK_N)), (64, BLOCK_N))
         even = (_e2m1_values(packed & 15) * scale).to(DT)
         odd = (_e2m1_values(packed >> 4) * scale).to(DT)
         return even, odd
@@ -160,10 +168,10 @@ if triton is not None:
         for kb in range(0, D // 128):
             a_even = tl.load(x_rows + kb * 128 + j[None, :], mask=r_ok[:, None], other=0.0).to(DT)
             a_odd = tl.load(x_rows + kb * 128 + 64 + j[None, :], mask=r_ok[:, None], other=0.0).to(DT)
-            g_even, g_odd = _fp4_tiles(w1, s1, n, n_ok, kb, stride_wn, stride_sn, E8M0, DT)
+            g_even, g_odd = _fp4_tiles(w1, s1, n, n_ok, kb, stride_wn, stride_sn, E8M0, DT, BLOCK_N)
             acc_g += tl.dot(a_even, g_even, out_dtype=tl.float32)
             acc_g += tl.dot(a_odd, g_odd, out_dtype=tl.float32)
-            u_even, u_odd = _fp4_tiles(w3, s3, n, n_ok, kb, stride_wn, stride_sn, E8M0, DT)
+            u_even, u_odd = _fp4_tiles(w3, s3, n, n_ok, kb, stride_wn, stride_sn, E8M0, DT, BLOCK_N)
             acc_u += tl.dot(a_even, u_even, out_dtype=tl.float32)
             acc_u += tl.dot(a_odd, u_odd, out_dtype=tl.float32)
         # gate and up leave their GEMMs in the activation dtype, as the official fp4_gemm's do
@@ -197,7 +205,7 @@ if triton is not None:
         for kb in range(0, I // 128):
             a_even = tl.load(h_rows + kb * 128 + j[None, :], mask=r_ok[:, None], other=0.0).to(DT)
             a_odd = tl.load(h_rows + kb * 128 + 64 + j[None, :], mask=r_ok[:, None], other=0.0).to(DT)
-            b_even, b_odd = _fp4_tiles(w2, s2, n, n_ok, kb, stride_wn, stride_sn, E8M0, DT)
+            b_even, b_odd = _fp4_tiles(w2, s2, n, n_ok, kb, stride_wn, stride_sn, E8M0, DT, BLOCK_N)
             acc += tl.dot(a_even, b_even, out_dtype=tl.float32)
             acc += tl.dot(a_odd, b_odd, out_dtype=tl.float32)
         tl.store(OUT + aid[:, None].to(tl.int64) * stride_o + n[None, :], acc,
@@ -245,9 +253,12 @@ def routing_plan(expert_ids: torch.Tensor, first: int, n_experts: int, block_m: 
 
 
 def _launch(block_m: int) -> dict:
-    """Launch shapes: 16-row blocks for few assignments (decode), 64 otherwise."""
+    """(BLOCK_N, warps, stages) of each launch: 16-row blocks for few assignments (decode), 64 or
+    128 otherwise (the 128-row down tile keeps its stages within shared memory with 2 stages)."""
     if block_m <= 16:
         return dict(gate_up=(32, 4, 3), down=(64, 4, 3))
+    if block_m >= 128:
+        return dict(gate_up=(64, 8, 3), down=(128, 8, 2))
     return dict(gate_up=(64, 8, 3), down=(128, 8, 3))
 
 
@@ -277,8 +288,8 @@ def fused_moe(x: torch.Tensor, route_weights: torch.Tensor, expert_ids: torch.Te
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     e8m0 = experts.s1.dtype == torch.float8_e8m0fnu
 
-    def scales(s):
-        return s.view(torch.uint8) if e8m0 else s
+    def scales(s):      # UE8M0: the 4 scales of a 128-column group as one int32 word
+        return s.view(torch.uint8).view(torch.int32) if e8m0 else s
 
     if fp8_activations:
         xp = act_quant(x, fake=True, permute=True)

@@ -27,7 +27,7 @@ def seeded(*key) -> torch.Generator:
 
 def make_experts(g, E, D, I, scale_dtype=torch.float8_e8m0fnu, first=0) -> Fp4Experts:
     def stack(out_f, in_f):
-        pairs = [quant.quantize_fp4(torch.randn(out_f, in_f, generator=g) * in_f ** -0.5) for _ in range(E)]
+        pairs = [quant.quantize_fp4(torch.randn(out_f, in_f, generator=g).to(DEVICE) * in_f ** -0.5) for _ in range(E)]
         return (torch.stack([w for w, _ in pairs]).to(DEVICE),
                 torch.stack([s for _, s in pairs]).to(scale_dtype).to(DEVICE))
     return Fp4Experts(*stack(I, D), *stack(I, D), *stack(D, I), first=first)
