@@ -253,8 +253,9 @@ def routing_plan(expert_ids: torch.Tensor, first: int, n_experts: int, block_m: 
 
 
 def _launch(block_m: int) -> dict:
-    """(BLOCK_N, warps, stages) of each launch: 16-row blocks for few assignments (decode), 64 or
-    128 otherwise (the 128-row down tile keeps its stages within shared memory with 2 stages)."""
+    """(BLOCK_N, warps, stages) of each launch: 16-row blocks for few assignments (decode), 64
+    from 65 assignments, 128 from 8192 (prefill chunks; 1.75x faster than 64 there on an H200,
+    bench/RESULTS.md; its down tile keeps within shared memory with 2 stages)."""
     if block_m <= 16:
         return dict(gate_up=(32, 4, 3), down=(64, 4, 3))
     if block_m >= 128:
@@ -282,7 +283,7 @@ def fused_moe(x: torch.Tensor, route_weights: torch.Tensor, expert_ids: torch.Te
     y = torch.zeros(T, D, dtype=torch.float32, device=x.device)
     if A == 0:
         return y
-    block_m = block_m or (16 if A <= 64 else 64)
+    block_m = block_m or (16 if A <= 64 else 64 if A < 8192 else 128)
     all_local = experts.first == 0 and E == n_routed_experts
     plan = routing_plan(expert_ids, experts.first, E, block_m, all_local)
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -2,10 +2,12 @@
 (the dequantising torch forwards), on a GPU at Flash dims, over 64 greedy decode steps after a
 2,200-token prompt. Teacher-forced: both paths read the reference's tokens, so one disagreement
 does not end the comparison. The two paths round differently (fp32 sums in another order, so an
-FP8 rounding of an expert's activation or an indexer near-tie can fall the other way), so the
-logits must agree to 2e-2 relative, and a step may pick another token only where the reference's
-top-2 gap is a near-tie: below 1e-3 relative, or below the two paths' own difference at those two
-tokens (random weights give flat logits). Such steps are reported and skipped."""
+FP8 rounding of an expert's activation or an indexer near-tie can fall the other way), and a
+random network amplifies such flips: the logits must agree to 2e-2 relative, or to twice what
+another valid summation order (the torch attention for the Triton one) moves them by; a step may
+pick another token only where the reference's top-2 gap is a near-tie: below 1e-3 relative, or
+below the two paths' own difference at those two tokens (random weights give flat logits). Such
+steps are reported and skipped."""
 from __future__ import annotations
 
 import pytest
@@ -15,6 +17,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_greedy_tokens_equal_the_quant_sim_reference(monkeypatch, capsys):
+    import dsv4.network.attention as attention
     import dsv4.network.indexer as indexer
     import dsv4.network.linear as linear
     from dsv4.loading.testing import random_release_model
@@ -26,9 +29,10 @@ def test_greedy_tokens_equal_the_quant_sim_reference(monkeypatch, capsys):
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, cfg.vocab_size, (1, 2200), generator=g).cuda()   # past top-512 of 550 entries
 
-    def run(mode, forced=None):
+    def run(mode, forced=None, attention_kernel="cuda"):
         monkeypatch.setattr(linear, "QUANT_KERNELS", mode)
         monkeypatch.setattr(indexer, "INDEXER_KERNEL", mode)
+        monkeypatch.setattr(attention, "SPARSE_KERNEL", attention_kernel)
         cache = model.new_cache()
         with torch.no_grad():
             logits = [model(prompt, caches=[cache], last_only=True)[0, -1]]
@@ -41,6 +45,10 @@ def test_greedy_tokens_equal_the_quant_sim_reference(monkeypatch, capsys):
 
     want, ref_logits = run("off")
     _, kernel_logits = run("cuda", forced=want)
+    # how far an equally valid change of summation order moves this random network's logits: the
+    # reference once more with the torch attention instead of the Triton one
+    _, torch_attention_logits = run("off", forced=want, attention_kernel="off")
+    baseline = ((torch_attention_logits - ref_logits).norm() / ref_logits.norm()).item()
     got = kernel_logits.argmax(-1)
     steps = torch.arange(64, device="cuda")
     want_t = torch.tensor(want, device="cuda")
@@ -53,6 +61,7 @@ def test_greedy_tokens_equal_the_quant_sim_reference(monkeypatch, capsys):
     wrong = [(i, int(got[i]), want[i], float(gap[i]), float(noise[i])) for i in (differ & ~near_tie).nonzero().flatten().tolist()]
     with capsys.disabled():
         print(f"\nrelease model, 64 greedy steps: {64 - int(differ.sum())} equal, near-ties skipped at "
-              f"steps {skipped}; logits relative difference {err:.2e}")
-    assert err < 2e-2, f"logits differ by {err:.2e} relative"
+              f"steps {skipped}; logits relative difference {err:.2e} (torch attention instead of "
+              f"Triton in the reference: {baseline:.2e})")
+    assert err < max(2e-2, 2 * baseline), f"logits differ by {err:.2e} relative (baseline {baseline:.2e})"
     assert not wrong, f"tokens differ away from near-ties (step, kernel, reference, gap, noise): {wrong}"
