@@ -44,7 +44,7 @@ def rel_err(y, ref):
 
 
 @pytest.mark.parametrize("fp8_activations", [False, True])
-@pytest.mark.parametrize("T,block_m", [(2, 16), (9, 64)])
+@pytest.mark.parametrize("T,block_m", [(2, 16), (9, 64), (9, 128)])
 def test_fused_moe_matches_reference(T, block_m, fp8_activations):
     g = seeded("moe", T, block_m, fp8_activations)
     E, D, I, k = 4, 256, 128, 2
