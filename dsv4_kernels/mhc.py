@@ -3,14 +3,16 @@ per operation, and the torch references they must equal.
 
 A decode step is launch-bound: in plain PyTorch each mHC block is ~80 small kernels (the RMS norm,
 the 24-row linear map, the Sinkhorn iterations on a 4x4 matrix, the weighted collapse), twice per
-layer plus the head. Here each is one program per token that keeps everything in registers:
+layer plus the head. Here each is one or two launches that keep the small maths in registers:
 
   hc_pre   h [T, hc, D] -> x [T, D], post [T, hc], comb [T, hc, hc]
-           pass 1 over the hc*D inputs: sum of squares and the (2+hc)*hc dot products with `fn`;
-           then the gates and the Sinkhorn projection (a [hc, hc] tile); pass 2: x = sum_k pre_k h_k
+           launch 1, per (token, split of the hc*D inputs): partial sums of squares and of the
+           (2+hc)*hc dot products with `fn` (a few tokens are split 32 ways so they still fill the
+           GPU); launch 2, per token: the sums, the gates and the Sinkhorn projection (a [hc, hc]
+           tile), then x = sum_k pre_k h_k
   hc_post  out [T, D], h [T, hc, D], post, comb -> new streams [T, hc, D]
            new_k = post_k * out + sum_j comb[j, k] * h_j, one program per (token, block of D)
-  hc_head  h [T, hc, D] -> [T, D]: the sigmoid-only collapse before the output head
+  hc_head  h [T, hc, D] -> [T, D]: the sigmoid-only collapse before the output head (as hc_pre)
 
 All weight math in fp32 (as the reference); the streams keep their dtype. The 24 dot products of
 hc_pre are plain fp32 multiply-adds, not tensor-core dots: they are 24 outputs per token, and exact
@@ -71,41 +73,50 @@ def hc_head_reference(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, ba
 # ---- kernels -----------------------------------------------------------------------------------
 if triton is not None:
     @triton.jit
-    def _hc_pre_kernel(h_ptr, fn_ptr, scale_ptr, base_ptr, x_ptr, post_ptr, comb_ptr,
-                       D, norm_eps, hc_eps,
-                       HC: tl.constexpr, ITERS: tl.constexpr, HEAD: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """One token. HEAD: only the sigmoid `pre` gates (fn [hc, K]), written as x."""
+    def _hc_mix_partial_kernel(h_ptr, fn_ptr, part_ptr, K, CHUNK, PART_ROWS, N_MIX: tl.constexpr,
+                               PART: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One (token, split of the hc*D inputs): the split's sum of squares and its N_MIX dot
+        products with `fn`, written to part[t, split, :] as [sumsq, dot_0 .. dot_{N_MIX-1}, 0...]."""
         t = tl.program_id(0).to(tl.int64)
-        K = HC * D
-        row = h_ptr + t * K
-        streams = tl.arange(0, HC)
-        pairs = tl.arange(0, HC * HC)
+        split = tl.program_id(1)
+        rows = tl.arange(0, PART)                        # slot 0: sumsq; slot 1 + m: fn row m
+        fn_row = rows - 1
+        has_row = (fn_row >= 0) & (fn_row < N_MIX)
+        acc = tl.zeros([PART], dtype=tl.float32)
         sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-        acc_pre = tl.zeros([HC], dtype=tl.float32)
-        acc_post = tl.zeros([HC], dtype=tl.float32)
-        acc_comb = tl.zeros([HC * HC], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):                      # pass 1: norm and the linear map
+        for k0 in range(split * CHUNK, tl.minimum((split + 1) * CHUNK, K), BLOCK_K):
             offs = k0 + tl.arange(0, BLOCK_K)
             ok = offs < K
-            v = tl.load(row + offs, mask=ok, other=0.0).to(tl.float32)
+            v = tl.load(h_ptr + t * K + offs, mask=ok, other=0.0).to(tl.float32)
             sq += v * v
-            f = tl.load(fn_ptr + streams[:, None] * K + offs[None, :], mask=ok[None, :], other=0.0)
-            acc_pre += tl.sum(f * v[None, :], 1)
-            if not HEAD:
-                f = tl.load(fn_ptr + (HC + streams)[:, None] * K + offs[None, :], mask=ok[None, :],
-                            other=0.0)
-                acc_post += tl.sum(f * v[None, :], 1)
-                f = tl.load(fn_ptr + (2 * HC + pairs)[:, None] * K + offs[None, :], mask=ok[None, :],
-                            other=0.0)
-                acc_comb += tl.sum(f * v[None, :], 1)
-        rsqrt = 1.0 / tl.sqrt(tl.sum(sq, 0) / K + norm_eps)
-        pre = tl.sigmoid(acc_pre * rsqrt * tl.load(scale_ptr) + tl.load(base_ptr + streams)) + hc_eps
+            f = tl.load(fn_ptr + fn_row[:, None] * K + offs[None, :], mask=has_row[:, None] & ok[None, :],
+                        other=0.0)
+            acc += tl.sum(f * v[None, :], 1)
+        acc = tl.where(rows == 0, tl.sum(sq, 0), acc)
+        tl.store(part_ptr + (t * PART_ROWS + split) * PART + rows, acc)
+
+    @triton.jit
+    def _hc_pre_finish_kernel(h_ptr, part_ptr, scale_ptr, base_ptr, x_ptr, post_ptr, comb_ptr,
+                              D, norm_eps, hc_eps,
+                              HC: tl.constexpr, ITERS: tl.constexpr, HEAD: tl.constexpr,
+                              SPLITS: tl.constexpr, PART: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One token: sum the splits' partials, then the gates and the Sinkhorn projection (not for
+        HEAD: only the sigmoid `pre`), then x = sum_k pre_k h_k."""
+        t = tl.program_id(0).to(tl.int64)
+        K = HC * D
+        streams = tl.arange(0, HC)
+        pairs = tl.arange(0, HC * HC)
+        parts = part_ptr + t * SPLITS * PART + tl.arange(0, SPLITS)[:, None] * PART
+        sumsq = tl.sum(tl.load(parts), 0)                                         # [SPLITS, 1]
+        rsqrt = 1.0 / tl.sqrt(tl.sum(sumsq, 0) / K + norm_eps)
+        mix_pre = tl.sum(tl.load(parts + 1 + streams[None, :]), 0)               # [HC]
+        pre = tl.sigmoid(mix_pre * rsqrt * tl.load(scale_ptr) + tl.load(base_ptr + streams)) + hc_eps
         if not HEAD:
-            post = 2.0 * tl.sigmoid(acc_post * rsqrt * tl.load(scale_ptr + 1)
-                                    + tl.load(base_ptr + HC + streams))
+            mix_post = tl.sum(tl.load(parts + 1 + HC + streams[None, :]), 0)
+            post = 2.0 * tl.sigmoid(mix_post * rsqrt * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + streams))
             tl.store(post_ptr + t * HC + streams, post)
-            logits = acc_comb * rsqrt * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + pairs)
+            mix_comb = tl.sum(tl.load(parts + 1 + 2 * HC + pairs[None, :]), 0)
+            logits = mix_comb * rsqrt * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + pairs)
             logits = tl.reshape(logits, [HC, HC])            # [j, k]: input stream j, output k
             e = tl.exp(logits - tl.max(logits, 1)[:, None])
             comb = e / tl.sum(e, 1)[:, None] + hc_eps
@@ -114,7 +125,8 @@ if triton is not None:
                 comb = comb / (tl.sum(comb, 1)[:, None] + hc_eps)
                 comb = comb / (tl.sum(comb, 0)[None, :] + hc_eps)
             tl.store(comb_ptr + t * HC * HC + tl.reshape(pairs, [HC, HC]), comb)
-        for d0 in range(0, D, BLOCK_D):                      # pass 2: collapse the streams
+        row = h_ptr + t * K
+        for d0 in range(0, D, BLOCK_D):                      # collapse the streams
             offs_d = d0 + tl.arange(0, BLOCK_D)
             ok_d = offs_d < D
             hv = tl.load(row + streams[:, None] * D + offs_d[None, :], mask=ok_d[None, :],
@@ -143,6 +155,9 @@ if triton is not None:
 
 _BLOCK_K = 512
 _BLOCK_D = 256
+# Splits of the hc*D inputs per token for the linear map: a few tokens (decode) still spread over
+# many multiprocessors; many tokens (prefill) need no split.
+_SPLITS_FEW_TOKENS = 32
 
 
 def _check_streams(h: torch.Tensor) -> tuple[int, int]:
@@ -154,21 +169,39 @@ def _check_streams(h: torch.Tensor) -> tuple[int, int]:
     return hc, h.shape[2]
 
 
-def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
-           iters: int, norm_eps: float, hc_eps: float
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """As `hc_pre_reference`, one launch. h [T,hc,D] contiguous; fn [(2+hc)*hc, hc*D] fp32."""
+def _collapse(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
+              iters: int, norm_eps: float, hc_eps: float, head: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two launches of hc_pre / hc_head: split partials of the map, then finish per token."""
     hc, d = _check_streams(h)
-    t = h.shape[0]
+    t, k = h.shape[0], hc * d
     h = h.contiguous()
     x = torch.empty(t, d, dtype=h.dtype, device=h.device)
     post = torch.empty(t, hc, dtype=torch.float32, device=h.device)
     comb = torch.empty(t, hc, hc, dtype=torch.float32, device=h.device)
-    if t:
-        _hc_pre_kernel[(t,)](h, fn.float().contiguous(), scale.float().contiguous(),
-                             base.float().contiguous(), x, post, comb, d, norm_eps, hc_eps,
-                             HC=hc, ITERS=iters, HEAD=False, BLOCK_K=_BLOCK_K, BLOCK_D=_BLOCK_D)
+    if t == 0:
+        return x, post, comb
+    n_mix = fn.shape[0]
+    part_width = triton.next_power_of_2(n_mix + 1)
+    sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 4
+    splits = _SPLITS_FEW_TOKENS if t < 4 * sms else 1
+    chunk = triton.cdiv(triton.cdiv(k, splits), _BLOCK_K) * _BLOCK_K
+    splits = triton.cdiv(k, chunk)
+    rows = triton.next_power_of_2(splits)            # zero rows past `splits` add nothing
+    part = torch.zeros(t, rows, part_width, dtype=torch.float32, device=h.device)
+    _hc_mix_partial_kernel[(t, splits)](h, fn.float().contiguous(), part, k, chunk, rows,
+                                        N_MIX=n_mix, PART=part_width, BLOCK_K=_BLOCK_K)
+    _hc_pre_finish_kernel[(t,)](h, part, scale.float().contiguous(), base.float().contiguous(), x, post,
+                                comb, d, norm_eps, hc_eps, HC=hc, ITERS=iters, HEAD=head,
+                                SPLITS=rows, PART=part_width, BLOCK_D=_BLOCK_D)
     return x, post, comb
+
+
+def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
+           iters: int, norm_eps: float, hc_eps: float
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As `hc_pre_reference`, two launches. h [T,hc,D]; fn [(2+hc)*hc, hc*D] fp32."""
+    return _collapse(h, fn, scale, base, iters=iters, norm_eps=norm_eps, hc_eps=hc_eps, head=False)
 
 
 def hc_post(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
@@ -185,13 +218,5 @@ def hc_post(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.
 
 def hc_head(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
             norm_eps: float, hc_eps: float) -> torch.Tensor:
-    """As `hc_head_reference`, one launch. fn [hc, hc*D]."""
-    hc, d = _check_streams(h)
-    t = h.shape[0]
-    h = h.contiguous()
-    x = torch.empty(t, d, dtype=h.dtype, device=h.device)
-    if t:
-        _hc_pre_kernel[(t,)](h, fn.float().contiguous(), scale.float().contiguous(),
-                             base.float().contiguous(), x, x, x, d, norm_eps, hc_eps,
-                             HC=hc, ITERS=1, HEAD=True, BLOCK_K=_BLOCK_K, BLOCK_D=_BLOCK_D)
-    return x
+    """As `hc_head_reference`, two launches. fn [hc, hc*D]."""
+    return _collapse(h, fn, scale, base, iters=1, norm_eps=norm_eps, hc_eps=hc_eps, head=True)[0]

@@ -42,7 +42,7 @@ def rel(out, ref):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T,D", [(1, 64), (5, 48), (3, 600)])      # D past one block, ragged
+@pytest.mark.parametrize("T,D", [(1, 64), (5, 48), (3, 600), (2, 300)])   # past one block, ragged, uneven splits
 def test_hc_pre_and_post_match_float64(g, dtype, T, D):
     h, fn, scale, base = inputs(g, T, 4, D, dtype)
     x, post, comb = mhc.hc_pre(h, fn, scale, base, **SETTINGS)
