@@ -451,8 +451,15 @@ def serve(
     api_key: Optional[str] = typer.Option(
         None, "--api-key", envvar="DSV4_AGENT_API_KEY", show_envvar=True,
         help="require 'Authorization: Bearer KEY' on every request (401 otherwise)"),
+    kv_budget: Optional[float] = typer.Option(
+        None, "--kv-budget", help="GiB of KV cache on the device (default: the GPU's free memory once the weights "
+        "are loaded, less max(2 GiB, 10 %); on CPU half the available host memory)"),
+    request_timeout: float = typer.Option(600.0, "--request-timeout", help="seconds a request may run (504 after)"),
+    default_max_tokens: int = typer.Option(
+        8192, "--default-max-tokens", help="tokens a chat request naming no max_tokens decodes at most"),
 ) -> None:
-    """Serve the model over an OpenAI-compatible HTTP API; requests reuse resident sessions by token prefix.
+    """Serve the model over an OpenAI-compatible HTTP API; requests run together on the engine's scheduler
+    and reuse resident sessions by token prefix.
 
     Exits 2 on bad flags and 1 when the address cannot be listened on (a busy port) or the model fails to load.
     """
@@ -460,8 +467,11 @@ def serve(
     from agent.server import serve as run_server
 
     spec = _backend_spec(model, None, device, tp)
-    if max_sessions < 1:
-        raise _usage_error(f"--max-sessions must be >= 1, got {max_sessions}")
+    if max_sessions < 1 or default_max_tokens < 1:
+        raise _usage_error(f"--max-sessions and --default-max-tokens must be >= 1, got {max_sessions} and "
+                           f"{default_max_tokens}")
+    if not request_timeout > 0 or (kv_budget is not None and not kv_budget > 0):
+        raise _usage_error(f"--request-timeout and --kv-budget must be > 0, got {request_timeout} and {kv_budget}")
     if not 1 <= port <= 65535:
         raise _usage_error(f"--port must be a TCP port, 1 to 65535, got {port}")
     try:  # before the model loads: a busy port fails at once, and the port stays ours while it loads
@@ -477,7 +487,8 @@ def serve(
 
     dtype = torch.float32 if spec.device == "cpu" else torch.bfloat16  # as EngineBackend
     try:
-        engine = Engine(spec.model, device=spec.device, dtype=dtype, kv_fp8=kv_fp8, tp=tp)
+        engine = Engine(spec.model, device=spec.device, dtype=dtype, kv_fp8=kv_fp8, tp=tp,
+                        kv_budget_bytes="auto" if kv_budget is None else int(kv_budget * 2**30))
     except (OSError, ValueError) as e:  # a missing or inconsistent checkpoint file (dsv4.CheckpointError)
         sock.close()
         raise _error(f"cannot load --model {model}: {e}", ExitStatus.error) from None
@@ -486,7 +497,7 @@ def serve(
     err.print(f"serving {escape(name or model.name)} on http://{bound_host}:{bound_port} (Ctrl-C stops it)")
     try:
         run_server(engine, tokenizer, model_name=name or model.name, max_sessions=max_sessions, sock=sock,
-                   api_key=api_key or None)
+                   api_key=api_key or None, request_timeout_s=request_timeout, default_max_tokens=default_max_tokens)
     except ValueError as e:
         raise _usage_error(str(e)) from None
 

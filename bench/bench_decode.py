@@ -36,8 +36,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsv4.network.config import ModelConfig  # noqa: E402
-from dsv4.network.model import Transformer  # noqa: E402
+from dsv4.network.config import ModelConfig
+from dsv4.network.model import Transformer
+from dsv4.network.options import ForwardOptions
 
 DSV4_DIR = str(Path(__file__).resolve().parents[1] / "dsv4")
 NO_LAUNCH = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default",
@@ -226,7 +227,7 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="CPU torch threads")
     p.add_argument("--compile-sinkhorn", action="store_true",
-                   help="opt-in torch.compile'd Sinkhorn (dsv4.network.mhc.use_compiled_sinkhorn); its kernels are "
+                   help="opt-in torch.compile'd Sinkhorn (ForwardOptions.compile_sinkhorn); its kernels are "
                         "invisible to the op count, the CUDA launch count sees them")
     p.add_argument("--label", default="", help="free text stored with the results (e.g. the commit)")
     p.add_argument("--out", type=Path, default=None, help="JSON results")
@@ -238,9 +239,6 @@ def main() -> None:
     context = args.context or (4096 if cuda else 300)
     steps = args.steps or (20 if cuda else 5)
     cfg = config(args)
-    if args.compile_sinkhorn:
-        from dsv4.network import mhc
-        mhc.use_compiled_sinkhorn(True)
     model = build_model(cfg, device, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "label": args.label,
@@ -248,24 +246,25 @@ def main() -> None:
                "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
                "config": {"n_layers": cfg.n_layers, "dim": cfg.dim, "compress_ratios": cfg.compress_ratios,
                           "n_routed_experts": cfg.n_routed_experts, "n_activated_experts": cfg.n_activated_experts}, "context": context, "batch": {}}
-    for batch in [int(b) for b in args.batch.split(",")]:
-        caches = make_caches(model, batch, context, device)
-        nxt = torch.randint(0, cfg.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(2)).to(device)
-        with torch.inference_mode():
-            nxt = decode_step(model, caches, nxt)           # warm-up
-        row = count_step(model, caches, nxt)
-        if cuda:
-            row["cuda"] = cuda_runtime_calls(model, caches, nxt)
-        step_s = time_steps(model, caches, nxt, steps, device)
-        row |= {"step_ms": 1000 * step_s, "tokens_per_s": batch / step_s}
-        results["batch"][str(batch)] = row
-        extra = (f", {row['cuda'].get('launches', 0):.0f} launches, {row['cuda'].get('syncs', 0):.0f} stream syncs"
-                 if cuda else "")
-        print(f"batch {batch}: {row['ops']} ops, {row['syncs']} syncs{extra} per step; "
-              f"{row['step_ms']:.2f} ms/step, {row['tokens_per_s']:.1f} tok/s", flush=True)
-        print("   ops by file:", row["ops_by_file"])
-        print("   syncs:", row["syncs_by_op"])
-        del caches
+    with ForwardOptions(compile_sinkhorn=args.compile_sinkhorn).applied():  # every forward below
+        for batch in [int(b) for b in args.batch.split(",")]:
+            caches = make_caches(model, batch, context, device)
+            nxt = torch.randint(0, cfg.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(2)).to(device)
+            with torch.inference_mode():
+                nxt = decode_step(model, caches, nxt)           # warm-up
+            row = count_step(model, caches, nxt)
+            if cuda:
+                row["cuda"] = cuda_runtime_calls(model, caches, nxt)
+            step_s = time_steps(model, caches, nxt, steps, device)
+            row |= {"step_ms": 1000 * step_s, "tokens_per_s": batch / step_s}
+            results["batch"][str(batch)] = row
+            extra = (f", {row['cuda'].get('launches', 0):.0f} launches, {row['cuda'].get('syncs', 0):.0f} stream syncs"
+                     if cuda else "")
+            print(f"batch {batch}: {row['ops']} ops, {row['syncs']} syncs{extra} per step; "
+                  f"{row['step_ms']:.2f} ms/step, {row['tokens_per_s']:.1f} tok/s", flush=True)
+            print("   ops by file:", row["ops_by_file"])
+            print("   syncs:", row["syncs_by_op"])
+            del caches
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsv4 import Engine, ModelConfig, SamplingParams, attention, indexer  # noqa: E402  # noqa: E402
+from dsv4 import Engine, ForwardOptions, ModelConfig, RuntimeOptions, SamplingParams  # noqa: E402
 from dsv4.network.model import Transformer  # noqa: E402
 
 
@@ -133,7 +133,7 @@ def stored_kv_bytes(session) -> int:
     """Bytes of the compressed entries and indexer keys a session holds (growing buffers counted
     by their filled rows, not their doubled capacity)."""
     total = 0
-    for layer in session._ref.cache.layers:
+    for layer in session.engine.sequence(session.sid).cache.layers:
         for rows in (layer.compressed, layer.indexer_keys):
             if rows is not None:
                 total += rows.stored().nbytes
@@ -163,7 +163,7 @@ def decode_rate(engine: Engine, sessions, steps: int, clock: Clock) -> float:
     return len(sessions) * steps / t
 
 
-def model_only_decode(model, caches, steps: int, clock: Clock) -> float:
+def model_only_decode(model, caches, steps: int, clock: Clock, options: ForwardOptions) -> float:
     """Greedy decode straight through the model (no engine): the floor the engine adds to."""
     nxt = torch.zeros(len(caches), 1, dtype=torch.long, device=caches[0].device)
 
@@ -171,20 +171,20 @@ def model_only_decode(model, caches, steps: int, clock: Clock) -> float:
         nonlocal nxt
         with torch.inference_mode():
             for _ in range(steps):
-                nxt = model(nxt, caches=caches, last_only=True)[:, -1].argmax(-1, keepdim=True)
+                nxt = model(nxt, caches=caches, last_only=True, options=options)[:, -1].argmax(-1, keepdim=True)
 
     run_t, _ = clock.time(run)
     return len(caches) * steps / run_t
 
 
-def profile_decode(model, caches, path: Path) -> None:
+def profile_decode(model, caches, path: Path, options: ForwardOptions) -> None:
     """Top operators of 3 decode steps (torch.profiler), written to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
     nxt = torch.zeros(len(caches), 1, dtype=torch.long, device=caches[0].device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.inference_mode():
         for _ in range(3):
-            nxt = model(nxt, caches=caches, last_only=True)[:, -1].argmax(-1, keepdim=True)
+            nxt = model(nxt, caches=caches, last_only=True, options=options)[:, -1].argmax(-1, keepdim=True)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
     table += "\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
@@ -192,7 +192,9 @@ def profile_decode(model, caches, path: Path) -> None:
 
 
 def bench_engine(args, cfg, model, device, clock, results, save):
-    engine = Engine(model, prefill_chunk=args.chunk, snapshot_every=args.chunk * 16, max_snapshots=2)
+    engine = Engine(model, kv_budget_bytes=None, options=RuntimeOptions(
+        prefill_chunk=args.chunk, step_tokens=args.chunk, snapshot_every=args.chunk * 16, max_snapshots=2,
+        forward=args.forward))
     bf16_formula = engine.kv_bytes_per_token
     results["kv_bytes_per_token_formula"] = {"bf16": bf16_formula}
     vocab = cfg.vocab_size
@@ -212,10 +214,10 @@ def bench_engine(args, cfg, model, device, clock, results, save):
         sessions = [base.fork() for _ in range(batch)]
         decode_rate(engine, sessions, 2, clock)  # warm-up; forks take their own copies here
         rate = decode_rate(engine, sessions, args.decode_steps, clock)
-        caches = [s._ref.cache for s in sessions]
-        floor = model_only_decode(model, caches, args.decode_steps, clock)
+        caches = [engine.sequence(s.sid).cache for s in sessions]
+        floor = model_only_decode(model, caches, args.decode_steps, clock, args.forward)
         if args.profile and device.type == "cuda":
-            profile_decode(model, caches, args.out.parent / f"profile_decode_b{batch}.txt")
+            profile_decode(model, caches, args.out.parent / f"profile_decode_b{batch}.txt", args.forward)
         step_bytes = weight_bytes_per_decode_step(model, cfg, batch)
         decode[str(batch)] = {"batch": batch, "context": args.decode_context, "tokens_per_s": rate,
                               "model_only_tokens_per_s": floor,
@@ -229,7 +231,8 @@ def bench_engine(args, cfg, model, device, clock, results, save):
 
     if args.fp8:
         try:
-            fp8 = Engine(model, prefill_chunk=args.chunk, kv_fp8=True)
+            fp8 = Engine(model, kv_budget_bytes=None, kv_fp8=True, options=RuntimeOptions(
+                prefill_chunk=args.chunk, step_tokens=args.chunk, forward=args.forward))
             s = fp8.new_session()
             fixed = s.kv_bytes()
             n = args.fp8_tokens
@@ -416,7 +419,7 @@ def main(argv=None):
     args.deadline = time.time() + args.budget_s if args.budget_s else 0
     device = torch.device(args.device)
     clock = Clock(device)
-    attention.LOGIT_BUDGET[device.type] = indexer.SCORE_BUDGET[device.type] = args.workspace_elems
+    args.forward = ForwardOptions(workspace_elems=args.workspace_elems)
     torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
     cfg = bench_config(args)
     for length in args.ttft:

@@ -21,11 +21,7 @@ FORBIDDEN = {
 DSV4_LAYERS = ("formats", "network", "loading", "runtime")
 
 # Deferred (function-level) imports that close a circle, each with the reason it still exists.
-KNOWN_CIRCLES = {
-    # Engine(path, tp=N) returns the tensor-parallel LeaderEngine, a subclass defined in spmd;
-    # goes when tensor parallelism becomes a part the Engine holds (issue: serve many agents).
-    ("dsv4.runtime.engine", "dsv4.runtime.spmd"),
-}
+KNOWN_CIRCLES: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:

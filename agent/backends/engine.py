@@ -4,6 +4,10 @@ Each turn feeds the session only the ids the loop appends (tool results, notices
 everything before stays resident and is never recomputed. What `prefill` reports comes from the
 session itself (`cached_length` before and after), so the counts are measured, not assumed.
 
+Several backends over one `dsv4.Engine` (concurrent `Agent.run` in one process, sub-agents, a batch of
+tasks) go through its one scheduler: their decode steps run as one batch, their prefills in chunks
+between those steps, and when the engine's KV budget is full idle sessions wait in host memory.
+
 `forced=[completion, ...]` makes the engine decode a given completion per turn: a logits processor
 masks every logit but the next scripted token. The engine still runs every forward (prefill and one
 decode step per token, with its KV cache); only the choice of token is overridden. This is how the

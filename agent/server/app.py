@@ -2,26 +2,35 @@
 `POST /v1/completions`, `POST /v1/chat/completions` (request and response handling in
 agent/server/endpoints.py, validation in requests.py, errors in errors.py, access in access.py).
 
-Requests are serialised: one lock covers all engine work (checkout, prefill, decode), so concurrent
-requests wait their turn in arrival order, and a streamed response holds the engine until its last
-token. Each request runs on a pooled session found by token-id prefix (agent/server/pool.py), so a
-client that re-sends its whole conversation every turn gets append-only prefill;
-`usage.prompt_tokens_reused` counts the prompt tokens whose KV was already resident. A request's
-logits processors (its grammar constraint, its logprob recorder) come with its `Generation`.
+Requests run concurrently on the engine's scheduler (dsv4/runtime/scheduler.py): every step decodes
+all running requests together and prefills new prompts in chunks between those steps. Each request
+runs on a pooled session found by token-id prefix (agent/server/pool.py), so a client that re-sends
+its whole conversation every turn gets append-only prefill; `usage.prompt_tokens_reused` counts the
+prompt tokens whose KV was already resident. A request's logits processors (its grammar constraint,
+its logprob recorder) come with its `Generation`.
+
+A client that disconnects (streaming or not) ends its request: its sequence is free from the
+scheduler's next step. Every request has a deadline (`request_timeout_s`, 504 when it passes); a chat
+request without `max_tokens` / `max_completion_tokens` decodes at most `default_max_tokens`. Refusals
+are JSON errors (agent/server/errors.py): 413 `kv_budget_exceeded` (the request cannot fit the KV
+budget even with every idle session spilled), 429 `engine_busy` (too many requests already wait for
+KV memory).
 """
 
 from __future__ import annotations
 
-import asyncio
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.requests import Request
 from starlette.routing import Route
 
 from agent.backends.engine import ConstrainedDecoding
@@ -41,6 +50,7 @@ class Generation:
     max_tokens: int
     sampling: Sampling
     stop: tuple[str, ...]
+    deadline: float | None = None  # time.monotonic() by which the request must have finished
     reused: int = 0  # prompt tokens whose KV was resident before this request
     how: str = ""  # how the pool found the session: new, extend, fork, truncate
     ids: list[int] = field(default_factory=list)
@@ -68,18 +78,29 @@ class Generation:
         return usage
 
 
+DEFAULT_CHAT_MAX_TOKENS = 8192  # a chat request naming no limit decodes at most this many tokens
+REQUEST_TIMEOUT_S = 600.0  # a request's deadline, from its arrival
+
+
 class Server:
-    def __init__(self, engine: Any, tokenizer: Any, model_name: str, max_sessions: int) -> None:
+    def __init__(self, engine: Any, tokenizer: Any, model_name: str, max_sessions: int,
+                 request_timeout_s: float | None = REQUEST_TIMEOUT_S,
+                 default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS) -> None:
         if engine.cfg.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"the model's vocabulary ({engine.cfg.vocab_size}) is smaller than the "
                              f"tokenizer's ({tokenizer.vocab_size}): it cannot read DSV4 chat tokens")
+        if request_timeout_s is not None and not request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0 (or None), got {request_timeout_s}")
+        if default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be >= 1, got {default_max_tokens}")
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.pool = SessionPool(engine, max_sessions)
-        self.lock = asyncio.Lock()  # all engine work, one request at a time (FIFO)
+        self.request_timeout_s, self.default_max_tokens = request_timeout_s, default_max_tokens
 
     # ---- the engine side --------------------------------------------------------------------
-    def plan(self, prompt: list[int], sampling: Sampling, default_max: int | None) -> Generation:
-        """Check a prompt and its budget against the model before queueing it."""
+    def plan(self, prompt: list[int], sampling: Sampling, requested: int | None, default_max: int | None) -> Generation:
+        """Check a prompt and its budget against the model before queueing it: `requested` tokens
+        must fit the context; without them, `default_max` (None: the rest of the context) is cut to fit."""
         if sampling.model is not None and sampling.model != self.model_name:
             raise RequestError("model", f"model: {sampling.model!r} is not served here; this server serves "
                                f"{self.model_name!r}", status=404, code="model_not_found")
@@ -93,58 +114,69 @@ class Server:
         if room < 0:
             raise RequestError("prompt", f"prompt: {len(prompt)} tokens exceed the context of "
                                f"{self.engine.max_context}", code="context_length_exceeded")
-        wanted = sampling.max_tokens if sampling.max_tokens is not None else default_max
-        max_tokens = room if wanted is None else wanted
+        max_tokens = requested if requested is not None else min(room, default_max or room)
         if max_tokens > room:
             raise RequestError("max_tokens", f"{len(prompt)} prompt tokens + max_tokens {max_tokens} exceed "
                                f"the context of {self.engine.max_context}", code="context_length_exceeded")
-        return Generation(prompt, max_tokens, sampling, sampling.stop_strings())
+        deadline = None if self.request_timeout_s is None else time.monotonic() + self.request_timeout_s
+        return Generation(prompt, max_tokens, sampling, sampling.stop_strings(), deadline)
 
     async def run(self, gen: Generation) -> AsyncIterator[int]:
-        """Prefill the prompt's new suffix on a pooled session, then decode (max_tokens 0: prefill only)."""
-        from dsv4.runtime.errors import ContextLengthExceeded, KVBudgetExceeded
+        """Prefill the prompt's new suffix on a pooled session, then decode (max_tokens 0: prefill only);
+        both go through the engine's scheduler, batched with every other request."""
+        from dsv4.runtime.errors import EngineError
 
-        async with self.lock:
-            found = self.pool.checkout(gen.prompt, salt=gen.sampling.cache_salt)
+        session = None
+        try:
+            found = await self.pool.checkout(gen.prompt, salt=gen.sampling.cache_salt)
             session, gen.how = found.session, found.how
             gen.reused = session.cached_length
-            try:
-                suffix = gen.prompt[len(session):]
-                while suffix:
-                    try:
-                        await session.aappend(suffix)
-                        break
-                    except KVBudgetExceeded:
-                        if not self.pool.evict_one(keep=session):
-                            raise
-                if gen.max_tokens == 0:
-                    gen.finish_reason = "length"
-                    return
-                s = gen.sampling
-                while True:
-                    gen.start_turn()
-                    tokens = session.generate(max_tokens=gen.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                                              seed=s.seed, stop=gen.stop, logits_processors=gen.processors())
-                    try:
-                        async with aclosing(tokens):
-                            async for token in tokens:
-                                gen.ids.append(token)
-                                yield token
-                        break
-                    except KVBudgetExceeded:  # before the first token the session is unchanged: make room, retry
-                        if gen.ids or not self.pool.evict_one(keep=session):
-                            raise
-                gen.finish_reason = session.finish_reason
-            except (ContextLengthExceeded, KVBudgetExceeded) as e:
-                raise engine_error(e) from None
-            finally:
-                if len(session) == 0:  # a new session whose prefill was refused holds nothing
-                    self.pool.drop(session)
+            suffix = gen.prompt[len(session):]
+            if suffix:
+                await session.aappend(suffix, deadline=gen.deadline)
+            if gen.max_tokens == 0:
+                gen.finish_reason = "length"
+                return
+            s = gen.sampling
+            gen.start_turn()
+            tokens = session.generate(max_tokens=gen.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                                      seed=s.seed, stop=gen.stop, logits_processors=gen.processors(),
+                                      deadline=gen.deadline)
+            async with aclosing(tokens):  # a disconnect closes it: the sequence is freed at the next step
+                async for token in tokens:
+                    gen.ids.append(token)
+                    yield token
+            gen.finish_reason = session.finish_reason
+        except EngineError as e:
+            known = engine_error(e)
+            if known is None:
+                raise
+            raise known from None
+        finally:
+            if session is not None:
+                self.pool.release(session)
 
-    async def collect(self, gen: Generation) -> None:
-        async with aclosing(self.run(gen)) as tokens:
-            async for _ in tokens:
-                pass
+    async def unless_disconnected(self, request: Request, work: Awaitable[None]) -> bool:
+        """Await `work` (a non-streamed request's run) unless its client disconnects first: then it
+        is cancelled (its sequence is freed at the scheduler's next step) and False is returned."""
+        finished, error = False, None
+        async with anyio.create_task_group() as tg:
+            async def watch() -> None:
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            try:
+                await work
+                finished = True
+            except Exception as e:  # noqa: BLE001 - raised below: inside the task group it would come wrapped
+                error = e
+            finally:
+                tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return finished
 
     def detokenizer(self):
         from dsv4.runtime.sampling import IncrementalDetokenizer
@@ -153,10 +185,11 @@ class Server:
 
 
 def create_app(engine: Any, tokenizer: Any, *, model_name: str = "dsv4", max_sessions: int = 8,
-               api_key: str | None = None) -> Starlette:
+               api_key: str | None = None, request_timeout_s: float | None = REQUEST_TIMEOUT_S,
+               default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS) -> Starlette:
     """The OpenAI-compatible app over `engine` (a dsv4.Engine); `tokenizer` an `encoding.Tokenizer`.
     With `api_key`, every request must carry `Authorization: Bearer <api_key>` (401 otherwise)."""
-    server = Server(engine, tokenizer, model_name, max_sessions)
+    server = Server(engine, tokenizer, model_name, max_sessions, request_timeout_s, default_max_tokens)
     routes = [
         Route("/v1/models", partial(endpoints.models, server), methods=["GET"]),
         Route("/v1/models/{model_id:path}", partial(endpoints.model, server), methods=["GET"]),
@@ -196,7 +229,8 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(engine: Any, tokenizer: Any, *, model_name: str = "dsv4", host: str = "127.0.0.1", port: int = 8000,
           max_sessions: int = 8, api_key: str | None = None, log_level: str = "info",
-          sock: socket.socket | None = None) -> None:
+          sock: socket.socket | None = None, request_timeout_s: float | None = REQUEST_TIMEOUT_S,
+          default_max_tokens: int = DEFAULT_CHAT_MAX_TOKENS) -> None:
     """Run the app under uvicorn until interrupted, on `sock` (from `listen`) or on a new socket at host:port;
     first a warning if it is reachable beyond this machine without an API key."""
     import sys
@@ -207,7 +241,8 @@ def serve(engine: Any, tokenizer: Any, *, model_name: str = "dsv4", host: str = 
     warning = exposure_warning(sock.getsockname()[0], api_key)
     if warning:
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
-    app = create_app(engine, tokenizer, model_name=model_name, max_sessions=max_sessions, api_key=api_key)
+    app = create_app(engine, tokenizer, model_name=model_name, max_sessions=max_sessions, api_key=api_key,
+                     request_timeout_s=request_timeout_s, default_max_tokens=default_max_tokens)
     try:
         uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
     finally:

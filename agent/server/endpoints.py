@@ -16,7 +16,7 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from agent.server.chat import ChatParser, chat_constraint, json_constraint, render_chat, tool_names
 from agent.server.errors import RequestError, stream_error_event
@@ -51,7 +51,8 @@ async def completions(server: Server, request: Request) -> Any:
     tokenizer = server.tokenizer
     gens = []
     for prompt in body.prompts():  # every prompt is checked before any runs
-        gen = server.plan(tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt), body, default_max=16)
+        gen = server.plan(tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt), body, body.max_tokens,
+                          default_max=16)
         gen.constrained = json_constraint(body.response_format, tokenizer)
         gen.logprobs = None if body.logprobs is None else LogprobRecorder(body.logprobs)
         gens.append(gen)
@@ -62,7 +63,9 @@ async def completions(server: Server, request: Request) -> Any:
     if not body.stream:
         choices = []
         for index, gen in enumerate(gens):
-            entries = await _drain(server, gen)
+            entries = await _drain(server, gen, request)
+            if entries is None:
+                return _CLIENT_GONE
             choice = {"index": index, "text": tokenizer.decode(gen.ids), "logprobs": None,
                       "finish_reason": gen.finish_reason}
             if gen.logprobs is not None:
@@ -107,7 +110,8 @@ async def chat(server: Server, request: Request) -> Any:
     body: ChatRequest = parse_request(ChatRequest, await request.body())
     tokenizer = server.tokenizer
     prompt, mode = render_chat(body, tokenizer)
-    gen = server.plan(prompt, body, default_max=body.max_completion_tokens)
+    requested = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+    gen = server.plan(prompt, body, requested, default_max=server.default_max_tokens)
     gen.constrained = chat_constraint(body, tokenizer)
     gen.thinking = prompt[-1] == tokenizer.think_start_id  # thinking mode: the prompt opens the reasoning
     gen.logprobs = LogprobRecorder(body.top_logprobs or 0) if body.logprobs else None
@@ -117,7 +121,9 @@ async def chat(server: Server, request: Request) -> Any:
     formatter = LogprobFormatter(tokenizer)
 
     if not body.stream:
-        entries = await _drain(server, gen)
+        entries = await _drain(server, gen, request)
+        if entries is None:
+            return _CLIENT_GONE
         parser.feed(tokenizer.decode(gen.ids))
         parser.close()
         choice = {"index": 0, "message": parser.message(),
@@ -157,14 +163,21 @@ async def chat(server: Server, request: Request) -> Any:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
-async def _drain(server: Server, gen: Generation) -> list[TokenLogprob]:
-    """Run a generation to its end; the logprobs of its tokens (empty when not asked for)."""
+_CLIENT_GONE = Response(status_code=499)  # nobody reads it: the client disconnected
+
+
+async def _drain(server: Server, gen: Generation, request: Request) -> list[TokenLogprob] | None:
+    """Run a generation to its end; the logprobs of its tokens (empty when not asked for), or None
+    when the client disconnected first (the generation was stopped)."""
     entries = []
-    async with aclosing(server.run(gen)) as tokens:
-        async for token in tokens:
-            if gen.logprobs is not None:
-                entries.append(gen.logprobs.take(token))
-    return entries
+
+    async def run() -> None:
+        async with aclosing(server.run(gen)) as tokens:
+            async for token in tokens:
+                if gen.logprobs is not None:
+                    entries.append(gen.logprobs.take(token))
+
+    return entries if await server.unless_disconnected(request, run()) else None
 
 
 def _char_offsets(server: Server, ids: list[int]) -> list[int]:

@@ -39,12 +39,17 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
 
 def engine_error(exc: Exception) -> RequestError | None:
     """The engine's refusals as request errors (None for anything else: a bug, a 500)."""
-    from dsv4.runtime.errors import ContextLengthExceeded, KVBudgetExceeded
+    from dsv4.runtime.errors import ContextLengthExceeded, DeadlineExceeded, EngineBusy, KVBudgetExceeded
 
     if isinstance(exc, ContextLengthExceeded):
         return RequestError("prompt", str(exc), code="context_length_exceeded")
-    if isinstance(exc, KVBudgetExceeded):
+    if isinstance(exc, KVBudgetExceeded):  # cannot fit even with every idle session spilled
         return RequestError("prompt", str(exc), status=413, code="kv_budget_exceeded")
+    if isinstance(exc, EngineBusy):  # the memory is held by running requests: try again later
+        return RequestError(None, str(exc), status=429, code="engine_busy")
+    if isinstance(exc, DeadlineExceeded):
+        return RequestError(None, "the request did not finish before its deadline (serve --request-timeout)",
+                            status=504, code="deadline_exceeded")
     return None
 
 

@@ -33,26 +33,9 @@ from dsv4.network.host_ints import device_ints
 from dsv4.network.indexer import Indexer
 from dsv4.network.linear import Linear
 from dsv4.network.norm import RMSNorm, rms_normalize
+from dsv4.network.options import forward_options, kernel_enabled
 from dsv4.network.rope import apply_rope, inv_frequencies, rope_angles
 from dsv4.network.tensor_parallel import SINGLE, TensorParallel
-
-# fp32 elements of one query block's [queries, heads, keys] logits, per device type: bounded whatever
-# the context length; a GPU gets larger blocks (fewer, bigger matmuls: 1 GiB of logits at most).
-LOGIT_BUDGET = {"cpu": 1 << 24, "cuda": 1 << 28}
-
-# Dispatch of the core softmax to the Triton kernel (kernels/sparse_attention.py): "cuda" = for
-# CUDA tensors when Triton is installed; "always" = any device Triton runs on (CPU only under
-# TRITON_INTERPRET=1, for tests); "off" = always the torch path of `_attend`.
-SPARSE_KERNEL = "cuda"
-
-
-def _sparse_kernel_enabled(q: torch.Tensor) -> bool:
-    if SPARSE_KERNEL not in ("cuda", "always", "off"):
-        raise ValueError(f"dsv4.network.attention.SPARSE_KERNEL must be 'cuda', 'always' or 'off', got {SPARSE_KERNEL!r}")
-    if SPARSE_KERNEL == "off" or (SPARSE_KERNEL == "cuda" and not q.is_cuda):
-        return False
-    import dsv4_kernels  # lazily: Triton must be imported after a test sets TRITON_INTERPRET
-    return dsv4_kernels.triton_available()
 
 
 class Attention(nn.Module):
@@ -132,7 +115,8 @@ class Attention(nn.Module):
         exists = torch.cat((before >= 0, torch.ones(B, S, dtype=torch.bool, device=q.device)), 1)
         for cache, row, start in zip(caches, kv, starts):
             self._write_ring(cache, row, start)
-        if _sparse_kernel_enabled(q):        # Triton (kernels/); the torch path below is its reference
+        options = forward_options()
+        if kernel_enabled(options.sparse_kernel, q):  # Triton (dsv4_kernels/); the torch path below is its reference
             return self._attend_kernel(q, keys, starts, caches, picks)
         if self.kind == "hca":                  # all visible entries: pad the rows to one length
             entries = nn.utils.rnn.pad_sequence(
@@ -140,7 +124,7 @@ class Attention(nn.Module):
                 batch_first=True)                                               # [B,N,d]
         n_extra = picks.shape[-1] if picks is not None else (entries.shape[1] if self.kind == "hca" else 0)
         # per block: logits [B, T, H, W + T + n_extra], compressed keys [B, T, n_extra, d]
-        block = min(256, max(1, LOGIT_BUDGET.get(q.device.type, LOGIT_BUDGET['cpu']) // (B * (self.n_heads + self.head_dim) * (256 + W + n_extra))))
+        block = min(256, max(1, options.workspace(q.device.type) // (B * (self.n_heads + self.head_dim) * (256 + W + n_extra))))
         positions = device_ints(starts, q.device)[:, None]              # [B,1]
         out = []
         for t0 in range(0, S, block):

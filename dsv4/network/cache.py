@@ -137,12 +137,34 @@ class ModelCache:
 
     def nbytes(self) -> int:
         """Bytes held in memory (growing buffers count their whole allocated capacity)."""
-        total = self.fixed_nbytes()
-        for layer in self.layers:
+        return self.fixed_nbytes() + sum(rows.data.nbytes for rows, _ in self._buffers())
+
+    def _buffers(self):
+        """(growing buffer, compression ratio) of every layer."""
+        for layer, ratio in zip(self.layers, self.cfg.compress_ratios):
             for rows in (layer.compressed, layer.indexer_keys):
                 if rows is not None:
-                    total += rows.data.nbytes
+                    yield rows, ratio
+
+    def growth_bytes(self, length: int, cloned: bool = False) -> int:
+        """Bytes the growing buffers must add to hold `length` tokens (what `reserve(length)`, or
+        appending up to that length in one go, allocates); `cloned`: to those of a `clone()`."""
+        total = 0
+        for rows, ratio in self._buffers():
+            have = rows.copy_capacity() if cloned else rows.data.shape[0]
+            total += (rows.capacity_for(length // ratio, have) - have) * rows.width * rows.data.element_size()
         return total
+
+    def clone_nbytes(self) -> int:
+        """Bytes a `clone()` allocates (growing buffers copied without their spare room)."""
+        return self.fixed_nbytes() + sum(rows.copy_capacity() * rows.width * rows.data.element_size()
+                                         for rows, _ in self._buffers())
+
+    def reserve(self, length: int) -> None:
+        """Allocate the growing buffers' room for `length` tokens now, so that feeding up to there
+        allocates nothing more, however it is chunked."""
+        for rows, ratio in self._buffers():
+            rows.reserve(length // ratio)
 
     def fixed_nbytes(self) -> int:
         """Bytes of the fixed-size state (sliding rings, compressor partial blocks): what a

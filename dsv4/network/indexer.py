@@ -8,8 +8,9 @@ over the visible entries j < (pos_t + 1) // 4; the top min(index_topk, visible) 
 other slots are -1. With `quant_sim`, q_I and K_j are Hadamard-rotated and FP4-rounded, as in
 training; the rotation alone would not change q . k.
 Scores are computed one block of queries at a time, so the workspace stays bounded by
-`SCORE_BUDGET[device type]` elements whatever the context length. On CUDA (one rank), the
-selection runs the fused Triton kernel of dsv4_kernels/indexer_topk.py (`INDEXER_KERNEL`: scores
+`ForwardOptions.workspace(device type)` elements whatever the context length. On CUDA (one rank),
+the selection runs the fused Triton kernel of dsv4_kernels/indexer_topk.py
+(`ForwardOptions.indexer_kernel`: scores
 accumulated over heads in registers, then a top-k with the same tie-breaking); the torch path
 below stays its reference.
 """
@@ -24,25 +25,9 @@ from dsv4.network.compressor import Compressor
 from dsv4.network.config import ModelConfig
 from dsv4.network.host_ints import device_ints
 from dsv4.network.linear import Linear
+from dsv4.network.options import forward_options, kernel_enabled
 from dsv4.network.rope import apply_rope
 from dsv4.network.tensor_parallel import SINGLE, TensorParallel
-
-# fp32 elements of one query block's [queries, heads, entries] scores, per device type (as
-# attention.LOGIT_BUDGET: larger blocks on a GPU)
-SCORE_BUDGET = {"cpu": 1 << 24, "cuda": 1 << 28}
-
-# Dispatch of the selection to the Triton kernel: "cuda" = CUDA tensors when Triton is installed;
-# "always" = any device Triton runs on (CPU only under TRITON_INTERPRET=1, for tests); "off".
-INDEXER_KERNEL = "cuda"
-
-
-def _indexer_kernel_enabled(q: torch.Tensor) -> bool:
-    if INDEXER_KERNEL not in ("cuda", "always", "off"):
-        raise ValueError(f"dsv4.network.indexer.INDEXER_KERNEL must be 'cuda', 'always' or 'off', got {INDEXER_KERNEL!r}")
-    if INDEXER_KERNEL == "off" or (INDEXER_KERNEL == "cuda" and not q.is_cuda):
-        return False
-    import dsv4_kernels  # lazily: Triton must be imported after a test sets TRITON_INTERPRET
-    return dsv4_kernels.triton_available()
 
 
 class Indexer(nn.Module):
@@ -102,9 +87,11 @@ class Indexer(nn.Module):
         # entries visible to query t of row b: j < (starts[b] + t + 1) // m (<= counts[b])
         positions = device_ints(starts, q.device)[:, None] + torch.arange(1, S + 1, device=q.device)
         visible = (positions // self.ratio)[..., None]                           # [B,S,1]
-        if self.tp.world == 1 and _indexer_kernel_enabled(q):
-            return self._top_entries_kernel(q, weights, keys, visible[..., 0], k)
-        block = max(1, SCORE_BUDGET.get(q.device.type, SCORE_BUDGET['cpu']) // (B * self.n_heads * N))
+        options = forward_options()
+        workspace = options.workspace(q.device.type)
+        if self.tp.world == 1 and kernel_enabled(options.indexer_kernel, q):
+            return self._top_entries_kernel(q, weights, keys, visible[..., 0], k, workspace)
+        block = max(1, workspace // (B * self.n_heads * N))
         keys = keys.float()
         out = []
         for t0 in range(0, S, block):
@@ -128,12 +115,12 @@ class Indexer(nn.Module):
 
     @staticmethod
     def _top_entries_kernel(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
-                            visible: torch.Tensor, k: int) -> torch.Tensor:
+                            visible: torch.Tensor, k: int, workspace: int) -> torch.Tensor:
         """`_top_entries` through dsv4_kernels.indexer_topk, blocks of queries whose [B, T, N]
-        int64 sort keys fit the score budget. visible [B, S]."""
+        int64 sort keys fit the score workspace. visible [B, S]."""
         import dsv4_kernels
         B, S, N = q.shape[0], q.shape[1], keys.shape[1]
-        block = max(1, SCORE_BUDGET.get(q.device.type, SCORE_BUDGET['cpu']) // (2 * B * N))
+        block = max(1, workspace // (2 * B * N))
         visible = visible.clamp(max=N)
         return torch.cat([dsv4_kernels.indexer_topk(q[:, t0:t0 + block], weights[:, t0:t0 + block], keys,
                                                      visible[:, t0:t0 + block], k)

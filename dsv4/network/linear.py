@@ -11,7 +11,7 @@ formats, named as in the official checkpoint (`<name>.weight`, `<name>.scale`):
 A quantised layer computes by dequantising its weight on the fly at the activation dtype, a block
 of rows at a time, so a big FP8 / FP4 weight never exists in float all at once (dsv4/quant.py says
 why the dequantised values are exact). `dequantize_` turns it into a float layer for good.
-On CUDA (`QUANT_KERNELS`), an FP8 layer with bf16 / fp16 input instead runs the Triton FP8 GEMMs of
+On CUDA (`ForwardOptions.quant_kernels`), an FP8 layer with bf16 / fp16 input instead runs the Triton FP8 GEMMs of
 dsv4_kernels/fp8_gemm.py on the stored weight: FP8 x FP8 products when `quant_sim` rounds the input
 (the kernel does that rounding itself), the FP8 weight widened in registers otherwise. The
 dequantising forward stays their reference (same result up to fp32 summation order).
@@ -29,6 +29,7 @@ from torch import nn
 
 from dsv4.formats import quant
 from dsv4.formats.fakequant import fp8_fake_quant
+from dsv4.network.options import forward_options, kernel_enabled
 
 WeightFormat = Literal["float", "fp8", "fp4"]
 
@@ -37,20 +38,11 @@ WeightFormat = Literal["float", "fp8", "fp4"]
 _CHUNK_ELEMENTS = 1 << 24
 ACT_BLOCK = 128          # activation quantisation block of the FP8 / FP4 GEMMs (1 x 128)
 
-# Dispatch of FP8 layers to the Triton kernels: "cuda" = for CUDA inputs when Triton is installed;
-# "always" = any device Triton runs on (CPU only under TRITON_INTERPRET=1, for tests); "off" = the
-# dequantising forward below.
-QUANT_KERNELS = "cuda"
-
 
 def quant_kernels_enabled(x: torch.Tensor) -> bool:
-    """Whether quantised weights meeting `x` run the dsv4_kernels kernels (`QUANT_KERNELS`)."""
-    if QUANT_KERNELS not in ("cuda", "always", "off"):
-        raise ValueError(f"dsv4.network.linear.QUANT_KERNELS must be 'cuda', 'always' or 'off', got {QUANT_KERNELS!r}")
-    if QUANT_KERNELS == "off" or (QUANT_KERNELS == "cuda" and not x.is_cuda):
-        return False
-    import dsv4_kernels  # lazily: Triton must be imported after a test sets TRITON_INTERPRET
-    return dsv4_kernels.triton_available()
+    """Whether quantised weights meeting `x` run the dsv4_kernels kernels
+    (`ForwardOptions.quant_kernels` of the forward running now)."""
+    return kernel_enabled(forward_options().quant_kernels, x)
 
 
 class Linear(nn.Module):

@@ -16,8 +16,12 @@ reference the kernels are tested against.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from dsv4.network.options import forward_options
 
 
 def _mixes(h: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
@@ -44,14 +48,18 @@ def sinkhorn_reference(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Ten
     return pre, post, comb
 
 
-# Opt-in: `use_compiled_sinkhorn(True)` routes hc_pre through torch.compile(sinkhorn_reference)
-# (a few fused kernels a call on CUDA instead of ~80 launches). Plain PyTorch stays the default.
+# Opt-in (`ForwardOptions.compile_sinkhorn`): hc_pre through torch.compile(sinkhorn_reference), a
+# few fused kernels a call on CUDA instead of ~80 launches; compiled once, on first use.
 _compiled_sinkhorn = None
 
 
-def use_compiled_sinkhorn(on: bool) -> None:
+def _sinkhorn() -> Callable:
     global _compiled_sinkhorn
-    _compiled_sinkhorn = torch.compile(sinkhorn_reference, dynamic=True) if on else None
+    if not forward_options().compile_sinkhorn:
+        return sinkhorn_split
+    if _compiled_sinkhorn is None:
+        _compiled_sinkhorn = torch.compile(sinkhorn_reference, dynamic=True)
+    return _compiled_sinkhorn
 
 
 def sinkhorn_split(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int,
@@ -85,7 +93,7 @@ def _fused_kernels(h: torch.Tensor):
     """dsv4_kernels.mhc for CUDA tensors when Triton is there, else None (the torch path)."""
     if not h.is_cuda:
         return None
-    import dsv4_kernels          # lazily: Triton must be imported after a test sets TRITON_INTERPRET
+    import dsv4_kernels  # lazily: Triton must be imported after a test sets TRITON_INTERPRET
     return dsv4_kernels.mhc if dsv4_kernels.triton_available() else None
 
 
@@ -98,8 +106,7 @@ def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
         x, post, comb = fused.hc_pre(h.reshape(b * s, hc, d), fn, scale, base, iters=iters,
                                      norm_eps=norm_eps, hc_eps=hc_eps)
         return x.view(b, s, d), post.view(b, s, hc), comb.view(b, s, hc, hc)
-    split = _compiled_sinkhorn or sinkhorn_split
-    pre, post, comb = split(_mixes(h, fn, norm_eps), scale, base, h.shape[2], iters, hc_eps)
+    pre, post, comb = _sinkhorn()(_mixes(h, fn, norm_eps), scale, base, h.shape[2], iters, hc_eps)
     x = (pre.unsqueeze(-1) * h.float()).sum(2)
     return x.to(h.dtype), post, comb
 

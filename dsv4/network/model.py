@@ -24,6 +24,7 @@ from dsv4.network.linear import Linear
 from dsv4.network.mhc import hc_head, hc_post, hc_pre
 from dsv4.network.moe import MoE
 from dsv4.network.norm import RMSNorm
+from dsv4.network.options import ForwardOptions, forward_options
 from dsv4.network.tensor_parallel import (
     SINGLE,
     TensorParallel,
@@ -149,17 +150,21 @@ class Transformer(nn.Module):
             raise ValueError("the same cache appears in two rows")
 
     @torch.no_grad()
-    def hidden_states(self, input_ids: torch.Tensor, caches: list[ModelCache] | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, caches: list[ModelCache] | None = None,
+                      options: ForwardOptions | None = None) -> torch.Tensor:
         """input_ids [B,S] -> final residual streams [B,S,hc,D] (before the collapse). With
-        `caches`, row b continues caches[b] and the S tokens are appended to it."""
+        `caches`, row b continues caches[b] and the S tokens are appended to it. `options`: how
+        the forward runs (kernels, workspaces; dsv4/network/options.py), not what it computes;
+        None = the ones applied around the call, else the defaults."""
         if caches is None:
             caches = [self.new_cache() for _ in range(input_ids.shape[0])]
         self._check(input_ids, caches)
         starts = [c.length for c in caches]
         h = self.embed(input_ids)                                              # [B,S,D]
         h = h.unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1)                   # [B,S,hc,D]
-        for i, layer in enumerate(self.layers):
-            h = layer(h, input_ids, starts, [c.layers[i] for c in caches])
+        with (options or forward_options()).applied():
+            for i, layer in enumerate(self.layers):
+                h = layer(h, input_ids, starts, [c.layers[i] for c in caches])
         for c in caches:
             c.length += input_ids.shape[1]
         return h
@@ -173,11 +178,12 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, caches: list[ModelCache] | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, options: ForwardOptions | None = None) -> torch.Tensor:
         """input_ids [B,S] -> logits [B,S,V] fp32 ([B,1,V] with last_only). Without caches the
         rows start at position 0 and nothing is kept; with caches see `hidden_states`."""
-        h = self.hidden_states(input_ids, caches)
-        return self.logits(h[:, -1:] if last_only else h)
+        with (options or forward_options()).applied():
+            h = self.hidden_states(input_ids, caches)
+            return self.logits(h[:, -1:] if last_only else h)
 
     @torch.no_grad()
     def mtp_logits(self, h: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:

@@ -1,3 +1,5 @@
-"""The engine and its sessions: resident KV sessions with append / generate / truncate / fork /
-save / load (`engine`, `session`, `session_io`), sampling, and the processes of a tensor-parallel
+"""The engine and its sessions: the engine owns every sequence's state (`sequence`), one scheduler
+thread runs all work on it (`scheduler`: batched decode, chunked prefill under a per-step token
+budget, admission by KV bytes, cancellation), sessions are handles onto sequences (`session`),
+saved with `session_io`; sampling, runtime options, and the processes of a tensor-parallel
 engine (`launch`, `spmd`). Builds on loading/."""

@@ -1,4 +1,4 @@
-"""The embedded DSV4 inference engine: one model, many resident sessions.
+"""The embedded DSV4 inference engine: one model, many resident sequences, one scheduler.
 
     engine = dsv4.Engine(model_or_checkpoint_path, kv_budget_bytes=40 << 30)
     s = engine.new_session()
@@ -6,46 +6,58 @@
     async for tok in s.generate(max_tokens=512, temperature=1.0, stop=["</answer>"]): ...
     s.append(tool_result_ids)                 # the next turn prefills only the new tokens
 
-The engine owns the model, the device, the limits (context length, KV byte budget), chunked
-prefill, batched decode of several sessions (`generate_batch`) and session loading. Model calls
-are serialised by a lock and run in worker threads from the async API, so the event loop keeps
-running between (and during) steps.
+The engine owns the model, the device, the limits (context length, KV byte budget), the runtime
+options and the state of every sequence (`Sequence`); a `Session` is a handle onto one. All work on
+that state runs on the scheduler's thread (dsv4/runtime/scheduler.py), which decodes every running
+sequence together each step and prefills new prompts in chunks between those steps, so sessions
+used from several tasks or threads batch together.
+
+Every change to a sequence's cache goes through `apply(op, args)`, a small set of operations
+(create, reserve, forward, snapshot, rollback, fork, move, release, load, drop) that are
+deterministic given their arguments. With tensor parallelism (`Engine(path, tp=N)`) the engine
+holds a `spmd.TensorParallelGroup`: each operation is sent to the other ranks, which apply it to
+their own engine, so every rank's caches stay identical and the collectives inside their forwards
+line up. Everything that needs the token ids (chunking, snapshots, budgets, sampling) is decided
+here, on rank 0.
 """
 from __future__ import annotations
 
+import itertools
 import os
-import threading
 import weakref
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from contextlib import ExitStack
+from collections.abc import AsyncIterator, Iterable
+from collections.abc import Sequence as Seq
+from contextlib import aclosing
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import anyio
 import torch
 
 from dsv4.formats.kv_fp8 import Fp8KVLayout
 from dsv4.loading.checkpoint import load_model
 from dsv4.network.cache import ModelCache
-from dsv4.runtime import session_io
+from dsv4.runtime import launch, session_io, spmd
 from dsv4.runtime.errors import (
     ContextLengthExceeded,
-    KVBudgetExceeded,
     SessionFormatError,
     SessionMismatch,
+    SessionStateError,
 )
-from dsv4.runtime.sampling import (
-    DecodeState,
-    SamplingParams,
-    StopChecker,
-    make_generator,
-    sample_next,
-)
-from dsv4.runtime.session import _LAST_LOGITS, Session, tree_bytes
+from dsv4.runtime.options import RuntimeOptions
+from dsv4.runtime.sampling import SamplingParams
+from dsv4.runtime.scheduler import Scheduler
+from dsv4.runtime.sequence import CacheRef, Sequence, Snapshot, tree_bytes
+from dsv4.runtime.session import Session
 
 ALIGN = 128  # compression boundary shared by every layer type (lcm of the ratios 4 and 128)
+_LAST_LOGITS = "session.last_logits"  # the tensor holding a saved session's last logits
+_CPU_BUDGET_SHARE = 2  # on CPU the default KV budget is 1/2 of the host memory available at start
+_GPU_RESERVE = 2 << 30  # on CUDA it is the free memory less max(2 GiB, 10 %) for activations
+
+# the replicated operations (see the module doc): name -> the engine method that applies it
+_OPS = ("start", "create", "reserve", "forward", "snapshot", "rollback", "fork", "move", "release", "load",
+        "drop")
 
 
 @dataclass(frozen=True)
@@ -66,45 +78,71 @@ class Engine:
                     path, loaded with `load_model(path, device=device or "cuda", dtype=dtype)`
     tokenizer       anything with `.decode(ids) -> str` (for stop strings); default: the DSV4
                     tokenizer when the vocabulary is DSV4's
-    kv_budget_bytes cap on resident KV + snapshots over all sessions (None = no cap)
+    kv_budget_bytes cap on resident KV + snapshots over all sessions; "auto" (default) = what the
+                    GPU has free once the weights are loaded, less max(2 GiB, 10 %) for
+                    activations; on CPU half the host memory available at start-up; None = no cap
     max_context     cap on a session's length (default and upper bound: the model's max_seq_len)
-    prefill_chunk   tokens per prefill forward (chunk ends fall on multiples of 128); with the
-                    model's blocked attention and indexer, memory stays bounded at any length
-    snapshot_every  take a roll-back snapshot whenever a session's cache length hits a multiple
-    max_snapshots   snapshots kept per session (the newest)
+    options         `RuntimeOptions` (prefill chunk, per-step token budget, snapshots, restore
+                    points, admission queue, forward options); `prefill_chunk`, `snapshot_every`
+                    and `max_snapshots` given as keywords override its fields
     kv_fp8          quantised KV storage: compressed main entries in the 584-byte FP8 layout,
                     indexer keys in MXFP4 (68 bytes); lossless when the model's quantisation
                     simulation is on (as it is for FP8 checkpoints on GPU)
-    tp              tensor-parallel ranks: `Engine(path, tp=N)` is a `dsv4.runtime.spmd.LeaderEngine`
-                    (this process is rank 0 and runs the API; N - 1 spawned ranks follow it)
+    tp              tensor-parallel ranks: with N > 1 this process is rank 0 and serves the API,
+                    N - 1 spawned ranks follow it (a checkpoint path is needed: every rank loads its
+                    own part). `backend` ("nccl" on CUDA, "gloo" on CPU by default) and `timeout_s`
+                    (bound on each collective) configure the group; cuda:r on rank r when `device`
+                    is a CUDA device (or None with CUDA present), else `device` on every rank.
+                    `shutdown()` (also on garbage collection, at exit, or leaving a `with` block)
+                    stops the other ranks. A script using it must guard its entry point.
     """
-
-    session_class = Session    # what sessions are made of (tensor parallel: dsv4/spmd.py's)
-
-    def __new__(cls, *args: Any, tp: int = 1, **kwargs: Any):
-        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-            raise ValueError(f"tp must be an int >= 1, got {tp!r}")
-        if tp > 1 and cls is Engine:                # tensor parallel over tp ranks
-            from dsv4.runtime.spmd import LeaderEngine
-            cls = LeaderEngine
-        return super().__new__(cls)
 
     def __init__(self, model_or_path: Any, *, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, tokenizer: Any = None,
-                 kv_budget_bytes: int | None = None, max_context: int | None = None,
-                 prefill_chunk: int = 2048,
-                 snapshot_every: int = 4096, max_snapshots: int = 4, kv_fp8: bool = False,
-                 eos_token_ids: Iterable[int] | None = None, tp: int = 1):
-        if tp != 1:     # Engine(path, tp=N) is built by __new__ as a LeaderEngine, which passes none
-            raise ValueError("tp > 1 is served by dsv4.Engine(path, tp=N) (dsv4.runtime.spmd.LeaderEngine)")
-        if isinstance(model_or_path, (str, os.PathLike)):
-            model = load_model(model_or_path, device=device or "cuda",
-                               **({"dtype": dtype} if dtype is not None else {}))
+                 kv_budget_bytes: int | Literal["auto"] | None = "auto", max_context: int | None = None,
+                 options: RuntimeOptions | None = None, prefill_chunk: int | None = None,
+                 snapshot_every: int | None = None, max_snapshots: int | None = None,
+                 kv_fp8: bool = False, eos_token_ids: Iterable[int] | None = None, tp: int = 1,
+                 backend: str | None = None, timeout_s: float = 1800.0):
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tp must be an int >= 1, got {tp!r}")
+        given = {k: v for k, v in (("prefill_chunk", prefill_chunk), ("snapshot_every", snapshot_every),
+                                   ("max_snapshots", max_snapshots)) if v is not None}
+        self.options = RuntimeOptions.model_validate({**(options or RuntimeOptions()).model_dump(), **given})
+        self.tp, self.group = tp, None
+        is_path = isinstance(model_or_path, (str, os.PathLike))
+        load = {"dtype": dtype} if dtype is not None else {}
+        if tp > 1:
+            if not is_path:
+                raise TypeError("Engine(..., tp=N) needs a checkpoint path: every rank loads its own part")
+            self.group = spmd.TensorParallelGroup.start(
+                tp, device, backend, timeout_s, follower=_follow_rank,
+                follower_args=(Path(model_or_path), device, load, {"options": self.options, "kv_fp8": kv_fp8}))
+            try:
+                model = self.group.load(lambda rank_tp: load_model(model_or_path, device=self.group.device,
+                                                                   tp=rank_tp, **load))
+            except BaseException:
+                self.group.abort()
+                raise
+            tokenizer = tokenizer if tokenizer is not None else _tokenizer_beside(model_or_path)
+        elif is_path:
+            model = load_model(model_or_path, device=device or "cuda", **load)
             tokenizer = tokenizer if tokenizer is not None else _tokenizer_beside(model_or_path)
         else:
             model = model_or_path
-        if prefill_chunk < 1 or snapshot_every < 1 or max_snapshots < 0:
-            raise ValueError("prefill_chunk and snapshot_every must be >= 1, max_snapshots >= 0")
+        try:
+            self._setup(model, tokenizer, kv_budget_bytes, max_context, kv_fp8, eos_token_ids)
+        except BaseException:
+            if self.group is not None:
+                self.group.shutdown()
+            raise
+        if self.group is not None:
+            # also on garbage collection and at exit; holds no reference to the engine
+            self._stop_group = weakref.finalize(self, _stop_group, weakref.ref(self.scheduler), self.group)
+            self.group.send("start", (self.fingerprint,))   # sessions carry rank 0's fingerprint
+
+    def _setup(self, model: Any, tokenizer: Any, kv_budget_bytes: Any, max_context: int | None,
+               kv_fp8: bool, eos_token_ids: Iterable[int] | None) -> None:
         self.model = model.eval()
         self.cfg = model.cfg
         self.device = _model_device(model)  # `device` only says where a checkpoint is loaded
@@ -114,178 +152,45 @@ class Engine:
             raise ValueError(f"max_context must be in [1, {model_max}] (the model's max_seq_len), "
                              f"got {max_context}")
         self.max_context = max_context or model_max
-        self.kv_budget_bytes = kv_budget_bytes
-        self.prefill_chunk = prefill_chunk
-        self.snapshot_every = snapshot_every
-        self.max_snapshots = max_snapshots
         self._tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids) if eos_token_ids is not None else \
             (int(getattr(tokenizer, "eos_id", 1)),)
-        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
-        self._lock = threading.RLock()
+        self._seqs: dict[int, Sequence] = {}
+        self._sids = itertools.count()
         self._fingerprint: str | None = None
-        cache_dtype = self.new_cache().dtype
+        empty = self.new_cache()
+        cache_dtype, self._empty_cache_bytes = empty.dtype, empty.nbytes()
         self.kv_dtype = "fp8" if kv_fp8 else str(cache_dtype).removeprefix("torch.")  # in saved sessions
         self.kv_bytes_per_token = kv_bytes_per_token(self.cfg, cache_dtype.itemsize, fp8=kv_fp8)
+        self.kv_budget_bytes = default_kv_budget(self.device) if kv_budget_bytes == "auto" else kv_budget_bytes
+        if self.kv_budget_bytes is not None and (isinstance(self.kv_budget_bytes, bool) or
+                                                 not isinstance(self.kv_budget_bytes, int) or self.kv_budget_bytes < 0):
+            raise ValueError(f"kv_budget_bytes must be an int >= 0, 'auto' or None, got {kv_budget_bytes!r}")
+        self.scheduler = Scheduler(self)
 
-    # ---- sessions ---------------------------------------------------------------------------
-    def new_session(self, token_ids: Sequence[int] = ()) -> Session:
+    # ---- public API -------------------------------------------------------------------------
+    def new_session(self, token_ids: Seq[int] = ()) -> Session:
         """An empty session (or one with `token_ids` fed at once)."""
-        cache = self.new_cache()
-        self._check_budget(cache.nbytes())
-        session = self.session_class(self, cache)
-        self.register(session)
-        if token_ids:
-            session.append(token_ids)
+        ids = self.check_token_ids(token_ids) if len(token_ids) else []
+        if len(ids) > self.max_context:
+            raise ContextLengthExceeded(0, len(ids), self.max_context)
+        session = Session(self, self.scheduler.call(self.create).sid)
+        if ids:
+            session.append(ids)
         return session
 
     def load_session(self, path: str | os.PathLike) -> Session:
         """A session saved with `session.save(path)`; it must come from this very model."""
-        session = self.session_class(self, None)
-        tokens, cache, logits = self.read_session_state(path)
-        session._ref.cache = cache
-        session._tokens, session._last_logits = tokens, logits
-        self.register(session)
-        return session
+        return Session(self, self.scheduler.call(self.load, Path(path)).sid)
 
-    def read_session_state(self, path: str | os.PathLike) -> tuple[list[int], ModelCache, torch.Tensor | None]:
-        """(token ids, cache on the engine's device, last logits or None) of a saved session."""
-        manifest, tensors = session_io.read_session(path, fingerprint=self.fingerprint, device="cpu")
-        if manifest.get("kv_dtype") != self.kv_dtype:
-            raise SessionMismatch(f"session {path} stores {manifest['kv_dtype']} KV; this engine "
-                                  f"uses {self.kv_dtype} (Engine(kv_fp8=...))")
-        logits = tensors.pop(_LAST_LOGITS, None)
-        needed = sum(t.numel() * t.element_size() for t in tensors.values())
-        self._check_budget(needed)
-        cache = ModelCache.from_state_tensors(self.cfg, tensors).to(self.device)
-        if int(cache.length) != manifest["cache_length"]:
-            raise SessionFormatError(f"{path}: cache holds {cache.length} tokens, manifest says "
-                                     f"{manifest['cache_length']}")
-        return list(manifest["token_ids"]), cache, None if logits is None else logits.to(self.device)
-
-    def register(self, session: Session) -> None:
-        self._sessions.add(session)
-
-    def unregister(self, session: Session) -> None:
-        self._sessions.discard(session)
-
-    # ---- cache and model --------------------------------------------------------------------
-    def new_cache(self):
-        if self.kv_fp8:
-            return ModelCache.empty(self.cfg, self.device, self.model.dtype, kv_fp8=True)
-        return self.model.new_cache(device=self.device)
-
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = session_io.model_fingerprint(self.model, self.cfg)
-        return self._fingerprint
-
-    def forward(self, rows: list[list[int]], caches: list) -> torch.Tensor:
-        """Feed rows[b] (all of one length) to caches[b]; returns last-position logits [B, V] fp32."""
-        with self._lock, torch.inference_mode():
-            ids = torch.tensor(rows, dtype=torch.long, device=self.device)
-            logits = self.model(ids, caches=caches, last_only=True)
-        return logits.reshape(len(rows), -1, logits.shape[-1])[:, -1].float()
-
-    def chunk_bounds(self, start: int, end: int) -> Iterator[tuple[int, int]]:
-        """Prefill chunks covering [start, end): ends fall on multiples of 128 where the chunk is
-        longer than that, and on every snapshot point, so snapshots sit on compression boundaries."""
-        while start < end:
-            stop = min(end, start + self.prefill_chunk)
-            if stop - start > ALIGN and stop % ALIGN:
-                stop = stop // ALIGN * ALIGN
-            stop = min(stop, (start // self.snapshot_every + 1) * self.snapshot_every)
-            yield start, stop
-            start = stop
-
-    def prefill(self, session: Session) -> None:
-        """Feed a session's pending tokens, chunk by chunk."""
-        tokens = session._tokens
-        for start, stop in self.chunk_bounds(session.cached_length, len(tokens)):
-            session._feed_chunk(tokens[start:stop])
-
-    # ---- limits -----------------------------------------------------------------------------
-    def check_token_ids(self, token_ids: Sequence[int]) -> list[int]:
-        if isinstance(token_ids, torch.Tensor):
-            token_ids = token_ids.flatten().tolist()
-        ids = list(token_ids)
-        if not ids:
-            raise ValueError("append: token_ids is empty")
-        vocab = self.cfg.vocab_size
-        for i in ids:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
-                raise ValueError(f"token id {i!r} is not an int in [0, {vocab})")
-        return ids
-
-    def reserve(self, session: Session, new_tokens: int, extra_bytes: int = 0) -> None:
-        """Raise (changing nothing) if adding `new_tokens` to `session` would pass the context
-        length or the KV budget; extra_bytes: other device bytes the operation will allocate."""
-        if len(session) + new_tokens > self.max_context:
-            raise ContextLengthExceeded(len(session), new_tokens, self.max_context)
-        if self.kv_budget_bytes is None or session._ref is None:
-            return
-        cache = session._ref.cache
-        growth = cache_growth_bytes(cache, self.chunk_bounds(cache.length, len(session) + new_tokens))
-        if session._ref.sharers > 1:
-            growth += session.kv_bytes()  # copy-on-write will copy the shared cache
-        end = len(session) + new_tokens
-        points = end // self.snapshot_every - cache.length // self.snapshot_every
-        kept = len(session._snapshots)
-        snapshot_bytes = cache.fixed_nbytes() + 4 * self.cfg.vocab_size  # + its logits
-        growth += (min(kept + points, self.max_snapshots) - kept) * snapshot_bytes
-        self._check_budget(growth + extra_bytes)
-
-    def _check_budget(self, needed: int) -> None:
-        if self.kv_budget_bytes is None:
-            return
-        resident = self.memory().resident_bytes
-        if resident + needed > self.kv_budget_bytes:
-            raise KVBudgetExceeded(needed, resident, self.kv_budget_bytes)
-
-    def memory(self) -> EngineMemory:
-        """Bytes by place; a cache or snapshot shared by forks counts once."""
-        resident = host = tokens = n_resident = 0
-        seen: set[int] = set()
-        sessions = list(self._sessions)
-        for s in sessions:
-            tokens += len(s)
-            if s._ref is None:
-                continue
-            size = 0
-            for obj, nbytes in [(s._ref, s.kv_bytes)] + [(snap, partial(tree_bytes, snap))
-                                                        for snap in s._snapshots]:
-                if id(obj) not in seen:
-                    seen.add(id(obj))
-                    size += nbytes()
-            if s.location == "device":
-                resident += size
-                n_resident += 1
-            else:
-                host += size
-        return EngineMemory(resident, host, self.kv_budget_bytes, len(sessions), n_resident, tokens,
-                            self.kv_bytes_per_token)
-
-    # ---- decoding ---------------------------------------------------------------------------
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None and self.cfg.vocab_size == 129280:
-            try:
-                from encoding import Tokenizer
-
-                self._tokenizer = Tokenizer.default()
-            except ImportError:
-                pass
-        return self._tokenizer
-
-    async def generate_batch(self, sessions: Sequence[Session],
-                             params: SamplingParams | Sequence[SamplingParams] | None = None,
+    async def generate_batch(self, sessions: Seq[Session],
+                             params: SamplingParams | Seq[SamplingParams] | None = None,
                              **sampling: Any) -> AsyncIterator[tuple[int, int]]:
-        """Decode several sessions together, one batched forward per step; yields
+        """Decode several sessions together (they join every step the scheduler runs); yields
         (index into `sessions`, token id) as tokens are drawn. `params` is one SamplingParams for
         all, one per session, or given as keyword arguments (max_tokens=, temperature=, ...).
         The sessions are busy until the iterator ends: to stop early, close it
-        (`async with contextlib.aclosing(it)`)."""
+        (`async with contextlib.aclosing(it)`); each session then keeps the tokens yielded."""
         if params is None:
             params = SamplingParams(**sampling)
         elif sampling:
@@ -297,79 +202,371 @@ class Engine:
             raise ValueError("generate_batch: the same session appears twice")
         if any(s.engine is not self for s in sessions):
             raise ValueError("generate_batch: a session belongs to another engine")
-        decode = self.tokenizer.decode if any(p.stop_strings for p in plist) and self.tokenizer else None
-        with ExitStack() as guards:
-            for s in sessions:
-                guards.enter_context(s._exclusive())
-            await anyio.to_thread.run_sync(self._start_decode, sessions)
-            states = [DecodeState(p, make_generator(p.seed, self.device),
-                                  StopChecker(p, self.eos_token_ids, decode)) for p in plist]
-            active = list(range(len(sessions)))
-            while active:
-                for i in active:  # the drawn token joins the session: it must fit
-                    self.reserve(sessions[i], 1)
-                logits = torch.stack([sessions[i]._last_logits for i in active])
-                drawn = sample_next(logits, [states[i].params for i in active],
-                                    [states[i].generator for i in active],
-                                    [states[i].generated for i in active])
-                still = []
-                self._push_tokens([sessions[i] for i in active], drawn)
-                for i, token in zip(active, drawn):
-                    st, s = states[i], sessions[i]
-                    st.generated.append(token)
-                    st.finish_reason = s.finish_reason = st.checker.push(token)
-                    if st.finish_reason is None:
-                        still.append(i)
-                for i, token in zip(active, drawn):
-                    yield i, token
-                active = still
-                if active:
-                    await anyio.to_thread.run_sync(self._decode_step, [sessions[i] for i in active])
+        async with aclosing(self.scheduler.decode([s.sid for s in sessions], plist)) as items:
+            async for item in items:  # closed with this iterator: the request ends at once
+                yield item
 
-    def _push_tokens(self, sessions: Sequence[Session], tokens: Sequence[int]) -> None:
-        """The drawn tokens join their sessions (pending until fed). A method of its own because
-        tensor parallel rank 0 sends them to the other ranks here (dsv4/spmd.py)."""
-        for s, token in zip(sessions, tokens):
-            s._tokens.append(token)
+    def memory(self) -> EngineMemory:
+        """Bytes by place; a cache or snapshot shared by forks counts once."""
+        resident = host = tokens = n_resident = 0
+        seen: set[int] = set()
+        seqs = [s for s in list(self._seqs.values()) if not s.closed]
+        for s in seqs:
+            tokens += len(s.tokens)
+            size = self._unshared_bytes(s, seen)
+            if s.location == "device":
+                resident += size
+                n_resident += 1
+            elif s.location == "host":
+                host += size
+        return EngineMemory(resident, host, self.kv_budget_bytes, len(seqs), n_resident, tokens,
+                            self.kv_bytes_per_token)
 
-    def _start_decode(self, sessions: Sequence[Session]) -> None:
-        """Bring every session to 'nothing pending, last logits known' and snapshot the turn."""
-        for s in sessions:
-            s._ensure_resident()
-            turn_snapshot = s._ref.cache.fixed_nbytes() + 4 * self.cfg.vocab_size
-            self.reserve(s, 1, extra_bytes=turn_snapshot)
-        for s in sessions:
-            s._flush()
-            s._maybe_snapshot(force=True)
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = session_io.model_fingerprint(self.model, self.cfg)
+        return self._fingerprint
 
-    def _decode_step(self, sessions: Sequence[Session]) -> None:
-        """Feed each session's newest (pending) token in one batched forward."""
-        for s in sessions:
-            s._own_cache()
-        logits = self.forward([[s._tokens[-1]] for s in sessions], [s._ref.cache for s in sessions])
-        for s, row in zip(sessions, logits):
-            s._last_logits = row
-            s._maybe_snapshot()
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None and self.cfg.vocab_size == 129280:
+            try:
+                from encoding import Tokenizer
 
+                self._tokenizer = Tokenizer.default()
+            except ImportError:
+                pass
+        return self._tokenizer
 
-def cache_growth_bytes(cache: Any, chunks: Iterable[tuple[int, int]]) -> int:
-    """Bytes the cache's growing buffers will add when fed these chunks: each buffer grows as
-    `GrowingRows.append` does (capacity doubles, at least to the rows needed)."""
-    buffers = []
-    for layer, ratio in zip(cache.layers, cache.cfg.compress_ratios):
-        for rows in (layer.compressed, layer.indexer_keys):
-            if rows is not None:
-                buffers.append([rows, ratio, rows.data.shape[0]])
-    grown = 0
-    for _, stop in chunks:
-        for buf in buffers:
-            rows, ratio, capacity = buf
-            need = stop // ratio
-            if need > capacity:
-                new = min(rows.max_rows, max(need, 2 * capacity, 16))
-                grown += (new - capacity) * rows.width * rows.data.element_size()
-                buf[2] = new
-    return grown
+    def find(self, sid: int) -> Sequence | None:
+        return self._seqs.get(sid)
+
+    def sequence(self, sid: int) -> Sequence:
+        """The state behind a session handle (read it; only the scheduler's thread changes it)."""
+        seq = self._seqs.get(sid)
+        if seq is None or seq.closed:
+            raise SessionStateError("session is closed")
+        return seq
+
+    def shutdown(self) -> None:
+        """Stop the other ranks of a tensor-parallel engine (after the work queued before)."""
+        if self.group is not None:
+            self.scheduler.call(self._stop_group)
+
+    def __enter__(self) -> Engine:  # noqa: PYI034 - Python 3.10 has no typing.Self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- checks (any thread) ------------------------------------------------------------------
+    def check_token_ids(self, token_ids: Seq[int]) -> list[int]:
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.flatten().tolist()
+        ids = list(token_ids)
+        if not ids:
+            raise ValueError("append: token_ids is empty")
+        vocab = self.cfg.vocab_size
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
+                raise ValueError(f"token id {i!r} is not an int in [0, {vocab})")
+        return ids
+
+    @property
+    def restore_after(self) -> frozenset[int]:
+        """Token ids after which a prefill keeps a roll-back point (`RuntimeOptions.restore_after`)."""
+        if self.options.restore_after is not None:
+            return frozenset(self.options.restore_after)
+        tok = self.tokenizer
+        return frozenset(getattr(tok, name) for name in ("user_id", "assistant_id") if hasattr(tok, name))
+
+    # ---- the replicated operations (see the module doc) ------------------------------------
+    def apply(self, op: str, args: tuple) -> None:
+        """Apply one state operation: on rank 0 through `_replicate`, on the other ranks of a
+        tensor-parallel group from spmd.replay, in the same order."""
+        if op not in _OPS:
+            raise ValueError(f"unknown engine operation {op!r}")
+        getattr(self, f"_op_{op}")(*args)
+
+    def _replicate(self, op: str, *args: Any) -> None:
+        if self.group is not None:
+            self.group.send(op, args)
+        self.apply(op, args)
+
+    def _op_start(self, fingerprint: str) -> None:
+        """(the other ranks) The fingerprint sessions carry: rank 0's, which writes the files."""
+        self._fingerprint = fingerprint
+
+    def _op_create(self, sid: int) -> None:
+        self._seqs[sid] = Sequence(sid, CacheRef(self.new_cache()))
+
+    def _op_reserve(self, sid: int, length: int) -> None:
+        seq = self._seqs[sid]
+        seq.own_cache()
+        seq.cache.reserve(length)
+
+    def _op_forward(self, sids: list[int], rows: list[list[int]]) -> None:
+        seqs = [self._seqs[sid] for sid in sids]
+        for seq in seqs:
+            seq.own_cache()
+        logits = self._forward(rows, [seq.cache for seq in seqs])
+        for seq, row in zip(seqs, logits):
+            seq.last_logits = row
+
+    def _op_snapshot(self, sid: int) -> None:
+        seq = self._seqs[sid]
+        state = seq.cache.snapshot()
+        seq.snapshots.append(Snapshot(seq.cached_length, state, seq.last_logits,
+                                      tree_bytes(state) + tree_bytes(seq.last_logits)))
+        del seq.snapshots[:len(seq.snapshots) - self.options.max_snapshots]
+
+    def _op_rollback(self, sid: int, n: int) -> None:
+        """The cache back to the newest snapshot at or before n, or to empty."""
+        seq = self._seqs[sid]
+        usable = [snap for snap in seq.snapshots if snap.length <= n]
+        if usable:
+            seq.own_cache()
+            seq.cache.restore(usable[-1].state)
+            seq.last_logits = usable[-1].logits
+        else:
+            seq.release_cache()
+            seq.ref, seq.last_logits = CacheRef(self.new_cache()), None
+        seq.snapshots = [snap for snap in seq.snapshots if snap.length <= seq.cached_length]
+
+    def _op_fork(self, sid: int, child: int) -> None:
+        parent = self._seqs[sid]
+        parent.ref.sharers += 1
+        self._seqs[child] = Sequence(child, parent.ref, list(parent.tokens), parent.last_logits,
+                                     list(parent.snapshots))
+
+    def _op_move(self, sid: int, where: str) -> None:
+        seq = self._seqs[sid]
+        if where == "host":
+            seq.own_cache()
+            seq.move_to("cpu")
+        else:
+            seq.move_to(self.device)
+        seq.location = where
+
+    def _op_release(self, sid: int, path: str) -> None:
+        """The cache was written to `path` (spill to disk): drop it here."""
+        seq = self._seqs[sid]
+        seq.disk_cached_length = seq.cached_length
+        seq.release_cache()
+        seq.snapshots, seq.last_logits = [], None
+        seq.location, seq.spilled_to = "disk", Path(path)
+
+    def _op_load(self, sid: int, path: str) -> None:
+        self._install(sid, self.read_session_state(Path(path), check_budget=False))
+
+    def _op_drop(self, sid: int) -> None:
+        seq = self._seqs.pop(sid, None)
+        if seq is not None:
+            seq.release_cache()
+            seq.snapshots, seq.last_logits, seq.closed = [], None, True
+
+    def _install(self, sid: int, state: tuple[list[int], ModelCache, torch.Tensor | None]) -> None:
+        tokens, cache, logits = state
+        seq = self._seqs.get(sid)
+        if seq is None:
+            seq = self._seqs[sid] = Sequence(sid, None)
+        seq.ref, seq.tokens, seq.last_logits = CacheRef(cache), tokens, logits
+        seq.snapshots, seq.location, seq.spilled_to = [], "device", None
+
+    # ---- sequence work (the scheduler's thread) -----------------------------------------------
+    def create(self) -> Sequence:
+        self.scheduler.make_room(self._empty_cache_bytes)
+        sid = next(self._sids)
+        self._replicate("create", sid)
+        return self._seqs[sid]
+
+    def load(self, path: Path) -> Sequence:
+        state = self.read_session_state(path, check_budget=True)
+        sid = next(self._sids)
+        if self.group is not None:
+            self.group.send("load", (sid, str(path)))
+        self._install(sid, state)
+        return self._seqs[sid]
+
+    def read_session_state(self, path: Path, check_budget: bool) -> tuple[list[int], ModelCache, torch.Tensor | None]:
+        """(token ids, cache on the engine's device, last logits or None) of a saved session."""
+        manifest, tensors = session_io.read_session(path, fingerprint=self.fingerprint, device="cpu")
+        if manifest.get("kv_dtype") != self.kv_dtype:
+            raise SessionMismatch(f"session {path} stores {manifest['kv_dtype']} KV; this engine "
+                                  f"uses {self.kv_dtype} (Engine(kv_fp8=...))")
+        logits = tensors.pop(_LAST_LOGITS, None)
+        if check_budget:
+            self.scheduler.make_room(sum(t.numel() * t.element_size() for t in tensors.values()))
+        cache = ModelCache.from_state_tensors(self.cfg, tensors).to(self.device)
+        if int(cache.length) != manifest["cache_length"]:
+            raise SessionFormatError(f"{path}: cache holds {cache.length} tokens, manifest says "
+                                     f"{manifest['cache_length']}")
+        return list(manifest["token_ids"]), cache, None if logits is None else logits.to(self.device)
+
+    def bring_back_bytes(self, seq: Sequence) -> int:
+        """Device bytes that making `seq` resident takes."""
+        if seq.location == "host":
+            return seq.kv_bytes() + seq.snapshot_bytes()
+        if seq.location == "disk":
+            return (seq.spilled_to / session_io.TENSORS).stat().st_size
+        return 0
+
+    def make_resident(self, seq: Sequence) -> None:
+        """Bring a spilled sequence back to the device (the caller made room)."""
+        if seq.location == "host":
+            self._replicate("move", seq.sid, "device")
+        elif seq.location == "disk":
+            path = seq.spilled_to
+            state = self.read_session_state(path, check_budget=False)
+            if self.group is not None:
+                self.group.send("load", (seq.sid, str(path)))
+            self._install(seq.sid, state)
+
+    def prefill_bytes(self, seq: Sequence, end: int, points: int) -> int:
+        """Device bytes feeding `seq` up to `end` tokens allocates, taking `points` roll-back
+        snapshots on the way (its cache made private first if a fork shares it)."""
+        cache = seq.cache
+        if seq.shared:                          # copy-on-write: a private copy first
+            growth = cache.clone_nbytes() + cache.growth_bytes(end, cloned=True)
+        else:
+            growth = cache.growth_bytes(end)
+        kept, most = len(seq.snapshots), self.options.max_snapshots
+        return growth + max(0, min(kept + points, most) - kept) * self.snapshot_bytes(seq)
+
+    def snapshot_bytes(self, seq: Sequence) -> int:
+        """What one roll-back snapshot of `seq` takes: the cache's fixed-size state and the logits."""
+        return seq.cache.fixed_nbytes() + 4 * self.cfg.vocab_size
+
+    def snapshot_points(self, start: int, end: int, restore_at: int | None) -> int:
+        """Snapshots a prefill over (start, end] takes: multiples of snapshot_every, the restore
+        point."""
+        every = self.options.snapshot_every
+        points = end // every - start // every
+        if restore_at is not None and start < restore_at <= end and restore_at % every:
+            points += 1
+        return points
+
+    def restore_point(self, start: int, ids: Seq[int]) -> int | None:
+        """The position right after the last message-boundary token of `ids` (appended at `start`),
+        or None."""
+        boundary = self.restore_after
+        for i in range(len(ids) - 1, -1, -1):
+            if ids[i] in boundary:
+                return start + i + 1
+        return None
+
+    def reserve(self, seq: Sequence, end: int) -> None:
+        self._replicate("reserve", seq.sid, end)
+
+    def next_chunk(self, seq: Sequence, budget: int, restore_at: int | None) -> int:
+        """Where the next prefill forward of `seq` stops, feeding at most `budget` tokens: chunk
+        ends fall on multiples of 128 where the chunk is longer than that, on every snapshot
+        point and on the restore point, so snapshots sit where they are wanted."""
+        start, end = seq.cached_length, len(seq.tokens)
+        stop = min(end, start + min(self.options.prefill_chunk, budget))
+        if stop - start > ALIGN and stop % ALIGN:
+            stop = stop // ALIGN * ALIGN
+        every = self.options.snapshot_every
+        stop = min(stop, (start // every + 1) * every)
+        if restore_at is not None and start < restore_at < stop:
+            stop = restore_at
+        return stop
+
+    def feed(self, seqs: list[Sequence], stops: list[int], restore_at: list[int | None]) -> list[int]:
+        """One prefill forward of each seqs[i].tokens[cached:stops[i]] (chunks of one length), and a
+        snapshot where one is due; returns the bytes each row's snapshot took (0: none)."""
+        self._replicate("forward", [s.sid for s in seqs], [s.tokens[s.cached_length:stop] for s, stop in zip(seqs, stops)])
+        return [self.snapshot(s) if stop % self.options.snapshot_every == 0 or stop == restore else 0
+                for s, stop, restore in zip(seqs, stops, restore_at)]
+
+    def decode_forward(self, seqs: list[Sequence]) -> None:
+        """Feed each sequence's newest (pending) token, all in one batched forward."""
+        self._replicate("forward", [s.sid for s in seqs], [[s.tokens[-1]] for s in seqs])
+        every = self.options.snapshot_every
+        for s in seqs:
+            if s.cached_length % every == 0:
+                self.snapshot(s)
+
+    def snapshot(self, seq: Sequence) -> int:
+        """A roll-back point at the cached length (none twice at one length); returns its bytes."""
+        if not self.options.max_snapshots or (seq.snapshots and seq.snapshots[-1].length == seq.cached_length):
+            return 0
+        self._replicate("snapshot", seq.sid)
+        return seq.snapshots[-1].nbytes
+
+    def truncate(self, seq: Sequence, n: int) -> None:
+        """Keep the first n tokens: the cache rolls back to the newest snapshot at or before n (or
+        to empty); the tokens between it and n become pending."""
+        if n == len(seq.tokens):
+            return
+        del seq.tokens[n:]
+        seq.finish_reason = None
+        if n < seq.cached_length:
+            self._replicate("rollback", seq.sid, n)
+
+    def fork(self, seq: Sequence) -> Sequence:
+        child = next(self._sids)
+        self._replicate("fork", seq.sid, child)
+        return self._seqs[child]
+
+    def spill(self, seq: Sequence, to: str | os.PathLike) -> None:
+        if seq.location == "disk":
+            raise SessionStateError(f"session is already spilled to {seq.spilled_to}")
+        if str(to) == "host":
+            if seq.location == "device":
+                self._replicate("move", seq.sid, "host")
+            return
+        self.save(seq, Path(to))
+        self._replicate("release", seq.sid, str(to))
+
+    def save(self, seq: Sequence, path: Path) -> Path:
+        """Write the folder (rank 0 alone writes files; the other ranks re-read them)."""
+        tensors = dict(seq.cache.state_tensors())
+        if seq.last_logits is not None:  # kept with pending tokens too: truncate may drop them
+            tensors[_LAST_LOGITS] = seq.last_logits
+        return session_io.write_session(path, fingerprint=self.fingerprint, token_ids=seq.tokens,
+                                        cache_length=seq.cached_length, tensors=tensors, kv_dtype=self.kv_dtype)
+
+    def drop(self, seq: Sequence) -> None:
+        self._replicate("drop", seq.sid)
+
+    # ---- cache, model and memory --------------------------------------------------------------
+    def new_cache(self) -> ModelCache:
+        if self.kv_fp8:
+            return ModelCache.empty(self.cfg, self.device, self.model.dtype, kv_fp8=True)
+        return self.model.new_cache(device=self.device)
+
+    def _forward(self, rows: list[list[int]], caches: list) -> torch.Tensor:
+        """Feed rows[b] (all of one length) to caches[b]; returns last-position logits [B, V] fp32."""
+        with torch.inference_mode():
+            ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+            logits = self.model(ids, caches=caches, last_only=True, options=self.options.forward)
+        return logits.reshape(len(rows), -1, logits.shape[-1])[:, -1].float()
+
+    def resident_bytes(self) -> int:
+        """KV + snapshots on the device, shared ones once."""
+        seen: set[int] = set()
+        return sum(self._unshared_bytes(s, seen) for s in list(self._seqs.values())
+                   if s.location == "device" and not s.closed)
+
+    @staticmethod
+    def _unshared_bytes(seq: Sequence, seen: set[int]) -> int:
+        if seq.ref is None:
+            return 0
+        size = 0
+        if id(seq.ref) not in seen:
+            seen.add(id(seq.ref))
+            size += seq.kv_bytes()
+        for snap in seq.snapshots:
+            if id(snap) not in seen:
+                seen.add(id(snap))
+                size += snap.nbytes
+        return size
+
+    def sequences(self) -> list[Sequence]:
+        return [s for s in list(self._seqs.values()) if not s.closed]
+
 
 
 def kv_bytes_per_token(cfg: Any, elem_bytes: int = 2, fp8: bool = False) -> float:
@@ -391,6 +588,25 @@ def kv_bytes_per_token(cfg: Any, elem_bytes: int = 2, fp8: bool = False) -> floa
     return total
 
 
+def default_kv_budget(device: torch.device) -> int:
+    """The KV budget `kv_budget_bytes="auto"` means: on CUDA what the device has free now (the
+    weights are loaded) less max(2 GiB, 10 %) for activations and workspaces; on CPU half the host
+    memory available now."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(0, free - max(_GPU_RESERVE, free // 10))
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return available // _CPU_BUDGET_SHARE
+
+
+def _stop_group(scheduler: weakref.ref, group: spmd.TensorParallelGroup) -> None:
+    """Stop the other ranks, once the scheduler's thread (the only one that talks to them) is idle."""
+    running = scheduler()
+    if running is not None:
+        running.stop()
+    group.shutdown()
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -404,3 +620,26 @@ def _tokenizer_beside(path: str | os.PathLike):
     from encoding import Tokenizer
 
     return Tokenizer.from_file(file)
+
+
+def _follow_rank(rank: int, world: int, init_method: str, backend: str, timeout_s: float, path: Path,
+                 device: Any, load: dict, engine_kwargs: dict, parent: int, threads: int) -> None:
+    """A follower rank's process: load its part, build its engine, apply rank 0's operations."""
+    launch.exit_with_parent(parent)
+    torch.set_num_threads(threads)                 # as many as rank 0 uses
+    tp = launch.init(rank, world, init_method, backend, timeout_s)
+    control = launch.control_group()
+    engine, error = None, None
+    try:
+        model = load_model(path, device=launch.device_for(rank, device), tp=tp, **load)
+        engine = Engine(model, kv_budget_bytes=None, **engine_kwargs)
+    except Exception as e:  # noqa: BLE001 - reported to rank 0, which raises it
+        error = f"{type(e).__name__}: {e}"
+    try:
+        spmd.agree(control, error, world)
+        if error is None:
+            spmd.replay(engine, control)
+    finally:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()

@@ -1,4 +1,5 @@
-"""Errors the engine raises. Each is raised *before* any state changes, so nothing is lost."""
+"""Errors the engine raises. Each is raised before the operation it refuses changes anything (a decode
+that ends with one keeps the tokens it yielded), so nothing is lost."""
 from __future__ import annotations
 
 
@@ -38,3 +39,17 @@ class SessionFormatError(EngineError):
 
 class SessionStateError(EngineError):
     """An operation that the session's current state does not allow (closed, nothing to decode from...)."""
+
+
+class EngineBusy(EngineError):
+    """The request needs KV memory that running requests hold, and cannot wait for it: too many
+    requests wait already (`RuntimeOptions.max_waiting`), or it is a call that never waits (a new
+    or loaded session). Nothing was changed; try again later."""
+
+    def __init__(self, detail: str):
+        super().__init__(f"the engine is busy: the KV memory is held by running requests ({detail}); "
+                         f"try again later")
+
+
+class DeadlineExceeded(EngineError, TimeoutError):
+    """A request's deadline passed before it finished; what it produced until then is kept."""

@@ -105,27 +105,37 @@ def sample_next(
     """One token per row. logits: [B, V] (any float dtype); row b follows params[b]."""
     logits = logits.float()
     if any(p.logits_processors for p in params):
-        rows = []
-        for b, p in enumerate(params):
-            row = logits[b]
-            for proc in p.logits_processors:
-                row = proc(generated[b], row)
-            rows.append(row)
-        logits = torch.stack(rows)
+        logits = torch.stack([process_logits(logits[b], p, generated[b]) for b, p in enumerate(params)])
+    return draw(logits, params, generators)
+
+
+def process_logits(row: torch.Tensor, params: SamplingParams, generated: list[int]) -> torch.Tensor:
+    """One row's logits [V] through its logits processors, in order."""
+    for proc in params.logits_processors:
+        row = proc(generated, row)
+    return row
+
+
+def draw(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]) -> list[int]:
+    """One token per row from logits [B, V] already through their processors: greedy rows take
+    the argmax; the others go through temperature, top-k, top-p, then the draw (only they pay for it)."""
+    logits = logits.float()
     device = logits.device
-    greedy = torch.tensor([p.greedy for p in params], device=device)
-    temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
-                               device=device)
-    scaled = logits / temperature[:, None]
-    if any(p.top_k > 0 for p in params):
-        scaled = top_k_mask(scaled, torch.tensor([p.top_k for p in params], device=device))
-    if any(p.top_p < 1 for p in params):
-        scaled = top_p_mask(scaled, torch.tensor([p.top_p for p in params], device=device))
-    probs = torch.softmax(scaled, dim=-1)  # [B, V]
-    races = torch.stack([torch.empty_like(probs[b]).exponential_(generator=g)
-                         for b, g in enumerate(generators)])
-    drawn = torch.argmax(probs / races, dim=-1)
-    chosen = torch.where(greedy, torch.argmax(logits, dim=-1), drawn)
+    chosen = torch.argmax(logits, dim=-1)
+    rows = [b for b, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return chosen.tolist()
+    index = torch.tensor(rows, device=device)
+    sub = [params[b] for b in rows]
+    scaled = logits[index] / torch.tensor([p.temperature for p in sub], device=device)[:, None]
+    if any(p.top_k > 0 for p in sub):
+        scaled = top_k_mask(scaled, torch.tensor([p.top_k for p in sub], device=device))
+    if any(p.top_p < 1 for p in sub):
+        scaled = top_p_mask(scaled, torch.tensor([p.top_p for p in sub], device=device))
+    probs = torch.softmax(scaled, dim=-1)  # [R, V]
+    races = torch.stack([torch.empty_like(probs[i]).exponential_(generator=generators[b])
+                         for i, b in enumerate(rows)])
+    chosen[index] = torch.argmax(probs / races, dim=-1)
     return chosen.tolist()
 
 

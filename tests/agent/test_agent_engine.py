@@ -133,3 +133,43 @@ async def test_a_full_context_ends_the_run_with_its_own_status(tmp_path):
     events = read_events(result.trajectory_path)
     assert events[-1].event == "exit" and events[-1].status == "context_full"
     assert sum(isinstance(e, EngineCall) for e in events) >= 1
+
+
+async def test_agents_in_one_process_decode_together(engine, tmp_path):
+    """Two Agent.run on one engine go through its one scheduler: their turns share decode steps."""
+    import threading
+
+    alone = await forced_agent(engine, tmp_path / "alone").run("note alpha, beta and gamma")
+    agents = [forced_agent(engine, tmp_path / name) for name in ("a", "b")]
+    results = {}
+    start = engine.scheduler.step_index
+    started, gate = threading.Event(), threading.Event()
+
+    def hold():  # the scheduler waits between two steps until both first prompts are queued
+        started.set()
+        gate.wait(60)
+
+    holder = threading.Thread(target=engine.scheduler.call, args=(hold,))
+    holder.start()
+    try:
+        assert started.wait(60)
+        async with anyio.create_task_group() as group:
+            for name, agent in zip("ab", agents):
+                async def run(name=name, agent=agent):
+                    results[name] = await agent.run("note alpha, beta and gamma")
+
+                group.start_soon(run)
+            with anyio.fail_after(60):
+                while not all(a.backend.session is not None and a.backend.session.busy for a in agents):
+                    await anyio.sleep(0.005)
+            gate.set()
+    finally:
+        gate.set()
+        holder.join(60)
+    expected = [e.token_ids for e in read_events(alone.trajectory_path) if isinstance(e, EngineCall)]
+    for result in results.values():
+        assert result.status is ExitStatus.completed
+        assert [e.token_ids for e in read_events(result.trajectory_path) if isinstance(e, EngineCall)] == expected
+    engine.scheduler.call(lambda: None)  # the step running now has written its record
+    shared = [r for r in engine.scheduler.records if r.index > start and len(r.decode) == 2]
+    assert len(shared) >= 10  # most of each turn's tokens came out of steps decoding both runs

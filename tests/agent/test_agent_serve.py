@@ -154,16 +154,21 @@ def test_prefix_reuse_extends_forks_and_equals_fresh_computation(client, server,
     assert answer["choices"][0]["token_ids"] == greedy(engine, fourth, 3)
 
 
-def test_a_full_pool_truncates_in_place_and_evicts_least_recently_used(engine, tokenizer):
+@pytest.mark.anyio
+async def test_a_full_pool_truncates_in_place_and_evicts_least_recently_used(engine, tokenizer):
     pool = SessionPool(engine, max_sessions=1)
-    prompt = random_ids(30, tokenizer)
-    found = pool.checkout(prompt)
+    boundaries = {tokenizer.user_id, tokenizer.assistant_id}
+    prompt = [t for t in random_ids(40, tokenizer) if t not in boundaries][:30]
+    prompt[9] = tokenizer.user_id  # a message boundary: the prefill keeps a roll-back point after it
+    found = await pool.checkout(prompt)
     assert found.how == "new"
-    found.session.append(prompt)
-    again = pool.checkout(prompt[:10] + random_ids(5, tokenizer))
+    await found.session.aappend(prompt)
+    pool.release(found.session)
+    again = await pool.checkout(prompt[:10] + random_ids(5, tokenizer))
     assert again.how == "truncate" and again.session is found.session and again.shared == 10
-    assert again.session.tokens == tuple(prompt[:10])
-    other = pool.checkout([prompt[0] + 1 if prompt[0] + 1 < tokenizer.vocab_size else 0])
+    assert again.session.tokens == tuple(prompt[:10]) and again.session.cached_length == 10
+    pool.release(again.session)
+    other = await pool.checkout([prompt[0] + 1 if prompt[0] + 1 < tokenizer.vocab_size else 0])
     assert other.how == "new" and pool.sessions == [other.session]
     with pytest.raises(Exception, match="closed"):
         found.session.append([1])
@@ -379,7 +384,8 @@ def test_stop_strings_end_the_completion(client, engine, tokenizer):
     assert answer["token_ids"] == free[:3] and answer["finish_reason"] == "stop"
 
 
-def test_concurrent_requests_are_served_one_at_a_time(client, server, engine, tokenizer):
+def test_concurrent_requests_each_get_their_own_tokens(client, server, engine, tokenizer):
+    # served together by the engine's scheduler (batched decode steps), each answer is what it is alone
     prompts = [random_ids(25, tokenizer) for _ in range(3)]
     answers: dict[int, list[int]] = {}
 
@@ -395,25 +401,31 @@ def test_concurrent_requests_are_served_one_at_a_time(client, server, engine, to
     assert [answers.get(i) for i in range(3)] == [greedy(engine, p, 6) for p in prompts], f"seed {SEED}"
 
 
-def test_a_full_kv_budget_evicts_other_sessions_then_refuses_with_413(engine, tokenizer):
+def test_a_full_kv_budget_spills_idle_sessions_then_refuses_with_413(engine, tokenizer):
     from starlette.testclient import TestClient
 
     measure = Engine(engine.model)  # what one served 300-token request keeps resident (KV + turn snapshot)
     with TestClient(create_app(measure, tokenizer, model_name="tiny")) as c:
         assert c.post("/v1/completions", json={"prompt": random_ids(300, tokenizer), "max_tokens": 1}).status_code == 200
         one_session = measure.memory().resident_bytes
-    small = Engine(engine.model, kv_budget_bytes=int(one_session * 1.5))
+    # room for one session and its next turn (a second roll-back snapshot), not for two sessions
+    small = Engine(engine.model, kv_budget_bytes=int(one_session * 1.8))
     with TestClient(create_app(small, tokenizer, model_name="tiny")) as c:
         pool = c.app.state.server.pool
-        first = c.post("/v1/completions", json={"prompt": random_ids(300, tokenizer), "max_tokens": 1})
+        prompt = random_ids(300, tokenizer)
+        first = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 1, "return_token_ids": True})
         assert first.status_code == 200 and len(pool.sessions) == 1
         kept = pool.sessions[0]
         second = c.post("/v1/completions", json={"prompt": random_ids(300, tokenizer), "max_tokens": 1})
         assert second.status_code == 200, second.text
-        assert len(pool.sessions) == 1 and pool.sessions[0] is not kept  # the first one made room
-        huge = c.post("/v1/completions", json={"prompt": random_ids(3000, tokenizer), "max_tokens": 1})
+        # the first one made room by moving to host memory; it stays pooled for its conversation
+        assert [s.location for s in pool.sessions] == ["host", "device"] and pool.sessions[0] is kept
+        huge = c.post("/v1/completions", json={"prompt": random_ids(30000, tokenizer), "max_tokens": 1})
         assert huge.status_code == 413 and huge.json()["error"]["code"] == "kv_budget_exceeded"
-        assert len(pool.sessions) <= 1  # everything else was evicted trying
-        # the server recovers: the next request evicts what the refused one left and is served
-        again = c.post("/v1/completions", json={"prompt": random_ids(300, tokenizer), "max_tokens": 1})
+        assert [s.location for s in pool.sessions] == ["host", "device"]  # refused without spilling anything
+        # the first conversation goes on: its session comes back (the other one goes to host memory)
+        turn = prompt + first.json()["choices"][0]["token_ids"] + random_ids(5, tokenizer)
+        again = c.post("/v1/completions", json={"prompt": turn, "max_tokens": 1})
         assert again.status_code == 200, again.text
+        assert again.json()["usage"]["prompt_tokens_reused"] == 300
+        assert kept.location == "device" and [s.location for s in pool.sessions] == ["host", "device"]

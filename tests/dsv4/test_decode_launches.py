@@ -11,6 +11,7 @@ from bench.bench_decode import OpCounter
 from dsv4.network import mhc
 from dsv4.network.config import ModelConfig
 from dsv4.network.mhc import sinkhorn_reference, sinkhorn_split
+from dsv4.network.options import ForwardOptions
 
 CFG = ModelConfig.tiny()
 OWN = ("mhc", "compressor", "indexer", "rope", "norm")
@@ -39,12 +40,8 @@ def test_compiled_sinkhorn_matches_eager_hc_pre():
     scale, base = 0.5 + torch.rand(3, generator=g), torch.randn(fn.shape[0], generator=g)
     kw = dict(iters=CFG.hc_sinkhorn_iters, norm_eps=CFG.norm_eps, hc_eps=CFG.hc_eps)
     eager = mhc.hc_pre(h, fn, scale, base, **kw)
-    try:
-        mhc.use_compiled_sinkhorn(True)
-        with torch.inference_mode():
-            compiled = mhc.hc_pre(h, fn, scale, base, **kw)
-    finally:
-        mhc.use_compiled_sinkhorn(False)
+    with ForwardOptions(compile_sinkhorn=True).applied(), torch.inference_mode():
+        compiled = mhc.hc_pre(h, fn, scale, base, **kw)
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c.float(), e.float(), atol=2e-6, rtol=0)
 

@@ -54,7 +54,7 @@ def test_spill_save_load_fork_on_gpu(model, tmp_path):
     s = engine.new_session(ids(1500, 2))
     child = s.fork()
     s.spill("host")
-    assert s.location == "host" and s._ref.cache.device.type == "cpu"
+    assert s.location == "host" and engine.sequence(s.sid).cache.device.type == "cpu"
     nxt = ids(300, 3)
     back = s.append(nxt)
     assert s.location == "device"

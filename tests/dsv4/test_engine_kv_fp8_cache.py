@@ -28,7 +28,7 @@ def test_fp8_cache_gives_the_same_logits_in_fewer_bytes(model, tmp_path):
         assert torch.equal(a.append(ids[lo:hi]), b.append(ids[lo:hi]))
     assert fp8.kv_bytes_per_token < plain.kv_bytes_per_token
     # compressed entries: 2 CSA layers (300 // 4 = 75 rows each) + 1 HCA layer (2 rows)
-    layer = b._ref.cache.layers[1]
+    layer = fp8.sequence(b.sid).cache.layers[1]
     assert layer.compressed.stored().dtype == torch.uint8
     assert layer.compressed.stored().shape == (75, 136)  # 64 fp8 + 32 bf16 + 8 scale bytes
     assert layer.indexer_keys.stored().shape == (75, 34)  # 64 dims: 32 code + 2 scale bytes

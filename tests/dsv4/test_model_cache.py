@@ -9,6 +9,7 @@ import torch
 
 from dsv4.network.cache import ModelCache
 from dsv4.network.config import ModelConfig
+from dsv4.network.options import DEFAULT_FORWARD, ForwardOptions
 
 CFG = ModelConfig.tiny()
 ATOL = 5e-5
@@ -23,11 +24,11 @@ def _ids(n: int, seed: int, batch: int = 1) -> torch.Tensor:
     return torch.randint(0, CFG.vocab_size, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _run_chunked(model, ids: torch.Tensor, sizes: list[int], cache: ModelCache | None = None) -> torch.Tensor:
-    cache = cache or model.new_cache()
+def _run_chunked(model, ids: torch.Tensor, sizes: list[int], options: ForwardOptions = DEFAULT_FORWARD) -> torch.Tensor:
+    cache = model.new_cache()
     out, pos = [], 0
     for n in sizes:
-        out.append(model(ids[:, pos: pos + n], caches=[cache]))
+        out.append(model(ids[:, pos: pos + n], caches=[cache], options=options))
         pos += n
     assert pos == ids.shape[1] and cache.length == pos
     return torch.cat(out, dim=1)
@@ -221,11 +222,9 @@ def test_flash_cache_bytes_at_one_million_tokens():
         cache.layers[2].compressed.append(torch.empty(1, flash.head_dim, device="meta"))
 
 
-def test_tiny_workspace_blocks_give_the_same_logits(model, long_run, monkeypatch):
+def test_tiny_workspace_blocks_give_the_same_logits(model, long_run):
     # one query per block everywhere (the path a 1M-token context takes) == the default blocks
-    import dsv4.network.attention
-    import dsv4.network.indexer
     ids, full = long_run
-    monkeypatch.setitem(dsv4.network.attention.LOGIT_BUDGET, "cpu", 1)
-    monkeypatch.setitem(dsv4.network.indexer.SCORE_BUDGET, "cpu", 1)
-    torch.testing.assert_close(_run_chunked(model, ids[:, :260], [200, 60]), full[:, :260], atol=ATOL, rtol=0)
+    one_query = ForwardOptions(workspace_elems=1)
+    torch.testing.assert_close(_run_chunked(model, ids[:, :260], [200, 60], one_query), full[:, :260],
+                               atol=ATOL, rtol=0)

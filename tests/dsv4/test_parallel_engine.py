@@ -1,6 +1,6 @@
-"""`dsv4.Engine(path, tp=2)` (dsv4/runtime/spmd.py): this process is rank 0, one spawned CPU rank follows
-over gloo. Every session operation gives the single-process engine's tokens and logits (fp32,
-atol below); the follower stays in step through refusals, forks, roll-backs, saves and spills."""
+"""`dsv4.Engine(path, tp=2)` (its dsv4/runtime/spmd.py group): this process is rank 0, one spawned CPU
+rank follows over gloo. Every session operation gives the single-process engine's tokens and logits
+(fp32, atol below); the follower stays in step through refusals, forks, roll-backs, saves and spills."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +15,7 @@ import dsv4
 from dsv4 import CheckpointError, ContextLengthExceeded, ModelConfig, SessionStateError
 from dsv4.loading.testing import write_random_checkpoint
 from dsv4.runtime.errors import EngineError
-from dsv4.runtime.spmd import LeaderEngine
+from dsv4.runtime.spmd import TensorParallelGroup
 
 CFG = ModelConfig.tiny().replace(head_dim=128, rope_head_dim=64, o_groups=4, o_lora_rank=128,
                                  index_head_dim=128, max_seq_len=1024)
@@ -59,7 +59,7 @@ def prompt(n: int, seed: int) -> list[int]:
 
 def test_engine_tp_is_the_same_api(engines):
     single, tp = engines
-    assert isinstance(tp, LeaderEngine) and isinstance(tp, dsv4.Engine) and tp.tp == 2
+    assert type(tp) is dsv4.Engine and isinstance(tp.group, TensorParallelGroup) and tp.tp == 2
     assert tp.model.layers[0].attn.n_heads == CFG.n_heads // 2          # rank 0 holds half the heads
     assert sum(e is not None for e in tp.model.layers[0].ffn.experts) == CFG.n_routed_experts // 2
     assert tp.kv_bytes_per_token == single.kv_bytes_per_token         # the KV cache is replicated
@@ -122,10 +122,13 @@ def test_refusals_keep_the_ranks_in_step(engines):
         s.truncate(99)                                            # sent; every rank refuses alike
     with pytest.raises(ContextLengthExceeded):
         s.append([1] * CFG.max_seq_len)
-    s._busy = True                                                # as during another call
-    with pytest.raises(SessionStateError, match="busy"):
-        s.append([4])                                             # not sent to the follower
-    s._busy = False
+    async def busy():                                             # during another call on it
+        tokens = s.generate(max_tokens=2, temperature=0, ignore_eos=True)
+        await tokens.__anext__()
+        with pytest.raises(SessionStateError, match="busy"):
+            s.append([4])                                         # not sent to the follower
+        await tokens.aclose()                                     # keeps the token it yielded
+    asyncio.run(busy())
     s.close()
     with pytest.raises(SessionStateError, match="closed"):
         s.append([4])
@@ -189,7 +192,7 @@ def test_any_sequence_of_operations_stays_in_step(engines, tmp_path, ops, seed):
 
 def test_shutdown_stops_the_followers(engines):        # last: the module's tp engine goes
     _, tp = engines
-    procs = list(tp._leader.procs)
+    procs = list(tp.group.procs)
     tp.shutdown()
     assert not any(p.is_alive() for p in procs) and not dist.is_initialized()
     with pytest.raises(EngineError, match="shut down"):

@@ -104,6 +104,7 @@ def test_linear_dispatch_equals_dequantising_forward(monkeypatch, quant_sim):
     """dsv4's Linear: an FP8 layer through the kernel equals its dequantising forward (which
     rounds the input itself under quant_sim); float and fp32-input calls keep the torch path."""
     import dsv4.network.linear as linear
+    from dsv4.network.options import ForwardOptions
 
     torch.manual_seed(0)
     layer = linear.Linear(256, 192).quantize_("fp8").to(DEVICE)
@@ -112,18 +113,17 @@ def test_linear_dispatch_equals_dequantising_forward(monkeypatch, quant_sim):
     calls = []
     real = dsv4_kernels.fp8_linear
     monkeypatch.setattr(dsv4_kernels, "fp8_linear", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    monkeypatch.setattr(linear, "QUANT_KERNELS", "off")
-    want = layer(x)
+    with ForwardOptions(quant_kernels="off").applied():
+        want = layer(x)
     assert not calls
-    monkeypatch.setattr(linear, "QUANT_KERNELS", "always")
-    got = layer(x)
-    assert calls == [{"fp8_activations": quant_sim}]
-    assert rel_err(got, want.double()) < TOL
-    layer(x.float())                                   # fp32 input: the dequantising path
+    with ForwardOptions(quant_kernels="always").applied():
+        got = layer(x)
+        assert calls == [{"fp8_activations": quant_sim}]
+        assert rel_err(got, want.double()) < TOL
+        layer(x.float())                               # fp32 input: the dequantising path
     assert len(calls) == 1
-    monkeypatch.setattr(linear, "QUANT_KERNELS", "sometimes")
-    with pytest.raises(ValueError, match="QUANT_KERNELS"):
-        layer(x)
+    with pytest.raises(ValueError, match="quant_kernels"):
+        ForwardOptions(quant_kernels="sometimes")
 
 
 # ---- GPU: Flash projection shapes, compiled -------------------------------------------------------

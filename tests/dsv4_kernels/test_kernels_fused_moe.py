@@ -98,11 +98,11 @@ def test_bad_experts_are_named():
 
 @pytest.mark.parametrize("quant_sim", [False, True])
 def test_moe_module_dispatch_equals_expert_loop(monkeypatch, quant_sim):
-    """dsv4's MoE on FP4 experts: the fused path (QUANT_KERNELS='always') equals the per-expert
+    """dsv4's MoE on FP4 experts: the fused path (quant_kernels="always") equals the per-expert
     loop; packing re-points the experts' weights at views of the stacks (no second copy)."""
-    import dsv4.network.linear as linear
     from dsv4.network.config import ModelConfig
     from dsv4.network.moe import MoE
+    from dsv4.network.options import ForwardOptions
 
     torch.manual_seed(0)
     cfg = ModelConfig.tiny().replace(dim=128, moe_inter_dim=128, n_routed_experts=4, n_activated_experts=2)
@@ -116,11 +116,11 @@ def test_moe_module_dispatch_equals_expert_loop(monkeypatch, quant_sim):
             m.quant_sim = quant_sim
     x = torch.randn(1, 7, 128).bfloat16().to(DEVICE)
     ids = torch.randint(0, cfg.vocab_size, (1, 7)).to(DEVICE)
-    monkeypatch.setattr(linear, "QUANT_KERNELS", "off")
-    want = moe(x, ids)
+    with ForwardOptions(quant_kernels="off").applied():
+        want = moe(x, ids)
     assert moe._packed is None
-    monkeypatch.setattr(linear, "QUANT_KERNELS", "always")
-    got = moe(x, ids)
+    with ForwardOptions(quant_kernels="always").applied():
+        got = moe(x, ids)
     packed = moe._packed
     assert packed is not None
     assert moe.experts[1].w1.weight.data_ptr() == packed.w1[1].data_ptr()
@@ -130,7 +130,8 @@ def test_moe_module_dispatch_equals_expert_loop(monkeypatch, quant_sim):
     assert moe.pack_experts() and moe._packed.w1.data_ptr() == packed.w1.data_ptr()   # no re-copy
     for e in moe.experts:                      # no longer FP4: the per-expert loop again
         e.w1.dequantize_(torch.bfloat16)
-    assert moe._fused_experts(x.view(-1, 128)) is None
+    with ForwardOptions(quant_kernels="always").applied():
+        assert moe._fused_experts(x.view(-1, 128)) is None
 
 
 @pytest.mark.gpu

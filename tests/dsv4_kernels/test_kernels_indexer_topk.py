@@ -54,10 +54,9 @@ def test_release_model_with_kernels_equals_torch_paths(monkeypatch):
     top-4 so a short prompt already selects: a chunked prefill then one decode step, once through
     the torch paths and once through the FP8 GEMMs and the fused indexer (the interpreter on
     CPU). FP8 products are exact and the picks tie-break alike, so the logits agree to fp32 order."""
-    import dsv4.network.indexer as indexer
-    import dsv4.network.linear as linear
     from dsv4.loading.testing import random_release_model
     from dsv4.network.config import ModelConfig
+    from dsv4.network.options import ForwardOptions
 
     cfg = ModelConfig.tiny().replace(n_mtp_layers=0, compress_ratios=(0, 4, 128, 4), index_topk=4,
                                      expert_dtype=None)
@@ -69,12 +68,11 @@ def test_release_model_with_kernels_equals_torch_paths(monkeypatch):
     monkeypatch.setattr(dsv4_kernels, "indexer_topk", lambda *a, **kw: calls.append("topk") or real_topk(*a, **kw))
 
     def run(mode):
-        monkeypatch.setattr(linear, "QUANT_KERNELS", mode)
-        monkeypatch.setattr(indexer, "INDEXER_KERNEL", mode)
+        options = ForwardOptions(quant_kernels=mode, indexer_kernel=mode)
         cache = model.new_cache()
         with torch.no_grad():
-            return torch.cat([model(ids[:, :16], caches=[cache]), model(ids[:, 16:29], caches=[cache]),
-                              model(ids[:, 29:30], caches=[cache])], 1).float()
+            return torch.cat([model(ids[:, a:b], caches=[cache], options=options)
+                              for a, b in ((0, 16), (16, 29), (29, 30))], 1).float()
 
     torch_path = run("off")
     assert not calls

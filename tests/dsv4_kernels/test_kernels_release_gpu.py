@@ -16,12 +16,10 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def test_greedy_tokens_equal_the_quant_sim_reference(monkeypatch, capsys):
-    import dsv4.network.attention as attention
-    import dsv4.network.indexer as indexer
-    import dsv4.network.linear as linear
+def test_greedy_tokens_equal_the_quant_sim_reference(capsys):
     from dsv4.loading.testing import random_release_model
     from dsv4.network.config import ModelConfig
+    from dsv4.network.options import ForwardOptions
 
     cfg = ModelConfig.flash().replace(n_layers=3, n_hash_layers=1, n_mtp_layers=0, compress_ratios=(0, 4, 128),
                                       n_routed_experts=16, max_seq_len=8192)
@@ -30,11 +28,9 @@ def test_greedy_tokens_equal_the_quant_sim_reference(monkeypatch, capsys):
     prompt = torch.randint(0, cfg.vocab_size, (1, 2200), generator=g).cuda()   # past top-512 of 550 entries
 
     def run(mode, forced=None, attention_kernel="cuda"):
-        monkeypatch.setattr(linear, "QUANT_KERNELS", mode)
-        monkeypatch.setattr(indexer, "INDEXER_KERNEL", mode)
-        monkeypatch.setattr(attention, "SPARSE_KERNEL", attention_kernel)
+        options = ForwardOptions(quant_kernels=mode, indexer_kernel=mode, sparse_kernel=attention_kernel)
         cache = model.new_cache()
-        with torch.no_grad():
+        with torch.no_grad(), options.applied():
             logits = [model(prompt, caches=[cache], last_only=True)[0, -1]]
             tokens = []
             for step in range(64):

@@ -120,9 +120,9 @@ def test_attention_layers_through_the_kernel_equal_the_torch_path(monkeypatch):
     """The tiny model (sliding, CSA and HCA layers; window 128, ratios 4 / 128, top-16) with
     chunked prefill past 128 tokens then batched decode, once through dsv4's torch attention and
     once through the kernel: the logits agree to fp32 rounding."""
-    import dsv4.network.attention
     from dsv4.network.config import ModelConfig
     from dsv4.network.model import Transformer
+    from dsv4.network.options import ForwardOptions
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.tiny()).eval().to(DEVICE)
@@ -142,11 +142,11 @@ def test_attention_layers_through_the_kernel_equal_the_torch_path(monkeypatch):
     monkeypatch.setattr(dsv4_kernels, "sparse_attention", counted)
 
     def run(mode):
-        monkeypatch.setattr(dsv4.network.attention, "SPARSE_KERNEL", mode)
+        options = ForwardOptions(sparse_kernel=mode)
         caches = [model.new_cache(), model.new_cache()]
         with torch.no_grad():
-            outs = [model(ids[:, a:b], caches=caches) for a, b in chunks]
-            outs += [model(ids[:, i:i + 1], caches=caches) for i in decode]
+            outs = [model(ids[:, a:b], caches=caches, options=options) for a, b in chunks]
+            outs += [model(ids[:, i:i + 1], caches=caches, options=options) for i in decode]
         return torch.cat(outs, 1)
 
     torch_path = run("off")
@@ -158,8 +158,7 @@ def test_attention_layers_through_the_kernel_equal_the_torch_path(monkeypatch):
     assert err < 1e-5, f"kernel path differs from the torch path by {err:.2e}"
 
 
-def test_dispatch_flag_is_checked(monkeypatch):
-    import dsv4.network.attention
-    monkeypatch.setattr(dsv4.network.attention, "SPARSE_KERNEL", "sometimes")
-    with pytest.raises(ValueError, match="SPARSE_KERNEL"):
-        dsv4.network.attention._sparse_kernel_enabled(torch.zeros(1))
+def test_dispatch_flag_is_checked():
+    from dsv4.network.options import ForwardOptions
+    with pytest.raises(ValueError, match="sparse_kernel"):
+        ForwardOptions(sparse_kernel="sometimes")
