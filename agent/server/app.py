@@ -36,7 +36,12 @@ from starlette.routing import Route
 from agent.backends.engine import ConstrainedDecoding
 from agent.server import endpoints
 from agent.server.access import ApiKeyMiddleware, exposure_warning
-from agent.server.errors import JSONInternalErrors, RequestError, engine_error, exception_handlers
+from agent.server.errors import (
+    JSONInternalErrors,
+    RequestError,
+    engine_error,
+    exception_handlers,
+)
 from agent.server.logprobs import LogprobRecorder
 from agent.server.pool import SessionPool
 from agent.server.requests import Sampling

@@ -39,7 +39,12 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
 
 def engine_error(exc: Exception) -> RequestError | None:
     """The engine's refusals as request errors (None for anything else: a bug, a 500)."""
-    from dsv4.runtime.errors import ContextLengthExceeded, DeadlineExceeded, EngineBusy, KVBudgetExceeded
+    from dsv4.runtime.errors import (
+        ContextLengthExceeded,
+        DeadlineExceeded,
+        EngineBusy,
+        KVBudgetExceeded,
+    )
 
     if isinstance(exc, ContextLengthExceeded):
         return RequestError("prompt", str(exc), code="context_length_exceeded")

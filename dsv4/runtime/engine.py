@@ -159,7 +159,7 @@ class Engine:
         self._sids = itertools.count()
         self._fingerprint: str | None = None
         empty = self.new_cache()
-        cache_dtype, self._empty_cache_bytes = empty.dtype, empty.nbytes()
+        cache_dtype, self.empty_cache_bytes = empty.dtype, empty.nbytes()
         self.kv_dtype = "fp8" if kv_fp8 else str(cache_dtype).removeprefix("torch.")  # in saved sessions
         self.kv_bytes_per_token = kv_bytes_per_token(self.cfg, cache_dtype.itemsize, fp8=kv_fp8)
         self.kv_budget_bytes = default_kv_budget(self.device) if kv_budget_bytes == "auto" else kv_budget_bytes
@@ -174,7 +174,7 @@ class Engine:
         ids = self.check_token_ids(token_ids) if len(token_ids) else []
         if len(ids) > self.max_context:
             raise ContextLengthExceeded(0, len(ids), self.max_context)
-        session = Session(self, self.scheduler.call(self.create).sid)
+        session = Session(self, self.scheduler.open().sid)
         if ids:
             session.append(ids)
         return session
@@ -376,7 +376,7 @@ class Engine:
 
     # ---- sequence work (the scheduler's thread) -----------------------------------------------
     def create(self) -> Sequence:
-        self.scheduler.make_room(self._empty_cache_bytes)
+        """A new, empty sequence (the scheduler admitted its cache's bytes)."""
         sid = next(self._sids)
         self._replicate("create", sid)
         return self._seqs[sid]

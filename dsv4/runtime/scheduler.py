@@ -6,7 +6,8 @@ A step:
   1. ends requests whose caller cancelled them (a closed generator, a disconnected client) or
      whose deadline passed: their sequences are free again from this step on;
   2. runs the queued calls (truncate, fork, save, spill, load, close, ...) in order;
-  3. admits waiting prompts and decodes in arrival order while the KV budget allows (see below);
+  3. admits waiting new sessions, prompts and decodes in arrival order while the KV budget allows
+     (see below);
   4. decodes every running sequence together: one token each, drawn from their logits, then one
      batched forward of the drawn tokens;
   5. prefills waiting prompts in chunks with the rest of the per-step token budget
@@ -183,6 +184,13 @@ class Call(Request):
         self.fn, self.args = fn, args
 
 
+class Open(Request):
+    """A new, empty sequence (its cache is allocated when admitted); the result is the sequence."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        super().__init__(scheduler, [], None)
+
+
 class Prefill(Request):
     """Append `ids` to a sequence and feed them (chunked); the result is the last logits."""
 
@@ -262,6 +270,12 @@ class Scheduler:
         if isinstance(owner, Request):
             owner.cancel()
         self._submit(Call(self, [], self.engine.drop, (seq,)))
+
+    def open(self) -> Sequence:
+        """A new, empty sequence, admitted like a prompt (it may wait for KV memory)."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("engine operations cannot run from inside a step (a logits processor?)")
+        return self._submit(Open(self)).wait()
 
     def prefill(self, sid: int, ids: Seq[int], deadline: float | None = None) -> Prefill:
         """Queue appending `ids` to a sequence; wait on the request for the last logits."""
@@ -414,6 +428,8 @@ class Scheduler:
                 while len(self._waiting) > self.engine.options.max_waiting:
                     self._end(self._waiting[-1], busy, "refused", done)
                 return
+            if request.done:  # nothing to run after admission (a new sequence): out of the queue already
+                continue
             self._waiting.popleft()
             self._active.append(request)
 
@@ -421,6 +437,12 @@ class Scheduler:
         engine = self.engine
         if any(seq.closed for seq in request.seqs):
             raise SessionStateError("session is closed")
+        if isinstance(request, Open):
+            if not self._room(engine.empty_cache_bytes, request):
+                return False
+            request.mailbox.put(engine.create())
+            self._end(request, None, None)
+            return True
         for seq in request.seqs:
             if seq.location != "device":
                 if not self._room(engine.bring_back_bytes(seq), request):

@@ -9,7 +9,7 @@ import torch
 
 from dsv4.network.cache import ModelCache
 from dsv4.network.config import ModelConfig
-from dsv4.network.options import DEFAULT_FORWARD, ForwardOptions
+from dsv4.network.options import ForwardOptions
 
 CFG = ModelConfig.tiny()
 ATOL = 5e-5
@@ -24,7 +24,7 @@ def _ids(n: int, seed: int, batch: int = 1) -> torch.Tensor:
     return torch.randint(0, CFG.vocab_size, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _run_chunked(model, ids: torch.Tensor, sizes: list[int], options: ForwardOptions = DEFAULT_FORWARD) -> torch.Tensor:
+def _run_chunked(model, ids: torch.Tensor, sizes: list[int], options: ForwardOptions | None = None) -> torch.Tensor:
     cache = model.new_cache()
     out, pos = [], 0
     for n in sizes:
