@@ -12,9 +12,10 @@ agent is resident: its backend session outlives the call, so a `reply` prefills 
 tokens. A run this process does not hold (an earlier server's, `dsv4-agent run`'s) comes back from the
 KV session saved when its last call ended, or from its trajectory by one full prefill; a run whose last
 call did not finish is resumed first (`Agent.reply`). An engine backend loads the checkpoint once, on
-the first call, for every run; with --kv-budget, when the budget refuses a working run's prefill or
-decode, idle runs' sessions are spilled to their run folders (least recently used first) and come back
-on their next reply. Progress notifications follow each run (step, tool being called, tokens so far);
+the first call, for every run, and the runs' decode steps batch on its scheduler; with --kv-budget,
+the engine moves idle runs' sessions to host memory when the budget is full, and when it still refuses
+a working run's prefill or decode, idle runs' sessions are spilled to their run folders (least recently
+used first); either way they come back on their next reply. Progress notifications follow each run (step, tool being called, tokens so far);
 cancelling a call stops its run as `interrupted` and closes its sandbox. Every failure (bad arguments,
 an unknown run id, a run still working) is a tool error whose text says what went wrong.
 """

@@ -50,6 +50,9 @@ class SessionPool:
         self.salts: dict[Any, str | None] = {}  # session -> the cache_salt it was made under
         self.idle: OrderedDict[Any, None] = OrderedDict()  # least recently used first
         self.busy: set[Any] = set()
+        # idle, but the engine still ends their cancelled request (cutting the tokens the client never
+        # got): they join their tree at the next checkout that finds them settled
+        self.settling: set[Any] = set()
         self._lock = anyio.Lock()  # one checkout at a time: two must not fork one session at once
 
     @property
@@ -59,6 +62,7 @@ class SessionPool:
 
     async def checkout(self, prompt: Sequence[int], salt: str | None = None) -> Checkout:
         async with self._lock:
+            self._settle()
             session, shared = self._best(prompt, salt)
             if session is None:
                 found = Checkout(await anyio.to_thread.run_sync(self.engine.new_session), "new", 0)
@@ -95,13 +99,21 @@ class SessionPool:
         return best
 
     def _take(self, session: Any) -> None:
-        self.trees[self.salts[session]].remove(session)
+        if session in self.settling:
+            self.settling.discard(session)
+        else:
+            self.trees[self.salts[session]].remove(session)
         del self.idle[session]
 
+    def _settle(self) -> None:
+        for session in [s for s in self.settling if not s.busy]:
+            self.settling.discard(session)
+            self.trees.setdefault(self.salts[session], PrefixTree()).insert(session, session.tokens)
+
     def release(self, session: Any) -> None:
-        """The request on `session` ended: it goes back to the tree, most recently used (a session
-        left empty, as when its first prefill was refused, is closed). Synchronous, so it runs even
-        in a cancelled request's clean-up."""
+        """The request on `session` ended: it goes back to the tree, most recently used, once the
+        engine is done with it (a session left empty, as when its first prefill was refused, is
+        closed). Synchronous, so it runs even in a cancelled request's clean-up."""
         self.busy.discard(session)
         try:
             tokens = session.tokens
@@ -112,8 +124,9 @@ class SessionPool:
             self.salts.pop(session)
             session.close()
             return
-        self.trees.setdefault(self.salts[session], PrefixTree()).insert(session, tokens)
+        self.settling.add(session)
         self.idle[session] = None
+        self._settle()
         self._evict()
 
     def _evict(self) -> None:
@@ -128,4 +141,5 @@ class SessionPool:
             session.close()
         self.idle.clear()
         self.busy.clear()
+        self.settling.clear()
         self.trees, self.salts = {}, {}
