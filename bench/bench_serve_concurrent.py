@@ -11,8 +11,11 @@ end-of-sequence token, so every turn decodes exactly --decode tokens). A convers
 decodes a turn, each turn one POST /v1/completions re-sending the whole token list (as RemoteBackend
 does; the server prefills only the new tokens). Per N and path: wall time, completion tokens / wall
 time, and the latency of the turns after the first (a prompt's full prefill) as median and 90th
-percentile; for the concurrent path also the mean number of sequences decoded per scheduler step.
-Each (N, path) runs on a fresh server (an empty session pool) over one engine.
+percentile, from the moment the conversation is ready for its next turn (on the serial path that
+includes waiting for the other conversations' requests); the mean number of sequences decoded per
+scheduler step.
+Each (N, path) runs on a fresh server (an empty session pool) over one engine, after one unrecorded
+warm-up run.
 """
 from __future__ import annotations
 
@@ -61,10 +64,10 @@ async def talk(client: httpx2.AsyncClient, conv: Conversation, decode: int, one_
     for appended in [[], *conv.appends]:
         tokens += appended
         body = {"prompt": tokens, "max_tokens": decode, "temperature": 0, "return_token_ids": True}
+        start = time.perf_counter()  # the turn's latency includes waiting for the serial path's turn
         async with one_at_a_time or contextlib.nullcontext():
-            start = time.perf_counter()
             r = await client.post("/v1/completions", json=body)
-            conv.turn_s.append(time.perf_counter() - start)
+        conv.turn_s.append(time.perf_counter() - start)
         r.raise_for_status()
         answer = r.json()
         got = answer["choices"][0]["token_ids"]
@@ -137,6 +140,7 @@ def main() -> None:
                "torch": torch.__version__, "args": vars(args) | {"out": str(args.out)}, "runs": []}
     print(f"{results['machine']}, torch {torch.__version__}; prompt {args.prompt}, {args.turns} turns of "
           f"+{args.append} tokens, {args.decode} greedy tokens a turn")
+    run(engine, tokenizer, conversations(2, args, tokenizer.vocab_size, seed=-1), args, serial=False)  # warm-up
     for n in [int(x) for x in args.n.split(",") if x]:
         for serial in (True, False):
             row = run(engine, tokenizer, conversations(n, args, tokenizer.vocab_size, seed=n + serial), args, serial)

@@ -20,9 +20,9 @@ import contextlib
 import importlib.util
 import json
 import shutil
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open

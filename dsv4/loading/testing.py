@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
