@@ -215,7 +215,8 @@ class EngineBackend:
         return self.session.cached_length - before, before
 
     async def _new_session(self) -> Any:
-        return self.engine.new_session()
+        # in a worker thread: the engine's scheduler may make it wait (KV memory held by other runs)
+        return await anyio.to_thread.run_sync(self.engine.new_session)
 
     async def _making_room(self, attempt: Callable[[], Any]) -> Any:
         """`await attempt()`, tried again after `make_room` while the KV budget refuses it (a refusal
@@ -330,6 +331,11 @@ class EngineBackend:
         if self.session is not None:
             self.session.close()
             self.session = None
+        if self.checkpoint is not None and self.engine is not None and self.engine.tp > 1:
+            # a tensor-parallel engine this backend loaded: stop its ranks (processes) now, not whenever
+            # the engine happens to be collected; start() loads it again
+            await anyio.to_thread.run_sync(self.engine.shutdown)
+            self.engine = None
 
 
 def load_engine(
