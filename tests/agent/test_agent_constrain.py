@@ -197,12 +197,14 @@ def test_the_switch_reaches_the_engine_backend(tmp_path):
 
     from agent.cli import app
 
-    ckpt = tmp_path / "not-a-checkpoint"
+    ckpt = tmp_path / "broken-checkpoint"        # the layout's file names, content that fails to load
     ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors.index.json").write_text("{}")
     for flags, expected in (([], True), (["--no-constrain"], False)):
         out = tmp_path / f"runs{expected}"
         result = CliRunner().invoke(app, ["run", "t", "--model", str(ckpt), "--sandbox", "none", "-o", str(out), *flags])
-        assert result.exit_code == 1, result.output  # no weights there; the spec is saved all the same
+        assert result.exit_code == 1, result.output  # it fails to load; the spec is saved all the same
         (trajectory,) = out.glob("*/trajectory.jsonl")
         assert read_events(trajectory)[0].spec["backend"]["constrain"] is expected
     assert build_backend(BackendSpec(kind="engine", model="/ckpt")).constrain is True
