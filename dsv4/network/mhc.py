@@ -89,9 +89,16 @@ def sinkhorn_split(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
     return pre, post, comb
 
 
-def _fused_kernels(h: torch.Tensor):
-    """dsv4_kernels.mhc for CUDA tensors when Triton is there, else None (the torch path)."""
-    if not h.is_cuda:
+# hc_pre / hc_head of more tokens than this take the torch path: its matmul reads `fn` once for
+# all tokens, the kernel once per token (H200, Flash: kernel 15x faster at 1-32 tokens, torch 1.2x
+# at 8192; bench/bench_mhc.py). hc_post is fused at every size.
+FUSED_COLLAPSE_MAX_TOKENS = 1024
+
+
+def _fused_kernels(*tensors: torch.Tensor):
+    """dsv4_kernels.mhc for CUDA tensors when Triton is there, else None (the torch path). Autograd
+    (training) takes the torch path: the kernels have no backward."""
+    if not tensors[0].is_cuda or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return None
     import dsv4_kernels  # lazily: Triton must be imported after a test sets TRITON_INTERPRET
     return dsv4_kernels.mhc if dsv4_kernels.triton_available() else None
@@ -100,8 +107,8 @@ def _fused_kernels(h: torch.Tensor):
 def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
            iters: int, norm_eps: float, hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h [B,S,hc,D] -> sub-layer input x [B,S,D] (h's dtype), post [B,S,hc], comb [B,S,hc,hc]."""
-    fused = _fused_kernels(h)
-    if fused is not None:
+    fused = _fused_kernels(h, fn, scale, base)
+    if fused is not None and h.shape[0] * h.shape[1] <= FUSED_COLLAPSE_MAX_TOKENS:
         b, s, hc, d = h.shape
         x, post, comb = fused.hc_pre(h.reshape(b * s, hc, d), fn, scale, base, iters=iters,
                                      norm_eps=norm_eps, hc_eps=hc_eps)
@@ -113,7 +120,7 @@ def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
 
 def hc_post(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """out [B,S,D], residual streams h [B,S,hc,D] -> new streams [B,S,hc,D] in h's dtype."""
-    fused = _fused_kernels(h)
+    fused = _fused_kernels(h, out, post, comb)
     if fused is not None:
         b, s, hc, d = h.shape
         return fused.hc_post(out.reshape(b * s, d), h.reshape(b * s, hc, d), post.reshape(b * s, hc),
@@ -125,8 +132,8 @@ def hc_post(out: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.
 def hc_head(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, *,
             norm_eps: float, hc_eps: float) -> torch.Tensor:
     """Final collapse of the streams: h [B,S,hc,D] -> [B,S,D] (h's dtype), sigmoid weights only."""
-    fused = _fused_kernels(h)
-    if fused is not None:
+    fused = _fused_kernels(h, fn, scale, base)
+    if fused is not None and h.shape[0] * h.shape[1] <= FUSED_COLLAPSE_MAX_TOKENS:
         b, s, hc, d = h.shape
         return fused.hc_head(h.reshape(b * s, hc, d), fn, scale, base, norm_eps=norm_eps,
                              hc_eps=hc_eps).view(b, s, d)
