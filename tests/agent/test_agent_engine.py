@@ -140,39 +140,26 @@ async def test_a_full_context_ends_the_run_with_its_own_status(tmp_path):
 
 async def test_agents_in_one_process_decode_together(engine, tmp_path):
     """Two Agent.run on one engine go through its one scheduler: their turns share decode steps."""
-    import threading
+    thinking = " ".join(f"step {i}." for i in range(20))  # long turns: the runs overlap for many steps
+    turns = [completion(thinking, calls=[("note", {"text": "alpha"})]), completion(thinking, content="noted")]
 
-    alone = await forced_agent(engine, tmp_path / "alone").run("note alpha, beta and gamma")
-    agents = [forced_agent(engine, tmp_path / name) for name in ("a", "b")]
+    def agent(sub):
+        return Agent(backend=EngineBackend(engine, forced=turns), tools=[note_tool()], output_dir=tmp_path / sub)
+
+    alone = await agent("alone").run("note alpha")
     results = {}
     start = engine.scheduler.step_index
-    started, gate = threading.Event(), threading.Event()
+    async with anyio.create_task_group() as group:
+        for name in ("a", "b"):
+            async def run(name=name):
+                results[name] = await agent(name).run("note alpha")
 
-    def hold():  # the scheduler waits between two steps until both first prompts are queued
-        started.set()
-        gate.wait(60)
-
-    holder = threading.Thread(target=engine.scheduler.call, args=(hold,))
-    holder.start()
-    try:
-        assert started.wait(60)
-        async with anyio.create_task_group() as group:
-            for name, agent in zip("ab", agents):
-                async def run(name=name, agent=agent):
-                    results[name] = await agent.run("note alpha, beta and gamma")
-
-                group.start_soon(run)
-            with anyio.fail_after(60):
-                while not all(a.backend.session is not None and a.backend.session.busy for a in agents):
-                    await anyio.sleep(0.005)
-            gate.set()
-    finally:
-        gate.set()
-        holder.join(60)
+            group.start_soon(run)
     expected = [e.token_ids for e in read_events(alone.trajectory_path) if isinstance(e, EngineCall)]
     for result in results.values():
         assert result.status is ExitStatus.completed
         assert [e.token_ids for e in read_events(result.trajectory_path) if isinstance(e, EngineCall)] == expected
     engine.scheduler.call(lambda: None)  # the step running now has written its record
-    shared = [r for r in engine.scheduler.records if r.index > start and len(r.decode) == 2]
-    assert len(shared) >= 10  # most of each turn's tokens came out of steps decoding both runs
+    steps = [r for r in engine.scheduler.records if r.index > start and r.decode]
+    both = [r for r in steps if len(r.decode) == 2]
+    assert len(both) >= len(steps) // 2  # most decode steps served both runs at once
