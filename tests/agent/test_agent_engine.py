@@ -140,7 +140,7 @@ async def test_a_full_context_ends_the_run_with_its_own_status(tmp_path):
 
 async def test_agents_in_one_process_decode_together(engine, tmp_path):
     """Two Agent.run on one engine go through its one scheduler: their turns share decode steps."""
-    thinking = " ".join(f"step {i}." for i in range(20))  # long turns: the runs overlap for many steps
+    thinking = " ".join(f"step {i}." for i in range(12))  # long turns: the runs overlap for many steps
     turns = [completion(thinking, calls=[("note", {"text": "alpha"})]), completion(thinking, content="noted")]
 
     def agent(sub):
